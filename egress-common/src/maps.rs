@@ -1,0 +1,218 @@
+//! Map keys and values. Names of the pinned maps live here too, so the loader, `status`, the
+//! tests and the README all agree with the eBPF object.
+
+/// Pinned map names (files under the bpffs directory).
+pub const MAP_STATS: &str = "STATS";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_RULES: &str = "RULES";
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_FRAGS: &str = "FRAGS";
+
+/// Program names (functions in egress-ebpf).
+pub const PROG_ETH0_INGRESS: &str = "eth0_ingress";
+pub const PROG_MACVLAN_INGRESS: &str = "macvlan_ingress";
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Default capacity of the connection table (two entries per flow).
+pub const DEFAULT_FLOWS_MAX: u32 = 65536;
+pub const FRAGS_MAX: u32 = 4096;
+pub const RULES_MAX: u32 = 4096;
+
+/// Per-CPU counters, one slot. Field names are what `bpftool map dump` and `status` show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every packet seen on eth0 ingress (translated or not).
+    pub eth0_rx_packets: u64,
+    pub eth0_rx_bytes: u64,
+    /// Every packet seen on macvlan0 ingress.
+    pub macvlan_rx_packets: u64,
+    pub macvlan_rx_bytes: u64,
+    /// Translated cluster -> outside (DNAT + SNAT).
+    pub out_packets: u64,
+    pub out_bytes: u64,
+    /// Translated replies outside -> cluster.
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    /// New connection-table flows created.
+    pub new_flows: u64,
+    /// eth0 packets that matched no rule and no fallback: left to the local stack.
+    pub no_rule: u64,
+    /// Drops by reason.
+    pub drop_table_full: u64,
+    pub drop_port_exhausted: u64,
+    pub drop_malformed: u64,
+    pub drop_unsolicited: u64,
+    pub drop_fragment: u64,
+    /// Translated packets handed to the kernel stack because the FIB lookup gave no direct path.
+    pub fib_pass: u64,
+}
+
+impl Stats {
+    /// Adds another CPU's slot into this one.
+    pub fn accumulate(&mut self, o: &Stats) {
+        self.eth0_rx_packets += o.eth0_rx_packets;
+        self.eth0_rx_bytes += o.eth0_rx_bytes;
+        self.macvlan_rx_packets += o.macvlan_rx_packets;
+        self.macvlan_rx_bytes += o.macvlan_rx_bytes;
+        self.out_packets += o.out_packets;
+        self.out_bytes += o.out_bytes;
+        self.in_packets += o.in_packets;
+        self.in_bytes += o.in_bytes;
+        self.new_flows += o.new_flows;
+        self.no_rule += o.no_rule;
+        self.drop_table_full += o.drop_table_full;
+        self.drop_port_exhausted += o.drop_port_exhausted;
+        self.drop_malformed += o.drop_malformed;
+        self.drop_unsolicited += o.drop_unsolicited;
+        self.drop_fragment += o.drop_fragment;
+        self.fib_pass += o.fib_pass;
+    }
+}
+
+/// Dataplane settings, one slot of an array map, written by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// EGRESS_SOURCE: the SNAT address.
+    pub egress_source: [u8; 4],
+    /// The fallback destination (all unmatched traffic), valid when `has_fallback` is 1.
+    pub fallback: [u8; 4],
+    pub has_fallback: u8,
+    pub _pad0: [u8; 3],
+    pub eth0_ifindex: u32,
+    pub macvlan_ifindex: u32,
+    /// Source ports picked from [port_min, port_max] when the client's own port is taken.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Idle timeouts in seconds, checked on lookup.
+    pub tcp_established_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+    pub icmp_timeout: u32,
+    pub _pad1: u32,
+}
+
+/// Key of the redirect rule map: a local (router) port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Where a rule sends matching traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleTarget {
+    pub daddr: [u8; 4],
+    pub dport: u16,
+    pub _pad: u16,
+}
+
+/// A packet's 5-tuple as seen on the wire where it arrives. For ICMP echo, `sport` is the echo
+/// identifier on requests and `dport` the identifier on replies (the other side is 0), so a
+/// reply's key is the swapped tuple of the translated request, like TCP and UDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of packets going the other way.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `FlowValue::direction`.
+pub const DIR_OUT: u8 = 0;
+pub const DIR_IN: u8 = 1;
+
+/// `FlowValue::flags`.
+pub const FLOW_CLOSING: u8 = 1; // FIN or RST seen: the short TCP timeout applies
+
+/// One direction of a translated flow: the packet matching the key is rewritten to
+/// (`saddr`,`sport`) -> (`daddr`,`dport`) and forwarded out of the other interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub direction: u8,
+    pub flags: u8,
+    pub _pad: u16,
+    /// bpf_ktime_get_ns() of the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl FlowValue {
+    /// The translated tuple as a key: for an outbound entry, the key its replies arrive with.
+    pub const fn translated_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of the fragment map: later fragments of a datagram carry no ports, so the first
+/// fragment records the flow's ports under the datagram's identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for Stats {}
+    unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleTarget {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+}

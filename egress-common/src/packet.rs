@@ -1,0 +1,194 @@
+//! Pure packet and flow logic shared by the eBPF programs and tested on the host.
+
+use crate::{DataplaneConfig, FLOW_CLOSING, PROTO_ICMP, PROTO_TCP};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPV4_MIN_HLEN: usize = 20;
+/// IPv4 header offsets (from the start of the IP header).
+pub const IP_TTL_OFF: usize = 8;
+pub const IP_PROTO_OFF: usize = 9;
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SADDR_OFF: usize = 12;
+pub const IP_DADDR_OFF: usize = 16;
+/// Checksum offsets inside the L4 header.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+pub const ICMP_CSUM_OFF: usize = 2;
+pub const SCTP_HLEN: usize = 12;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const ICMP_HLEN: usize = 8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Why a packet was not parsed; mapped to one verdict per program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Shorter than its headers say, or a header field out of range.
+    Malformed,
+    /// Not something this dataplane translates (not IPv4, or an ICMP type we leave alone).
+    NotOurs,
+}
+
+/// The fields of an IPv4 header this dataplane needs, decoded from its first 20 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Info {
+    /// Header length in bytes (IHL * 4): IP options are honoured, never assumed absent.
+    pub hlen: usize,
+    pub total_len: usize,
+    pub id: u16,
+    pub proto: u8,
+    /// Fragment offset in bytes; non-zero means no L4 header in this packet.
+    pub frag_off: usize,
+    pub more_frags: bool,
+}
+
+impl Ipv4Info {
+    /// Decodes and checks the fixed IPv4 header. `avail` is how many bytes of the packet exist
+    /// from the start of the IP header.
+    #[inline(always)]
+    pub fn parse(h: &[u8; IPV4_MIN_HLEN], avail: usize) -> Result<Ipv4Info, ParseError> {
+        if h[0] >> 4 != 4 {
+            return Err(ParseError::Malformed);
+        }
+        let hlen = ((h[0] & 0x0f) as usize) * 4;
+        let total_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if hlen < IPV4_MIN_HLEN || total_len < hlen || total_len > avail {
+            return Err(ParseError::Malformed);
+        }
+        let frag = u16::from_be_bytes([h[6], h[7]]);
+        Ok(Ipv4Info {
+            hlen,
+            total_len,
+            id: u16::from_be_bytes([h[4], h[5]]),
+            proto: h[IP_PROTO_OFF],
+            frag_off: ((frag & 0x1fff) as usize) * 8,
+            more_frags: frag & 0x2000 != 0,
+        })
+    }
+
+    pub fn is_fragment(&self) -> bool {
+        self.more_frags || self.frag_off != 0
+    }
+
+    /// Whether this packet carries the L4 header (unfragmented, or the first fragment).
+    pub fn has_l4_header(&self) -> bool {
+        self.frag_off == 0
+    }
+}
+
+/// Idle timeout in nanoseconds for a flow entry.
+#[inline(always)]
+pub fn idle_timeout_ns(cfg: &DataplaneConfig, proto: u8, flags: u8) -> u64 {
+    let secs = match proto {
+        PROTO_TCP if flags & FLOW_CLOSING != 0 => cfg.tcp_closing_timeout,
+        PROTO_TCP => cfg.tcp_established_timeout,
+        PROTO_ICMP => cfg.icmp_timeout,
+        // UDP and SCTP (SCTP closes are not tracked: it keeps the UDP-like idle timeout).
+        _ => cfg.udp_timeout,
+    };
+    secs as u64 * NS_PER_SEC
+}
+
+/// Whether an entry last seen at `last_seen_ns` has been idle too long at `now_ns`.
+#[inline(always)]
+pub fn is_expired(now_ns: u64, last_seen_ns: u64, timeout_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) > timeout_ns
+}
+
+/// The source port to try on attempt `attempt` (0-based) of a new flow: first the client's own
+/// port, then ports drawn from the configured range with `random`.
+#[inline(always)]
+pub fn candidate_port(attempt: u32, client_port: u16, random: u32, cfg: &DataplaneConfig) -> u16 {
+    if attempt == 0 || cfg.port_max < cfg.port_min {
+        return client_port;
+    }
+    let span = (cfg.port_max - cfg.port_min) as u32 + 1;
+    cfg.port_min + (random % span) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    fn header(ihl: u8, total: u16, frag: u16) -> [u8; 20] {
+        let mut h = [0u8; 20];
+        h[0] = 0x40 | ihl;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        h[6..8].copy_from_slice(&frag.to_be_bytes());
+        h[9] = PROTO_TCP;
+        h
+    }
+
+    #[test]
+    fn parses_options_and_fragments() {
+        let i = Ipv4Info::parse(&header(6, 60, 0x2000), 60).unwrap();
+        assert_eq!(i.hlen, 24);
+        assert!(i.more_frags && i.is_fragment() && i.has_l4_header());
+        let i = Ipv4Info::parse(&header(5, 60, 0x0003), 60).unwrap();
+        assert_eq!(i.frag_off, 24);
+        assert!(i.is_fragment() && !i.has_l4_header());
+        assert_eq!(i.id, 0x1234);
+    }
+
+    #[test]
+    fn rejects_bad_headers() {
+        assert_eq!(Ipv4Info::parse(&header(4, 60, 0), 60), Err(ParseError::Malformed));
+        assert_eq!(Ipv4Info::parse(&header(5, 61, 0), 60), Err(ParseError::Malformed));
+        assert_eq!(Ipv4Info::parse(&header(6, 20, 0), 60), Err(ParseError::Malformed));
+        let mut h = header(5, 20, 0);
+        h[0] = 0x65;
+        assert_eq!(Ipv4Info::parse(&h, 60), Err(ParseError::Malformed));
+    }
+
+    fn cfg() -> DataplaneConfig {
+        DataplaneConfig {
+            port_min: 1024,
+            port_max: 1027,
+            tcp_established_timeout: 100,
+            tcp_closing_timeout: 10,
+            udp_timeout: 30,
+            icmp_timeout: 5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn timeouts_by_protocol_and_state() {
+        let c = cfg();
+        assert_eq!(idle_timeout_ns(&c, PROTO_TCP, 0), 100 * NS_PER_SEC);
+        assert_eq!(idle_timeout_ns(&c, PROTO_TCP, FLOW_CLOSING), 10 * NS_PER_SEC);
+        assert_eq!(idle_timeout_ns(&c, crate::PROTO_UDP, 0), 30 * NS_PER_SEC);
+        assert_eq!(idle_timeout_ns(&c, PROTO_ICMP, 0), 5 * NS_PER_SEC);
+        assert!(!is_expired(10, 20, 5), "a clock behind last_seen is not expiry");
+        assert!(is_expired(100, 10, 89));
+        assert!(!is_expired(100, 10, 90));
+    }
+
+    #[test]
+    fn ports_first_own_then_in_range() {
+        let c = cfg();
+        assert_eq!(candidate_port(0, 40000, 7, &c), 40000);
+        for r in 0..100 {
+            let p = candidate_port(1, 40000, r, &c);
+            assert!((1024..=1027).contains(&p));
+        }
+        let mut c2 = c;
+        c2.port_min = 0;
+        c2.port_max = u16::MAX;
+        assert_eq!(candidate_port(3, 1, u32::MAX, &c2), u16::MAX);
+    }
+}

@@ -1,0 +1,156 @@
+//! The command line: one clap definition in which every setting is a flag and its OpenShift
+//! environment variable, and the dispatch to the modes.
+use std::{collections::BTreeMap, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{config, dataplane::DataplaneOptions, modes};
+
+const ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
+
+Reads the same environment variables as the OpenShift egress-router images; every variable can also
+be given as the flag shown below.";
+
+const RULES_HELP: &str = "\
+EGRESS_DESTINATION (redirect modes), one rule a line, '#' comments and blank lines skipped:
+  <localport> <proto> <ip>               80 tcp 203.0.113.25
+  <localport> <proto> <ip> <remoteport>  8080 tcp 203.0.113.25 80
+  <ip>                                   203.0.113.26   (fallback: everything else; last line)
+  proto is tcp, udp or sctp in any case; tabs and trailing '# comments' are accepted.
+
+EGRESS_HTTP_PROXY_DESTINATION (http-proxy mode), checked in order, first match wins:
+  www.example.com      exactly that host
+  *.example.com        the domain and all its subdomains
+  203.0.113.0/24       an address or CIDR (literal in the request, or what a name resolves to)
+  !<rule>              same match, but deny
+  *                    everything (only as the last rule)
+  A request that matches no rule is denied (403).
+
+EGRESS_DNS_PROXY_DESTINATION (dns-proxy mode), one listener a line:
+  <localport> <ip or name> [<remoteport>]   8443 db.example.com 443
+
+Examples:
+  EGRESS_SOURCE=192.168.12.99/24 EGRESS_GATEWAY=192.168.12.1 \\
+  EGRESS_DESTINATION='80 tcp 203.0.113.25' egress-router
+  egress-router check        validate the environment and exit
+  egress-router status       counters and connection table of the redirect dataplane";
+
+#[derive(Parser, Debug)]
+#[command(name = "egress-router", version, about = ABOUT, after_long_help = RULES_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub env: EnvSettings,
+    #[command(flatten)]
+    pub dataplane: DataplaneOptions,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate the configuration and print it as parsed; needs no root, changes nothing.
+    Check,
+    /// Print the redirect dataplane's counters and connection table.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The OpenShift contract, read raw; `config::parse` validates all of it at once.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EnvSettings {
+    /// A.B.C.D or A.B.C.D/len: the address the outside world sees.
+    #[arg(long, env = "EGRESS_SOURCE")]
+    pub egress_source: Option<String>,
+    /// The gateway for EGRESS_SOURCE's network.
+    #[arg(long, env = "EGRESS_GATEWAY")]
+    pub egress_gateway: Option<String>,
+    /// Redirect rules (see below).
+    #[arg(long, env = "EGRESS_DESTINATION")]
+    pub egress_destination: Option<String>,
+    /// init, legacy (default), http-proxy, dns-proxy or unit-test.
+    #[arg(long, env = "EGRESS_ROUTER_MODE")]
+    pub egress_router_mode: Option<String>,
+    /// Non-empty: verbose logging.
+    #[arg(long, env = "EGRESS_ROUTER_DEBUG")]
+    pub egress_router_debug: Option<String>,
+    /// HTTP proxy rules (see below).
+    #[arg(long, env = "EGRESS_HTTP_PROXY_DESTINATION")]
+    pub egress_http_proxy_destination: Option<String>,
+    /// unit-test: validate and print the HTTP proxy rules, then exit.
+    #[arg(long, env = "EGRESS_HTTP_PROXY_MODE")]
+    pub egress_http_proxy_mode: Option<String>,
+    /// DNS proxy rules (see below).
+    #[arg(long, env = "EGRESS_DNS_PROXY_DESTINATION")]
+    pub egress_dns_proxy_destination: Option<String>,
+    /// unit-test: validate and print the DNS proxy rules, then exit.
+    #[arg(long, env = "EGRESS_DNS_PROXY_MODE")]
+    pub egress_dns_proxy_mode: Option<String>,
+    /// Non-empty: log every proxied connection.
+    #[arg(long, env = "EGRESS_DNS_PROXY_DEBUG")]
+    pub egress_dns_proxy_debug: Option<String>,
+}
+
+impl EnvSettings {
+    /// The settings as the variable map `config::parse` reads.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let pairs = [
+            ("EGRESS_SOURCE", &self.egress_source),
+            ("EGRESS_GATEWAY", &self.egress_gateway),
+            ("EGRESS_DESTINATION", &self.egress_destination),
+            ("EGRESS_ROUTER_MODE", &self.egress_router_mode),
+            ("EGRESS_ROUTER_DEBUG", &self.egress_router_debug),
+            ("EGRESS_HTTP_PROXY_DESTINATION", &self.egress_http_proxy_destination),
+            ("EGRESS_HTTP_PROXY_MODE", &self.egress_http_proxy_mode),
+            ("EGRESS_DNS_PROXY_DESTINATION", &self.egress_dns_proxy_destination),
+            ("EGRESS_DNS_PROXY_MODE", &self.egress_dns_proxy_mode),
+            ("EGRESS_DNS_PROXY_DEBUG", &self.egress_dns_proxy_debug),
+        ];
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect()
+    }
+}
+
+fn init_logging(debug: bool) {
+    let filter = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Status { json }) = &cli.command {
+        init_logging(false);
+        return report(crate::dataplane::status::print(&cli.dataplane.bpffs_dir, *json));
+    }
+    let cfg = match config::parse(&cli.env.to_map()) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(cfg.debug);
+    match cli.command {
+        Some(Command::Check) => {
+            print!("{}", config::describe(&cfg));
+            ExitCode::SUCCESS
+        }
+        _ => report(modes::run(&cfg, &cli.dataplane)),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress-router: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Attaching the tc programs so that they outlive this process and a restart replaces them in
+//! place (no moment without a program, which would hand live flows to the local stack).
+//!
+//! tcx (kernel >= 6.6): the link is pinned under the bpffs directory; a restart opens the pin
+//! and swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and
+//! handle; a restart replaces that filter.
+use std::io;
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    sys::SyscallError,
+    util::KernelVersion,
+};
+
+use super::DataplaneOptions;
+
+/// Where our clsact filters sit, so a restart finds and replaces them.
+const CLSACT_PRIORITY: u16 = 0x4552; // "ER"
+const CLSACT_HANDLE: u16 = 1;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx when the kernel has it (>= 6.6), clsact otherwise.
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// How a program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Tcx { replaced: bool },
+    Clsact { replaced: bool },
+}
+
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+pub fn attach_ingress(
+    prog: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    opts: &DataplaneOptions,
+) -> Result<Attached> {
+    let use_tcx = match opts.attach {
+        AttachMode::Auto => tcx_supported(),
+        AttachMode::Tcx => {
+            if !tcx_supported() {
+                bail!("--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact");
+            }
+            true
+        }
+        AttachMode::Clsact => false,
+    };
+    if use_tcx {
+        attach_tcx(prog, name, iface, opts)
+    } else {
+        attach_clsact(prog, iface)
+    }
+    .with_context(|| format!("cannot attach {name} to {iface} ingress"))
+}
+
+fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, opts: &DataplaneOptions) -> Result<Attached> {
+    let pin = opts.bpffs_dir.join(format!("link_{name}_{iface}"));
+    let (id, replaced) = match PinnedLink::from_pin(&pin) {
+        Ok(old) => {
+            let link = FdLink::from(old).try_into()?;
+            (prog.attach_to_link(link)?, true)
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            let id = prog.attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )?;
+            (id, false)
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", pin.display())),
+    };
+    let link = prog.take_link(id)?;
+    let fd: FdLink = link.try_into()?;
+    if !replaced {
+        fd.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+    }
+    // A replaced link is already pinned; dropping our fd leaves it attached.
+    Ok(Attached::Tcx { replaced })
+}
+
+fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => {}
+        Err(e) if matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) => {}
+        Err(e) if matches!(e, tc::TcError::AlreadyAttached) => {}
+        Err(e) => return Err(e).context("adding the clsact qdisc"),
+    }
+    let handle = TcHandle::new(0, CLSACT_HANDLE);
+    let options = NlOptions { priority: CLSACT_PRIORITY, handle, classid: None };
+    let (id, replaced) = match prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+        Ok(id) => (id, false),
+        Err(first) => {
+            // Our filter is there from an earlier run: replace it in place.
+            let old = SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)?;
+            let id = prog
+                .attach_to_link(old)
+                .map_err(|e| anyhow::anyhow!("{first}; replacing an earlier filter also failed: {e}"))?;
+            (id, true)
+        }
+    };
+    // The filter must outlive this process: forget the link instead of dropping (detaching) it.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(Attached::Clsact { replaced })
+}

@@ -1,0 +1,143 @@
+//! The eBPF redirect dataplane: load the embedded object, pin its maps, fill them from the
+//! configuration, attach the tc programs, and read them back for `status`.
+mod attach;
+mod bpffs;
+mod fill;
+pub mod status;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use egress_common::{
+    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_RULES, MAP_STATS,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
+};
+
+pub use attach::AttachMode;
+
+/// The compiled eBPF object (egress-ebpf), built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// Every map of the object, pinned by these names under the bpffs directory.
+pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS, MAP_FRAGS];
+
+/// Dataplane settings that are not part of the OpenShift contract (all have defaults).
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataplaneOptions {
+    /// bpffs directory holding the pinned maps and links.
+    #[arg(long, env = "EGRESS_BPFFS_DIR", default_value = "/sys/fs/bpf/egress-router")]
+    pub bpffs_dir: PathBuf,
+    /// The pod's cluster interface (client traffic arrives here).
+    #[arg(long, env = "EGRESS_CLUSTER_INTERFACE", default_value = "eth0")]
+    pub cluster_interface: String,
+    /// The macvlan interface carrying EGRESS_SOURCE.
+    #[arg(long, env = "EGRESS_MACVLAN_INTERFACE", default_value = "macvlan0")]
+    pub macvlan_interface: String,
+    /// How to attach the tc programs: tcx (kernel >= 6.6), clsact (older kernels), or auto.
+    #[arg(long, env = "EGRESS_TC_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+    /// Connection-table capacity in entries (two per flow). Applies when the table is created;
+    /// a pinned table from an earlier run keeps its size.
+    #[arg(long, env = "EGRESS_CONNTRACK_SIZE", default_value_t = DEFAULT_FLOWS_MAX)]
+    pub conntrack_size: u32,
+    /// Source ports used when a client's own port is taken, as MIN-MAX.
+    #[arg(long, env = "EGRESS_PORT_RANGE", default_value = "1024-65535", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
+    /// Idle timeout of established TCP flows, seconds.
+    #[arg(long, default_value_t = 7440)]
+    pub tcp_timeout: u32,
+    /// Idle timeout of TCP flows after FIN or RST, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub tcp_closing_timeout: u32,
+    /// Idle timeout of UDP (and SCTP) flows, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub udp_timeout: u32,
+    /// Idle timeout of ICMP echo flows, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub icmp_timeout: u32,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let err = || format!("'{s}' is not a port range MIN-MAX with 1 <= MIN <= MAX <= 65535");
+    let (a, b) = s.split_once('-').ok_or_else(err)?;
+    let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?);
+    if a == 0 || a > b {
+        return Err(err());
+    }
+    Ok((a, b))
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            o: DataplaneOptions,
+        }
+        Only::parse_from(["x"]).o
+    }
+}
+
+/// A loaded dataplane: the object with its maps (pinned) and programs (attached).
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+}
+
+impl Dataplane {
+    /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
+    pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+        bpffs::ensure_dir(&opts.bpffs_dir)?;
+        let pins: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|m| (*m, opts.bpffs_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(explain_load_error)?;
+        for name in [PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().map_err(|e| explain_program_error(name, e))?;
+        }
+        Ok(Dataplane { ebpf })
+    }
+
+    /// Attaches `prog` to `iface` ingress, replacing an earlier egress-router attachment
+    /// atomically, and leaves it attached after this process exits.
+    pub fn attach(&mut self, prog: &str, iface: &str, opts: &DataplaneOptions) -> Result<attach::Attached> {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing"))?
+            .try_into()?;
+        attach::attach_ingress(p, prog, iface, opts)
+    }
+
+    /// Writes the dataplane configuration and the redirect rules.
+    pub fn configure(&mut self, cfg: &fill::DataplaneSettings) -> Result<()> {
+        fill::write(&mut self.ebpf, cfg)
+    }
+}
+
+pub use fill::DataplaneSettings;
+
+fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    let hint = match &e {
+        aya::EbpfError::MapError(_) => {
+            " (creating or pinning the BPF maps failed: is this process privileged (CAP_BPF, CAP_NET_ADMIN) and is bpffs writable?)"
+        }
+        _ => " (does this kernel support BTF and tc BPF programs, and is the process privileged?)",
+    };
+    anyhow::Error::new(e).context(format!("cannot load the eBPF dataplane{hint}"))
+}
+
+fn explain_program_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!(
+        "the kernel rejected eBPF program {name} (a missing privilege, or a kernel without a helper it uses)"
+    ))
+}

