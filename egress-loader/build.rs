@@ -7,7 +7,10 @@ fn main() -> anyhow::Result<()> {
     let root = Path::new(&manifest_dir).parent().expect("workspace root");
     let ebpf_dir = root.join("egress-ebpf");
     // The eBPF object also depends on the shared types.
-    println!("cargo:rerun-if-changed={}", root.join("egress-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("egress-common/src").display()
+    );
     let ebpf_dir = ebpf_dir.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -146,9 +146,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        assert_eq!(Ipv4Info::parse(&header(4, 60, 0), 60), Err(ParseError::Malformed));
-        assert_eq!(Ipv4Info::parse(&header(5, 61, 0), 60), Err(ParseError::Malformed));
-        assert_eq!(Ipv4Info::parse(&header(6, 20, 0), 60), Err(ParseError::Malformed));
+        assert_eq!(
+            Ipv4Info::parse(&header(4, 60, 0), 60),
+            Err(ParseError::Malformed)
+        );
+        assert_eq!(
+            Ipv4Info::parse(&header(5, 61, 0), 60),
+            Err(ParseError::Malformed)
+        );
+        assert_eq!(
+            Ipv4Info::parse(&header(6, 20, 0), 60),
+            Err(ParseError::Malformed)
+        );
         let mut h = header(5, 20, 0);
         h[0] = 0x65;
         assert_eq!(Ipv4Info::parse(&h, 60), Err(ParseError::Malformed));
@@ -170,10 +179,16 @@ mod tests {
     fn timeouts_by_protocol_and_state() {
         let c = cfg();
         assert_eq!(idle_timeout_ns(&c, PROTO_TCP, 0), 100 * NS_PER_SEC);
-        assert_eq!(idle_timeout_ns(&c, PROTO_TCP, FLOW_CLOSING), 10 * NS_PER_SEC);
+        assert_eq!(
+            idle_timeout_ns(&c, PROTO_TCP, FLOW_CLOSING),
+            10 * NS_PER_SEC
+        );
         assert_eq!(idle_timeout_ns(&c, crate::PROTO_UDP, 0), 30 * NS_PER_SEC);
         assert_eq!(idle_timeout_ns(&c, PROTO_ICMP, 0), 5 * NS_PER_SEC);
-        assert!(!is_expired(10, 20, 5), "a clock behind last_seen is not expiry");
+        assert!(
+            !is_expired(10, 20, 5),
+            "a clock behind last_seen is not expiry"
+        );
         assert!(is_expired(100, 10, 89));
         assert!(!is_expired(100, 10, 90));
     }

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config, dataplane::DataplaneOptions, modes};
+use crate::{
+    config, dataplane::DataplaneOptions, dns_proxy::DnsProxyOptions, http_proxy::HttpProxyOptions,
+    modes, resolver::ResolverOptions,
+};
 
 const ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
 
@@ -44,6 +47,12 @@ pub struct Cli {
     pub env: EnvSettings,
     #[command(flatten)]
     pub dataplane: DataplaneOptions,
+    #[command(flatten)]
+    pub http: HttpProxyOptions,
+    #[command(flatten)]
+    pub dns: DnsProxyOptions,
+    #[command(flatten)]
+    pub resolver: ResolverOptions,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,9 +111,15 @@ impl EnvSettings {
             ("EGRESS_DESTINATION", &self.egress_destination),
             ("EGRESS_ROUTER_MODE", &self.egress_router_mode),
             ("EGRESS_ROUTER_DEBUG", &self.egress_router_debug),
-            ("EGRESS_HTTP_PROXY_DESTINATION", &self.egress_http_proxy_destination),
+            (
+                "EGRESS_HTTP_PROXY_DESTINATION",
+                &self.egress_http_proxy_destination,
+            ),
             ("EGRESS_HTTP_PROXY_MODE", &self.egress_http_proxy_mode),
-            ("EGRESS_DNS_PROXY_DESTINATION", &self.egress_dns_proxy_destination),
+            (
+                "EGRESS_DNS_PROXY_DESTINATION",
+                &self.egress_dns_proxy_destination,
+            ),
             ("EGRESS_DNS_PROXY_MODE", &self.egress_dns_proxy_mode),
             ("EGRESS_DNS_PROXY_DEBUG", &self.egress_dns_proxy_debug),
         ];
@@ -119,14 +134,20 @@ fn init_logging(debug: bool) {
     let filter = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Status { json }) = &cli.command {
         init_logging(false);
-        return report(crate::dataplane::status::print(&cli.dataplane.bpffs_dir, *json));
+        return report(crate::dataplane::status::print(
+            &cli.dataplane.bpffs_dir,
+            *json,
+        ));
     }
     let cfg = match config::parse(&cli.env.to_map()) {
         Ok(cfg) => cfg,
@@ -141,7 +162,7 @@ pub fn main() -> ExitCode {
             print!("{}", config::describe(&cfg));
             ExitCode::SUCCESS
         }
-        _ => report(modes::run(&cfg, &cli.dataplane)),
+        _ => report(modes::run(&cfg, &cli)),
     }
 }
 

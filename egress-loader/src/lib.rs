@@ -9,3 +9,5 @@ pub mod http_proxy;
 pub mod modes;
 pub mod netsetup;
 pub mod redirect;
+pub mod resolver;
+pub mod upstream;

@@ -10,7 +10,10 @@ use crate::{
 };
 
 pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
-    let redirect = cfg.redirect.as_ref().context("redirect mode without EGRESS_DESTINATION")?;
+    let redirect = cfg
+        .redirect
+        .as_ref()
+        .context("redirect mode without EGRESS_DESTINATION")?;
     let eth0 = ifindex(&opts.cluster_interface)?;
     let macvlan = ifindex(&opts.macvlan_interface)?;
     // Everything that can fail on bad input is checked before anything is applied.
@@ -46,7 +49,9 @@ fn ifindex(name: &str) -> Result<u32> {
 /// not detach anything: live connections keep flowing.
 fn wait_for_sigterm(dp: &Dataplane, opts: &DataplaneOptions) -> Result<()> {
     let _ = (dp, opts);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -1,7 +1,6 @@
 //! Configuration: the OpenShift environment contract (SPEC sections 2 to 5).
 mod types;
 
-
 pub use types::*;
 
 use std::collections::BTreeMap;
@@ -9,7 +8,9 @@ use std::collections::BTreeMap;
 // PLACEHOLDER until the parser lands: these three are the module's public API.
 /// Parses and validates every variable; on error, every problem found.
 pub fn parse(_vars: &BTreeMap<String, String>) -> Result<Config, ConfigErrors> {
-    Err(ConfigErrors(vec!["configuration parser not written yet".into()]))
+    Err(ConfigErrors(vec![
+        "configuration parser not written yet".into(),
+    ]))
 }
 
 /// The configuration as parsed, one line per rule with its meaning.

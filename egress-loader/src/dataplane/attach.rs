@@ -52,7 +52,9 @@ pub fn attach_ingress(
         AttachMode::Auto => tcx_supported(),
         AttachMode::Tcx => {
             if !tcx_supported() {
-                bail!("--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact");
+                bail!(
+                    "--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact"
+                );
             }
             true
         }
@@ -66,7 +68,12 @@ pub fn attach_ingress(
     .with_context(|| format!("cannot attach {name} to {iface} ingress"))
 }
 
-fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, opts: &DataplaneOptions) -> Result<Attached> {
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    opts: &DataplaneOptions,
+) -> Result<Attached> {
     let pin = opts.bpffs_dir.join(format!("link_{name}_{iface}"));
     let (id, replaced) = match PinnedLink::from_pin(&pin) {
         Ok(old) => {
@@ -88,7 +95,8 @@ fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, opts: &Datapl
     let link = prog.take_link(id)?;
     let fd: FdLink = link.try_into()?;
     if !replaced {
-        fd.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+        fd.pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
     }
     // A replaced link is already pinned; dropping our fd leaves it attached.
     Ok(Attached::Tcx { replaced })
@@ -97,20 +105,35 @@ fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, opts: &Datapl
 fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
     match tc::qdisc_add_clsact(iface) {
         Ok(()) => {}
-        Err(e) if matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) => {}
+        Err(e) if matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) =>
+            {}
         Err(e) if matches!(e, tc::TcError::AlreadyAttached) => {}
         Err(e) => return Err(e).context("adding the clsact qdisc"),
     }
     let handle = TcHandle::new(0, CLSACT_HANDLE);
-    let options = NlOptions { priority: CLSACT_PRIORITY, handle, classid: None };
-    let (id, replaced) = match prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+    let options = NlOptions {
+        priority: CLSACT_PRIORITY,
+        handle,
+        classid: None,
+    };
+    let (id, replaced) = match prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(options),
+    ) {
         Ok(id) => (id, false),
         Err(first) => {
             // Our filter is there from an earlier run: replace it in place.
-            let old = SchedClassifierLink::attached(iface, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)?;
-            let id = prog
-                .attach_to_link(old)
-                .map_err(|e| anyhow::anyhow!("{first}; replacing an earlier filter also failed: {e}"))?;
+            let old = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                CLSACT_PRIORITY,
+                handle,
+                None,
+            )?;
+            let id = prog.attach_to_link(old).map_err(|e| {
+                anyhow::anyhow!("{first}; replacing an earlier filter also failed: {e}")
+            })?;
             (id, true)
         }
     };

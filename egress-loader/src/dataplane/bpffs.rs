@@ -14,11 +14,21 @@ fn is_bpffs(path: &Path) -> bool {
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     let parent = dir.parent().context("bpffs directory has no parent")?;
     if !is_bpffs(parent) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        nix::mount::mount(Some("bpf"), parent, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| {
-                format!("{} is not a bpffs and mounting one there failed (is the container privileged?)", parent.display())
-            })?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!(
+                "{} is not a bpffs and mounting one there failed (is the container privileged?)",
+                parent.display()
+            )
+        })?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if !is_bpffs(dir) {

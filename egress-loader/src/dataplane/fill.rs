@@ -31,7 +31,9 @@ pub fn proto_number(p: Protocol) -> u8 {
 fn v4(ip: std::net::IpAddr) -> Result<Ipv4Addr> {
     match ip {
         std::net::IpAddr::V4(a) => Ok(a),
-        std::net::IpAddr::V6(a) => anyhow::bail!("IPv6 destination {a} is not supported by the eBPF dataplane"),
+        std::net::IpAddr::V6(a) => {
+            anyhow::bail!("IPv6 destination {a} is not supported by the eBPF dataplane")
+        }
     }
 }
 
@@ -63,8 +65,16 @@ impl DataplaneSettings {
             .iter()
             .map(|r| {
                 Ok((
-                    RuleKey { port: r.local_port, proto: proto_number(r.protocol), _pad: 0 },
-                    RuleTarget { daddr: v4(r.destination)?.octets(), dport: r.remote_port, _pad: 0 },
+                    RuleKey {
+                        port: r.local_port,
+                        proto: proto_number(r.protocol),
+                        _pad: 0,
+                    },
+                    RuleTarget {
+                        daddr: v4(r.destination)?.octets(),
+                        dport: r.remote_port,
+                        _pad: 0,
+                    },
                 ))
             })
             .collect::<Result<_>>()?;
@@ -81,12 +91,20 @@ pub fn write(ebpf: &mut Ebpf, s: &DataplaneSettings) -> Result<()> {
     let mut rules: HashMap<&mut MapData, RuleKey, RuleTarget> =
         HashMap::try_from(ebpf.map_mut(MAP_RULES).context("RULES map missing")?)?;
     for (k, v) in &s.rules {
-        rules.insert(k, v, 0).with_context(|| format!("writing rule {k:?}"))?;
+        rules
+            .insert(k, v, 0)
+            .with_context(|| format!("writing rule {k:?}"))?;
     }
     let wanted: HashSet<RuleKey> = s.rules.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<RuleKey> = rules.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
+    let stale: Vec<RuleKey> = rules
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !wanted.contains(k))
+        .collect();
     for k in stale {
-        rules.remove(&k).with_context(|| format!("removing stale rule {k:?}"))?;
+        rules
+            .remove(&k)
+            .with_context(|| format!("removing stale rule {k:?}"))?;
     }
     Ok(())
 }

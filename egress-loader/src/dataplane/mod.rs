@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use egress_common::{
-    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_RULES, MAP_STATS,
-    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
+    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_RULES, MAP_STATS, PROG_ETH0_INGRESS,
+    PROG_MACVLAN_INGRESS,
 };
 
 pub use attach::AttachMode;
@@ -26,7 +26,11 @@ pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS,
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataplaneOptions {
     /// bpffs directory holding the pinned maps and links.
-    #[arg(long, env = "EGRESS_BPFFS_DIR", default_value = "/sys/fs/bpf/egress-router")]
+    #[arg(
+        long,
+        env = "EGRESS_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/egress-router"
+    )]
     pub bpffs_dir: PathBuf,
     /// The pod's cluster interface (client traffic arrives here).
     #[arg(long, env = "EGRESS_CLUSTER_INTERFACE", default_value = "eth0")]
@@ -61,7 +65,10 @@ pub struct DataplaneOptions {
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let err = || format!("'{s}' is not a port range MIN-MAX with 1 <= MIN <= MAX <= 65535");
     let (a, b) = s.split_once('-').ok_or_else(err)?;
-    let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?);
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| err())?,
+        b.trim().parse().map_err(|_| err())?,
+    );
     if a == 0 || a > b {
         return Err(err());
     }
@@ -89,8 +96,10 @@ impl Dataplane {
     /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
     pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
         bpffs::ensure_dir(&opts.bpffs_dir)?;
-        let pins: Vec<(&str, PathBuf)> =
-            PINNED_MAPS.iter().map(|m| (*m, opts.bpffs_dir.join(m))).collect();
+        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|m| (*m, opts.bpffs_dir.join(m)))
+            .collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
         for (name, path) in &pins {
@@ -109,7 +118,12 @@ impl Dataplane {
 
     /// Attaches `prog` to `iface` ingress, replacing an earlier egress-router attachment
     /// atomically, and leaves it attached after this process exits.
-    pub fn attach(&mut self, prog: &str, iface: &str, opts: &DataplaneOptions) -> Result<attach::Attached> {
+    pub fn attach(
+        &mut self,
+        prog: &str,
+        iface: &str,
+        opts: &DataplaneOptions,
+    ) -> Result<attach::Attached> {
         let p: &mut SchedClassifier = self
             .ebpf
             .program_mut(prog)

@@ -13,7 +13,10 @@ use serde::Serialize;
 fn open(dir: &Path, name: &str) -> Result<MapData> {
     let p = dir.join(name);
     MapData::from_pin(&p).with_context(|| {
-        format!("cannot open pinned map {} (is the redirect dataplane loaded with this --bpffs-dir?)", p.display())
+        format!(
+            "cannot open pinned map {} (is the redirect dataplane loaded with this --bpffs-dir?)",
+            p.display()
+        )
     })
 }
 
@@ -28,7 +31,8 @@ pub fn read_stats(dir: &Path) -> Result<Stats> {
 }
 
 pub fn read_flows(dir: &Path) -> Result<Vec<(FlowKey, FlowValue)>> {
-    let map = HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::LruHashMap(open(dir, MAP_FLOWS)?))?;
+    let map =
+        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::LruHashMap(open(dir, MAP_FLOWS)?))?;
     let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
     v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
     Ok(v)
@@ -66,8 +70,9 @@ struct StatusJson {
 
 fn monotonic_ns() -> u64 {
     // Same clock as bpf_ktime_get_ns().
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
@@ -107,7 +112,10 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
     let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
     let counters = stats_json(&stats);
     if json {
-        println!("{}", serde_json::to_string_pretty(&StatusJson { counters, flows })?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&StatusJson { counters, flows })?
+        );
         return Ok(());
     }
     println!("counters (all CPUs):");
@@ -120,14 +128,30 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
     if !flows.is_empty() {
         println!(
             "  {:<5} {:<4} {:<21} {:<21} {:<21} {:<21} {:>8} {:>8} {:>10}",
-            "proto", "dir", "from", "to", "rewritten from", "rewritten to", "idle(s)", "packets", "bytes"
+            "proto",
+            "dir",
+            "from",
+            "to",
+            "rewritten from",
+            "rewritten to",
+            "idle(s)",
+            "packets",
+            "bytes"
         );
     }
     for f in &flows {
         println!(
             "  {:<5} {:<4} {:<21} {:<21} {:<21} {:<21} {:>8.1} {:>8} {:>10}{}",
-            f.proto, f.direction, f.from, f.to, f.translated_from, f.translated_to, f.idle_seconds,
-            f.packets, f.bytes, if f.closing { " closing" } else { "" }
+            f.proto,
+            f.direction,
+            f.from,
+            f.to,
+            f.translated_from,
+            f.translated_to,
+            f.idle_seconds,
+            f.packets,
+            f.bytes,
+            if f.closing { " closing" } else { "" }
         );
     }
     Ok(())
