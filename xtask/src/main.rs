@@ -1,1 +1,41 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | test | fuzz`.
+mod fuzz;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "egress-router developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: rust-src (nightly), bpf-linker, Debian packages.
+    Setup,
+    /// Setup, then every test: host unit tests, eBPF test_run tests, namespace integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run each fuzz target for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_args } => test::run(&cargo_args),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
+    }
+}
