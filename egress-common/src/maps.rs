@@ -48,6 +48,8 @@ pub struct Stats {
     pub drop_malformed: u64,
     pub drop_unsolicited: u64,
     pub drop_fragment: u64,
+    /// TTL would expire on forwarding.
+    pub drop_ttl: u64,
     /// Translated packets handed to the kernel stack because the FIB lookup gave no direct path.
     pub fib_pass: u64,
 }
@@ -70,6 +72,7 @@ impl Stats {
         self.drop_malformed += o.drop_malformed;
         self.drop_unsolicited += o.drop_unsolicited;
         self.drop_fragment += o.drop_fragment;
+        self.drop_ttl += o.drop_ttl;
         self.fib_pass += o.fib_pass;
     }
 }

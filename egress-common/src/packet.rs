@@ -23,6 +23,7 @@ pub const ICMP_HLEN: usize = 8;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -78,6 +79,24 @@ impl Ipv4Info {
         })
     }
 
+    /// Decodes the IPv4 header quoted inside an ICMP error: the quoted packet is truncated, so
+    /// its total length is not checked against what is present.
+    #[inline(always)]
+    pub fn parse_quoted(h: &[u8; IPV4_MIN_HLEN]) -> Result<Ipv4Info, ParseError> {
+        if h[0] >> 4 != 4 || ((h[0] & 0x0f) as usize) * 4 < IPV4_MIN_HLEN {
+            return Err(ParseError::Malformed);
+        }
+        let frag = u16::from_be_bytes([h[6], h[7]]);
+        Ok(Ipv4Info {
+            hlen: ((h[0] & 0x0f) as usize) * 4,
+            total_len: u16::from_be_bytes([h[2], h[3]]) as usize,
+            id: u16::from_be_bytes([h[4], h[5]]),
+            proto: h[IP_PROTO_OFF],
+            frag_off: ((frag & 0x1fff) as usize) * 8,
+            more_frags: frag & 0x2000 != 0,
+        })
+    }
+
     pub fn is_fragment(&self) -> bool {
         self.more_frags || self.frag_off != 0
     }
@@ -85,6 +104,37 @@ impl Ipv4Info {
     /// Whether this packet carries the L4 header (unfragmented, or the first fragment).
     pub fn has_l4_header(&self) -> bool {
         self.frag_off == 0
+    }
+}
+
+/// Length of the L4 header part this dataplane reads and rewrites, or 0 for protocols it
+/// translates by address only.
+#[inline(always)]
+pub fn l4_min_len(proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => TCP_MIN_HLEN,
+        crate::PROTO_UDP => UDP_HLEN,
+        crate::PROTO_SCTP => SCTP_HLEN,
+        PROTO_ICMP => ICMP_HLEN,
+        _ => 0,
+    }
+}
+
+/// Whether an ICMP type is an error that quotes the packet it is about.
+#[inline(always)]
+pub fn is_icmp_error(t: u8) -> bool {
+    matches!(t, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
+}
+
+/// The (sport, dport) pair an ICMP echo message stands for in a flow key: the identifier is
+/// the "source port" of requests and the "destination port" of replies, so that a reply's key
+/// is the reversed key of its request. Other types carry no ports.
+#[inline(always)]
+pub fn icmp_echo_ports(icmp_type: u8, id: u16) -> Option<(u16, u16)> {
+    match icmp_type {
+        ICMP_ECHO_REQUEST => Some((id, 0)),
+        ICMP_ECHO_REPLY => Some((0, id)),
+        _ => None,
     }
 }
 
@@ -191,6 +241,22 @@ mod tests {
         );
         assert!(is_expired(100, 10, 89));
         assert!(!is_expired(100, 10, 90));
+    }
+
+    #[test]
+    fn quoted_headers_skip_the_length_check() {
+        let h = header(5, 1500, 0);
+        assert!(Ipv4Info::parse(&h, 28).is_err());
+        assert_eq!(Ipv4Info::parse_quoted(&h).unwrap().hlen, 20);
+        assert!(Ipv4Info::parse_quoted(&header(3, 1500, 0)).is_err());
+    }
+
+    #[test]
+    fn echo_ports_swap_between_request_and_reply() {
+        assert_eq!(icmp_echo_ports(ICMP_ECHO_REQUEST, 7), Some((7, 0)));
+        assert_eq!(icmp_echo_ports(ICMP_ECHO_REPLY, 7), Some((0, 7)));
+        assert_eq!(icmp_echo_ports(ICMP_DEST_UNREACH, 7), None);
+        assert!(is_icmp_error(ICMP_TIME_EXCEEDED) && !is_icmp_error(ICMP_ECHO_REPLY));
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn stats_json(s: &Stats) -> serde_json::Value {
         "new_flows": s.new_flows, "no_rule": s.no_rule,
         "drop_table_full": s.drop_table_full, "drop_port_exhausted": s.drop_port_exhausted,
         "drop_malformed": s.drop_malformed, "drop_unsolicited": s.drop_unsolicited,
-        "drop_fragment": s.drop_fragment, "fib_pass": s.fib_pass,
+        "drop_fragment": s.drop_fragment, "drop_ttl": s.drop_ttl, "fib_pass": s.fib_pass,
     })
 }
 

@@ -1,0 +1,61 @@
+//! One error type for every way a packet leaves the translation path, mapped to a counter and
+//! a tc verdict in one place.
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
+
+use crate::maps::with_stats;
+
+#[derive(Clone, Copy)]
+pub enum Error {
+    /// Not something we translate (ARP, IPv6, traffic for the router itself): the stack has it.
+    NotOurs,
+    /// eth0 traffic matching no rule and no fallback: the local stack refuses it.
+    NoRule,
+    /// Truncated or inconsistent headers.
+    Malformed,
+    /// A helper failed mid-rewrite: drop rather than send a half-translated packet.
+    Helper,
+    TableFull,
+    PortExhausted,
+    /// On macvlan0: not a reply to a flow a client opened.
+    Unsolicited,
+    /// A later IPv4 fragment whose first fragment was not seen.
+    Fragment,
+    TtlExpired,
+}
+
+impl Error {
+    #[inline(always)]
+    pub fn verdict(self) -> i32 {
+        match self {
+            Error::NotOurs => TC_ACT_OK,
+            Error::NoRule => {
+                with_stats(|s| s.no_rule += 1);
+                TC_ACT_OK
+            }
+            Error::Malformed | Error::Helper => {
+                with_stats(|s| s.drop_malformed += 1);
+                TC_ACT_SHOT
+            }
+            Error::TableFull => {
+                with_stats(|s| s.drop_table_full += 1);
+                TC_ACT_SHOT
+            }
+            Error::PortExhausted => {
+                with_stats(|s| s.drop_port_exhausted += 1);
+                TC_ACT_SHOT
+            }
+            Error::Unsolicited => {
+                with_stats(|s| s.drop_unsolicited += 1);
+                TC_ACT_SHOT
+            }
+            Error::Fragment => {
+                with_stats(|s| s.drop_fragment += 1);
+                TC_ACT_SHOT
+            }
+            Error::TtlExpired => {
+                with_stats(|s| s.drop_ttl += 1);
+                TC_ACT_SHOT
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The connection table: finding a live flow, creating one (with its reply entry and a free
+//! source port), and keeping its timestamps and TCP close state.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use egress_common::{
+    DIR_IN, DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, RuleKey,
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, candidate_port, idle_timeout_ns, is_expired},
+};
+
+use crate::{
+    error::Error,
+    maps::{FLOWS, RULES, with_stats},
+    parse::Parsed,
+};
+
+/// Source ports tried for a new flow before giving up (the client's own, then random ones).
+const PORT_TRIES: u32 = 8;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The entry for `key` if its flow is still live: idle time is measured from the last packet
+/// in either direction, so the other direction's entry is consulted when this one looks stale.
+#[inline(always)]
+pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<*mut FlowValue> {
+    let v = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: a valid map value pointer.
+    let (last, flags, peer) = unsafe { ((*v).last_seen_ns, (*v).flags, (*v).translated_key(key.proto).reversed()) };
+    let timeout = idle_timeout_ns(cfg, key.proto, flags);
+    if !is_expired(now, last, timeout) {
+        return Some(v);
+    }
+    let p = FLOWS.get_ptr(&peer)?;
+    // SAFETY: a valid map value pointer.
+    if is_expired(now, unsafe { (*p).last_seen_ns }, timeout) { None } else { Some(v) }
+}
+
+/// Where a new flow from the cluster goes: the rule for its protocol and port, else the
+/// fallback (ports preserved), else nowhere.
+#[inline(always)]
+fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
+    let proto = p.key.proto;
+    if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP {
+        let rk = RuleKey { port: p.key.dport, proto, _pad: 0 };
+        // SAFETY: the value is copied out at once.
+        if let Some(t) = unsafe { RULES.get(&rk) } {
+            return Ok((t.daddr, t.dport));
+        }
+    }
+    if cfg.has_fallback != 0 {
+        return Ok((cfg.fallback, p.key.dport));
+    }
+    Err(Error::NoRule)
+}
+
+/// Creates both entries of a new outbound flow and returns the outbound one.
+#[inline(always)]
+pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowValue, Error> {
+    if !p.ip.has_l4_header() {
+        return Err(Error::Fragment);
+    }
+    let (daddr, dport) = target(p, cfg)?;
+    let proto = p.key.proto;
+    // Ports can only be changed where a checksum helper can follow: SCTP's CRC32c and
+    // protocols without ports keep the client's own.
+    let tries = if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_ICMP { PORT_TRIES } else { 1 };
+    let reply = FlowValue {
+        saddr: p.key.daddr,
+        daddr: p.key.saddr,
+        sport: p.key.dport,
+        dport: p.key.sport,
+        direction: DIR_IN,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+    };
+    let mut chosen: Option<(u16, FlowKey)> = None;
+    for attempt in 0..PORT_TRIES {
+        if attempt >= tries {
+            break;
+        }
+        // SAFETY: no preconditions.
+        let port = candidate_port(attempt, p.key.sport, unsafe { bpf_get_prandom_u32() }, cfg);
+        let rkey = FlowKey { saddr: daddr, daddr: cfg.egress_source, sport: dport, dport: port, proto, _pad: [0; 3] };
+        if FLOWS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok()
+            || (lookup_live(&rkey, cfg, now).is_none() && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_ok())
+        {
+            chosen = Some((port, rkey));
+            break;
+        }
+    }
+    let (sport, rkey) = chosen.ok_or(Error::PortExhausted)?;
+    let out = FlowValue {
+        saddr: cfg.egress_source,
+        daddr,
+        sport,
+        dport,
+        direction: DIR_OUT,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+    };
+    if FLOWS.insert(&p.key, &out, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(&rkey);
+        return Err(Error::TableFull);
+    }
+    with_stats(|s| s.new_flows += 1);
+    FLOWS.get_ptr_mut(&p.key).ok_or(Error::TableFull)
+}
+
+/// Records a packet on a flow entry: timestamp, counters, and TCP close state (FIN or RST
+/// moves both directions to the short timeout; a new SYN on a closing tuple revives it).
+#[inline(always)]
+pub fn touch(v: *mut FlowValue, p: &Parsed, now: u64, len: u64) {
+    // SAFETY: a valid map value pointer. The per-flow counters are informational (status):
+    // the BPF target has no fetch_add in Rust, so a rare concurrent update may be lost; the
+    // exact totals are the per-CPU STATS.
+    unsafe {
+        (*v).last_seen_ns = now;
+        (*v).packets += 1;
+        (*v).bytes += len;
+    }
+    if p.key.proto != PROTO_TCP {
+        return;
+    }
+    // SAFETY: as above.
+    let flags = unsafe { (*v).flags };
+    let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let reopening = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flags & FLOW_CLOSING != 0;
+    if !closing && !reopening {
+        return;
+    }
+    let new_flags = if closing { flags | FLOW_CLOSING } else { flags & !FLOW_CLOSING };
+    // SAFETY: as above.
+    let peer = unsafe {
+        (*v).flags = new_flags;
+        (*v).translated_key(PROTO_TCP).reversed()
+    };
+    if let Some(pv) = FLOWS.get_ptr_mut(&peer) {
+        // SAFETY: a valid map value pointer.
+        unsafe { (*pv).flags = new_flags };
+    }
+}

@@ -1,0 +1,105 @@
+//! Packet classification: where the headers are and the flow key a packet belongs to.
+use egress_common::{
+    FlowKey, FragKey, FragValue,
+    packet::{
+        ETH_HLEN, ETH_P_IP, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, Ipv4Info, icmp_echo_ports,
+        is_icmp_error, l4_min_len,
+    },
+    PROTO_ICMP, PROTO_TCP,
+};
+
+use crate::{error::Error, maps::FRAGS, skb::Skb};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP, UDP, SCTP, ICMP echo, or another protocol translated by address.
+    Flow,
+    /// An ICMP error quoting a packet of some flow.
+    IcmpError,
+    /// An ICMP message we leave to the stack.
+    OtherIcmp,
+}
+
+pub struct Parsed {
+    pub ip: Ipv4Info,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    /// Raw (network order) addresses as in the header.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub key: FlowKey,
+    pub kind: Kind,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+}
+
+#[inline(always)]
+pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
+    let ethertype: u16 = skb.load(12).map_err(|_| Error::NotOurs)?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Err(Error::NotOurs);
+    }
+    let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ETH_HLEN)?;
+    let ip = Ipv4Info::parse(&hdr, skb.len().saturating_sub(ETH_HLEN)).map_err(|_| Error::Malformed)?;
+    let saddr: u32 = skb.load(ETH_HLEN + IP_SADDR_OFF)?;
+    let daddr: u32 = skb.load(ETH_HLEN + IP_DADDR_OFF)?;
+    let l4 = ETH_HLEN + ip.hlen;
+    let mut p = Parsed {
+        ip,
+        l4,
+        saddr,
+        daddr,
+        key: FlowKey {
+            saddr: saddr.to_ne_bytes(),
+            daddr: daddr.to_ne_bytes(),
+            sport: 0,
+            dport: 0,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        kind: Kind::Flow,
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    let frag_key = FragKey { saddr: p.key.saddr, daddr: p.key.daddr, id: ip.id, proto: ip.proto, _pad: 0 };
+    if !ip.has_l4_header() {
+        // A later fragment: its ports were recorded from the first one.
+        let f = FRAGS.get_ptr_mut(&frag_key).ok_or(Error::Fragment)?;
+        // SAFETY: a valid map value pointer.
+        let f = unsafe { &mut *f };
+        f.last_seen_ns = now;
+        p.key.sport = f.sport;
+        p.key.dport = f.dport;
+        return Ok(p);
+    }
+    let need = l4_min_len(ip.proto);
+    if l4 + need > ETH_HLEN + ip.total_len {
+        return Err(Error::Malformed);
+    }
+    if ip.proto == PROTO_ICMP {
+        let icmp_type: u8 = skb.load(l4)?;
+        p.icmp_type = icmp_type;
+        if is_icmp_error(icmp_type) {
+            p.kind = Kind::IcmpError;
+            return Ok(p);
+        }
+        let id = u16::from_be(skb.load(l4 + 4)?);
+        match icmp_echo_ports(icmp_type, id) {
+            Some((s, d)) => (p.key.sport, p.key.dport) = (s, d),
+            None => p.kind = Kind::OtherIcmp,
+        }
+    } else if need != 0 {
+        let ports: [u16; 2] = skb.load(l4)?;
+        p.key.sport = u16::from_be(ports[0]);
+        p.key.dport = u16::from_be(ports[1]);
+        if ip.proto == PROTO_TCP {
+            p.tcp_flags = skb.load(l4 + 13)?;
+        }
+    }
+    if ip.more_frags {
+        let v = FragValue { sport: p.key.sport, dport: p.key.dport, _pad: 0, last_seen_ns: now };
+        // Best effort: if this fails, later fragments are counted and dropped.
+        let _ = FRAGS.insert(&frag_key, &v, 0);
+    }
+    Ok(p)
+}

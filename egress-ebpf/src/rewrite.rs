@@ -1,0 +1,125 @@
+//! Header rewrites, all through the checksum helpers (see skb.rs).
+use egress_common::{
+    FlowKey, FlowValue, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    packet::{
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
+        IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, icmp_echo_ports,
+    },
+};
+
+use crate::{error::Error, parse::Parsed, skb::Skb};
+
+#[inline(always)]
+fn raw(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// Rewrites a packet of a flow to the entry's tuple: L4 first (ports, ids and the pseudo-header
+/// part of the checksum), then the IP addresses and header checksum. Later fragments carry no
+/// L4 header; their datagram's checksum was fixed in the first fragment.
+#[inline(always)]
+pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue) -> Result<(), Error> {
+    let (new_s, new_d) = (raw(v.saddr), raw(v.daddr));
+    if p.ip.has_l4_header() {
+        match p.key.proto {
+            PROTO_TCP | PROTO_UDP => {
+                let udp = p.key.proto == PROTO_UDP;
+                let csum = p.l4 + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+                skb.l4_addr_changed(csum, p.saddr, new_s, udp)?;
+                skb.l4_addr_changed(csum, p.daddr, new_d, udp)?;
+                skb.set_l4_u16(p.l4, csum, p.key.sport, v.sport, udp)?;
+                skb.set_l4_u16(p.l4 + 2, csum, p.key.dport, v.dport, udp)?;
+            }
+            PROTO_ICMP => {
+                // Echo: the identifier is the sport of requests and the dport of replies.
+                let (old, new) = if p.icmp_type == ICMP_ECHO_REQUEST {
+                    (p.key.sport, v.sport)
+                } else {
+                    (p.key.dport, v.dport)
+                };
+                skb.set_l4_u16(p.l4 + 4, p.l4 + ICMP_CSUM_OFF, old, new, false)?;
+            }
+            // SCTP: CRC32c covers no addresses and ports are kept. Others: addresses only.
+            _ => {}
+        }
+    }
+    addresses(skb, ETH_HLEN, p.saddr, p.daddr, new_s, new_d)
+}
+
+#[inline(always)]
+fn addresses(skb: &Skb, ip: usize, old_s: u32, old_d: u32, new_s: u32, new_d: u32) -> Result<(), Error> {
+    skb.set_addr(ip + IP_SADDR_OFF, ip + IP_CSUM_OFF, old_s, new_s)?;
+    skb.set_addr(ip + IP_DADDR_OFF, ip + IP_CSUM_OFF, old_d, new_d)
+}
+
+/// The packet an ICMP error quotes, and the flow key of the direction that would answer it.
+pub struct Quoted {
+    ip: usize,
+    l4: usize,
+    proto: u8,
+    icmp_type: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    pub reply_key: FlowKey,
+}
+
+#[inline(always)]
+pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
+    let ip = p.l4 + 8;
+    let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ip)?;
+    let info = Ipv4Info::parse_quoted(&hdr).map_err(|_| Error::Malformed)?;
+    let l4 = ip + info.hlen;
+    let saddr: u32 = skb.load(ip + IP_SADDR_OFF)?;
+    let daddr: u32 = skb.load(ip + IP_DADDR_OFF)?;
+    let mut q = Quoted { ip, l4, proto: info.proto, icmp_type: 0, saddr, daddr, sport: 0, dport: 0, reply_key: FlowKey::default() };
+    if info.frag_off != 0 {
+        return Err(Error::NotOurs);
+    }
+    match info.proto {
+        PROTO_ICMP => {
+            q.icmp_type = skb.load(l4)?;
+            let id = u16::from_be(skb.load(l4 + 4)?);
+            (q.sport, q.dport) = icmp_echo_ports(q.icmp_type, id).ok_or(Error::NotOurs)?;
+        }
+        _ => {
+            // Every error quotes at least 8 bytes of L4: the ports of TCP, UDP and SCTP.
+            let ports: [u16; 2] = skb.load(l4)?;
+            q.sport = u16::from_be(ports[0]);
+            q.dport = u16::from_be(ports[1]);
+        }
+    }
+    // The quoted packet went (s -> d); its flow's entry on this side is keyed by (d -> s).
+    q.reply_key = FlowKey {
+        saddr: daddr.to_ne_bytes(),
+        daddr: saddr.to_ne_bytes(),
+        sport: q.dport,
+        dport: q.sport,
+        proto: info.proto,
+        _pad: [0; 3],
+    };
+    Ok(q)
+}
+
+/// Rewrites an ICMP error about a translated flow, `v` being the entry found with
+/// `q.reply_key`: the outer header goes (v.saddr -> v.daddr) and the quoted packet becomes
+/// the one the other side sent, (v.daddr:v.dport -> v.saddr:v.sport). The quoted IP header
+/// keeps a valid checksum, so the ICMP checksum only follows the quoted ports.
+#[inline(always)]
+pub fn icmp_error(skb: &Skb, p: &Parsed, q: &Quoted, v: &FlowValue) -> Result<(), Error> {
+    let icmp_csum = p.l4 + ICMP_CSUM_OFF;
+    match q.proto {
+        PROTO_ICMP => {
+            let (old, new) = if q.icmp_type == ICMP_ECHO_REQUEST { (q.sport, v.dport) } else { (q.dport, v.sport) };
+            skb.set_quoted_u16(q.l4 + 4, icmp_csum, old, new)?;
+        }
+        PROTO_TCP | PROTO_UDP => {
+            skb.set_quoted_u16(q.l4, icmp_csum, q.sport, v.dport)?;
+            skb.set_quoted_u16(q.l4 + 2, icmp_csum, q.dport, v.sport)?;
+        }
+        _ => {}
+    }
+    addresses(skb, q.ip, q.saddr, q.daddr, raw(v.daddr), raw(v.saddr))?;
+    addresses(skb, ETH_HLEN, p.saddr, p.daddr, raw(v.saddr), raw(v.daddr))
+}
