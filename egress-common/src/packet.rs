@@ -123,7 +123,10 @@ pub fn l4_min_len(proto: u8) -> usize {
 /// Whether an ICMP type is an error that quotes the packet it is about.
 #[inline(always)]
 pub fn is_icmp_error(t: u8) -> bool {
-    matches!(t, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
+    matches!(
+        t,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
 }
 
 /// The (sport, dport) pair an ICMP echo message stands for in a flow key: the identifier is

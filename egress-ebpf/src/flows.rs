@@ -31,14 +31,24 @@ pub fn now_ns() -> u64 {
 pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<*mut FlowValue> {
     let v = FLOWS.get_ptr_mut(key)?;
     // SAFETY: a valid map value pointer.
-    let (last, flags, peer) = unsafe { ((*v).last_seen_ns, (*v).flags, (*v).translated_key(key.proto).reversed()) };
+    let (last, flags, peer) = unsafe {
+        (
+            (*v).last_seen_ns,
+            (*v).flags,
+            (*v).translated_key(key.proto).reversed(),
+        )
+    };
     let timeout = idle_timeout_ns(cfg, key.proto, flags);
     if !is_expired(now, last, timeout) {
         return Some(v);
     }
     let p = FLOWS.get_ptr(&peer)?;
     // SAFETY: a valid map value pointer.
-    if is_expired(now, unsafe { (*p).last_seen_ns }, timeout) { None } else { Some(v) }
+    if is_expired(now, unsafe { (*p).last_seen_ns }, timeout) {
+        None
+    } else {
+        Some(v)
+    }
 }
 
 /// Where a new flow from the cluster goes: the rule for its protocol and port, else the
@@ -47,7 +57,11 @@ pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<*mu
 fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
     let proto = p.key.proto;
     if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP {
-        let rk = RuleKey { port: p.key.dport, proto, _pad: 0 };
+        let rk = RuleKey {
+            port: p.key.dport,
+            proto,
+            _pad: 0,
+        };
         // SAFETY: the value is copied out at once.
         if let Some(t) = unsafe { RULES.get(&rk) } {
             return Ok((t.daddr, t.dport));
@@ -69,7 +83,11 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
     let proto = p.key.proto;
     // Ports can only be changed where a checksum helper can follow: SCTP's CRC32c and
     // protocols without ports keep the client's own.
-    let tries = if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_ICMP { PORT_TRIES } else { 1 };
+    let tries = if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_ICMP {
+        PORT_TRIES
+    } else {
+        1
+    };
     let reply = FlowValue {
         saddr: p.key.daddr,
         daddr: p.key.saddr,
@@ -89,9 +107,17 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
         }
         // SAFETY: no preconditions.
         let port = candidate_port(attempt, p.key.sport, unsafe { bpf_get_prandom_u32() }, cfg);
-        let rkey = FlowKey { saddr: daddr, daddr: cfg.egress_source, sport: dport, dport: port, proto, _pad: [0; 3] };
+        let rkey = FlowKey {
+            saddr: daddr,
+            daddr: cfg.egress_source,
+            sport: dport,
+            dport: port,
+            proto,
+            _pad: [0; 3],
+        };
         if FLOWS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok()
-            || (lookup_live(&rkey, cfg, now).is_none() && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_ok())
+            || (lookup_live(&rkey, cfg, now).is_none()
+                && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_ok())
         {
             chosen = Some((port, rkey));
             break;
@@ -140,7 +166,11 @@ pub fn touch(v: *mut FlowValue, p: &Parsed, now: u64, len: u64) {
     if !closing && !reopening {
         return;
     }
-    let new_flags = if closing { flags | FLOW_CLOSING } else { flags & !FLOW_CLOSING };
+    let new_flags = if closing {
+        flags | FLOW_CLOSING
+    } else {
+        flags & !FLOW_CLOSING
+    };
     // SAFETY: as above.
     let peer = unsafe {
         (*v).flags = new_flags;

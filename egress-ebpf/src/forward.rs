@@ -1,12 +1,12 @@
 //! Sending a translated packet on: FIB lookup, TTL, MACs, redirect. Anything the FIB cannot
 //! resolve directly goes to the kernel stack, which routes it the same way (forwarding is on).
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
         bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    EbpfContext as _,
 };
 use egress_common::packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF};
 
@@ -18,7 +18,11 @@ const AF_INET: u8 = 2;
 #[inline(always)]
 pub fn check_ttl(skb: &Skb) -> Result<(), Error> {
     let ttl: u8 = skb.load(ETH_HLEN + IP_TTL_OFF)?;
-    if ttl <= 1 { Err(Error::TtlExpired) } else { Ok(()) }
+    if ttl <= 1 {
+        Err(Error::TtlExpired)
+    } else {
+        Ok(())
+    }
 }
 
 #[inline(always)]
@@ -28,14 +32,23 @@ fn decrement_ttl(skb: &Skb) -> Result<(), Error> {
     let old: u16 = skb.load(off)?;
     let bytes = old.to_ne_bytes();
     let new = u16::from_ne_bytes([bytes[0].wrapping_sub(1), bytes[1]]);
-    skb.ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2).map_err(|_| Error::Helper)?;
+    skb.ctx
+        .l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2)
+        .map_err(|_| Error::Helper)?;
     skb.store(off, &new)
 }
 
 /// Forwards a packet already rewritten to (saddr -> daddr). `in_ifindex` is the interface it
 /// arrived on.
 #[inline(always)]
-pub fn forward(skb: &Skb, saddr: u32, daddr: u32, proto: u8, tot_len: u16, in_ifindex: u32) -> Result<i32, Error> {
+pub fn forward(
+    skb: &Skb,
+    saddr: u32,
+    daddr: u32,
+    proto: u8,
+    tot_len: u16,
+    in_ifindex: u32,
+) -> Result<i32, Error> {
     // SAFETY: bpf_fib_lookup is plain data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -46,7 +59,12 @@ pub fn forward(skb: &Skb, saddr: u32, daddr: u32, proto: u8, tot_len: u16, in_if
     params.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: params lives on the stack for the duration of the call.
     let rc = unsafe {
-        fib_lookup(skb.ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            skb.ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     } as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
@@ -65,7 +83,12 @@ pub fn forward(skb: &Skb, saddr: u32, daddr: u32, proto: u8, tot_len: u16, in_if
             nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
             // SAFETY: nh lives on the stack for the duration of the call.
             Ok(unsafe {
-                bpf_redirect_neigh(params.ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
+                bpf_redirect_neigh(
+                    params.ifindex,
+                    &mut nh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
             } as i32)
         }
         _ => {

@@ -15,7 +15,9 @@ mod rewrite;
 mod skb;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use egress_common::{DataplaneConfig, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, packet::ICMP_ECHO_REQUEST};
+use egress_common::{
+    DataplaneConfig, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, packet::ICMP_ECHO_REQUEST,
+};
 
 use crate::{
     error::Error,
@@ -93,7 +95,15 @@ fn flow(skb: &Skb, p: &Parsed, cfg: &DataplaneConfig, side: Side, now: u64) -> R
     // SAFETY: a valid map value pointer; copied so a concurrent update cannot tear the rewrite.
     let val = unsafe { *v };
     rewrite::flow(skb, p, &val)?;
-    out(skb, &val, p.key.proto, p.ip.total_len as u16, cfg, side, len)
+    out(
+        skb,
+        &val,
+        p.key.proto,
+        p.ip.total_len as u16,
+        cfg,
+        side,
+        len,
+    )
 }
 
 #[inline(always)]
@@ -105,7 +115,15 @@ fn icmp_error(skb: &Skb, p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Resul
     // SAFETY: a valid map value pointer.
     let val = unsafe { *v };
     rewrite::icmp_error(skb, p, &q, &val)?;
-    out(skb, &val, PROTO_ICMP, p.ip.total_len as u16, cfg, side, skb.len() as u64)
+    out(
+        skb,
+        &val,
+        PROTO_ICMP,
+        p.ip.total_len as u16,
+        cfg,
+        side,
+        skb.len() as u64,
+    )
 }
 
 #[inline(always)]
@@ -134,7 +152,14 @@ fn out(
             cfg.macvlan_ifindex
         }
     };
-    forward::forward(skb, u32::from_ne_bytes(v.saddr), u32::from_ne_bytes(v.daddr), proto, tot_len, in_ifindex)
+    forward::forward(
+        skb,
+        u32::from_ne_bytes(v.saddr),
+        u32::from_ne_bytes(v.daddr),
+        proto,
+        tot_len,
+        in_ifindex,
+    )
 }
 
 #[cfg(not(test))]

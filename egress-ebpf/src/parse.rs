@@ -1,11 +1,10 @@
 //! Packet classification: where the headers are and the flow key a packet belongs to.
 use egress_common::{
-    FlowKey, FragKey, FragValue,
+    FlowKey, FragKey, FragValue, PROTO_ICMP, PROTO_TCP,
     packet::{
         ETH_HLEN, ETH_P_IP, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, Ipv4Info, icmp_echo_ports,
         is_icmp_error, l4_min_len,
     },
-    PROTO_ICMP, PROTO_TCP,
 };
 
 use crate::{error::Error, maps::FRAGS, skb::Skb};
@@ -40,7 +39,8 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
         return Err(Error::NotOurs);
     }
     let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ETH_HLEN)?;
-    let ip = Ipv4Info::parse(&hdr, skb.len().saturating_sub(ETH_HLEN)).map_err(|_| Error::Malformed)?;
+    let ip =
+        Ipv4Info::parse(&hdr, skb.len().saturating_sub(ETH_HLEN)).map_err(|_| Error::Malformed)?;
     let saddr: u32 = skb.load(ETH_HLEN + IP_SADDR_OFF)?;
     let daddr: u32 = skb.load(ETH_HLEN + IP_DADDR_OFF)?;
     let l4 = ETH_HLEN + ip.hlen;
@@ -61,7 +61,13 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
         tcp_flags: 0,
         icmp_type: 0,
     };
-    let frag_key = FragKey { saddr: p.key.saddr, daddr: p.key.daddr, id: ip.id, proto: ip.proto, _pad: 0 };
+    let frag_key = FragKey {
+        saddr: p.key.saddr,
+        daddr: p.key.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    };
     if !ip.has_l4_header() {
         // A later fragment: its ports were recorded from the first one.
         let f = FRAGS.get_ptr_mut(&frag_key).ok_or(Error::Fragment)?;
@@ -97,7 +103,12 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
         }
     }
     if ip.more_frags {
-        let v = FragValue { sport: p.key.sport, dport: p.key.dport, _pad: 0, last_seen_ns: now };
+        let v = FragValue {
+            sport: p.key.sport,
+            dport: p.key.dport,
+            _pad: 0,
+            last_seen_ns: now,
+        };
         // Best effort: if this fails, later fragments are counted and dropped.
         let _ = FRAGS.insert(&frag_key, &v, 0);
     }

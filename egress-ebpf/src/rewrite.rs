@@ -47,7 +47,14 @@ pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue) -> Result<(), Error> {
 }
 
 #[inline(always)]
-fn addresses(skb: &Skb, ip: usize, old_s: u32, old_d: u32, new_s: u32, new_d: u32) -> Result<(), Error> {
+fn addresses(
+    skb: &Skb,
+    ip: usize,
+    old_s: u32,
+    old_d: u32,
+    new_s: u32,
+    new_d: u32,
+) -> Result<(), Error> {
     skb.set_addr(ip + IP_SADDR_OFF, ip + IP_CSUM_OFF, old_s, new_s)?;
     skb.set_addr(ip + IP_DADDR_OFF, ip + IP_CSUM_OFF, old_d, new_d)
 }
@@ -73,7 +80,17 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
     let l4 = ip + info.hlen;
     let saddr: u32 = skb.load(ip + IP_SADDR_OFF)?;
     let daddr: u32 = skb.load(ip + IP_DADDR_OFF)?;
-    let mut q = Quoted { ip, l4, proto: info.proto, icmp_type: 0, saddr, daddr, sport: 0, dport: 0, reply_key: FlowKey::default() };
+    let mut q = Quoted {
+        ip,
+        l4,
+        proto: info.proto,
+        icmp_type: 0,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        reply_key: FlowKey::default(),
+    };
     if info.frag_off != 0 {
         return Err(Error::NotOurs);
     }
@@ -111,7 +128,11 @@ pub fn icmp_error(skb: &Skb, p: &Parsed, q: &Quoted, v: &FlowValue) -> Result<()
     let icmp_csum = p.l4 + ICMP_CSUM_OFF;
     match q.proto {
         PROTO_ICMP => {
-            let (old, new) = if q.icmp_type == ICMP_ECHO_REQUEST { (q.sport, v.dport) } else { (q.dport, v.sport) };
+            let (old, new) = if q.icmp_type == ICMP_ECHO_REQUEST {
+                (q.sport, v.dport)
+            } else {
+                (q.dport, v.sport)
+            };
             skb.set_quoted_u16(q.l4 + 4, icmp_csum, old, new)?;
         }
         PROTO_TCP | PROTO_UDP => {

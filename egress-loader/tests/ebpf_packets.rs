@@ -1,0 +1,705 @@
+//! Packet tests of the tc programs through BPF_PROG_TEST_RUN: every packet class, translated
+//! and checked byte by byte (addresses, ports, checksums), plus malformed input.
+//!
+//! Needs root (loading BPF programs, bpffs). The FIB lookup is made to fail on purpose (the
+//! configured interface indexes do not exist), so translated packets come back with TC_ACT_OK
+//! and their rewritten bytes; forwarding itself is covered by the namespace tests.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use egress_common::{
+    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
+    Stats,
+};
+use egress_router::{
+    config::{Protocol, RedirectConfig, RedirectRule},
+    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status},
+};
+use etherparse::{
+    Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, UdpHeader,
+    checksum::Sum16BitWords, icmpv4::DestUnreachableHeader,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT: [u8; 4] = [10, 128, 0, 10];
+const CLIENT2: [u8; 4] = [10, 128, 0, 11];
+const POD: [u8; 4] = [10, 128, 0, 5];
+const SOURCE: [u8; 4] = [192, 168, 12, 99];
+const GATEWAY: [u8; 4] = [192, 168, 12, 1];
+const DEST: [u8; 4] = [203, 0, 113, 25];
+const FALLBACK: [u8; 4] = [203, 0, 113, 26];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+/// Interface indexes that exist nowhere, so the FIB lookup fails and packets come back.
+const NO_IFINDEX: (u32, u32) = (0x7fff_0001, 0x7fff_0002);
+
+struct Dp {
+    dp: Dataplane,
+    dir: PathBuf,
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rule(local_port: u16, protocol: Protocol, dest: [u8; 4], remote_port: u16) -> RedirectRule {
+    RedirectRule {
+        local_port,
+        protocol,
+        destination: Ipv4Addr::from(dest).into(),
+        remote_port,
+        line: 1,
+    }
+}
+
+impl Dp {
+    fn new(
+        rules: Vec<RedirectRule>,
+        fallback: Option<[u8; 4]>,
+        tweak: impl FnOnce(&mut DataplaneOptions),
+    ) -> Dp {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "eBPF packet tests need root (BPF_PROG_LOAD, bpffs)"
+        );
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/egress-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut opts = DataplaneOptions {
+            bpffs_dir: dir.clone(),
+            ..Default::default()
+        };
+        tweak(&mut opts);
+        let mut dp = Dataplane::load(&opts).expect("load the eBPF dataplane");
+        let redirect = RedirectConfig {
+            rules,
+            fallback: fallback.map(|a| Ipv4Addr::from(a).into()),
+        };
+        let settings = DataplaneSettings::new(
+            &redirect,
+            Ipv4Addr::from(SOURCE),
+            NO_IFINDEX.0,
+            NO_IFINDEX.1,
+            &opts,
+        )
+        .unwrap();
+        dp.configure(&settings).unwrap();
+        Dp { dp, dir }
+    }
+
+    fn standard() -> Dp {
+        Dp::new(
+            vec![
+                rule(80, Protocol::Tcp, DEST, 80),
+                rule(8080, Protocol::Tcp, DEST, 80),
+                rule(53, Protocol::Udp, DEST, 5353),
+            ],
+            None,
+            |_| {},
+        )
+    }
+
+    /// Runs a program on a frame; returns the verdict and the frame as the program left it.
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(prog, frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    fn try_run(
+        &self,
+        prog: &str,
+        frame: &[u8],
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let p: &SchedClassifier = self.dp.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn out(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(PROG_ETH0_INGRESS, frame)
+    }
+
+    fn back(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(PROG_MACVLAN_INGRESS, frame)
+    }
+
+    fn stats(&self) -> Stats {
+        status::read_stats(&self.dir).unwrap()
+    }
+
+    fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        status::read_flows(&self.dir).unwrap()
+    }
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65000);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            _ => b,
+        };
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+fn echo(src: [u8; 4], dst: [u8; 4], request: bool, id: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
+    let b = if request {
+        b.icmpv4_echo_request(id, 1)
+    } else {
+        b.icmpv4_echo_reply(id, 1)
+    };
+    b.write(&mut v, b"ping payload").unwrap();
+    v
+}
+
+/// A frame with a hand-made IPv4 header (options, fragments) around raw L4 bytes.
+fn raw_ipv4(
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    id: u16,
+    mf: bool,
+    frag_units: u16,
+    options: &[u8],
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut h = Ipv4Header::new(l4.len() as u16, 64, IpNumber(proto), src, dst).unwrap();
+    h.identification = id;
+    h.more_fragments = mf;
+    h.fragment_offset = frag_units.try_into().unwrap();
+    h.options = Ipv4Options::try_from(options).unwrap();
+    h.total_len = (h.header_len() + l4.len()) as u16;
+    h.header_checksum = h.calc_header_checksum();
+    let mut v = Vec::new();
+    v.extend_from_slice(&MAC_B);
+    v.extend_from_slice(&MAC_A);
+    v.extend_from_slice(&0x0800u16.to_be_bytes());
+    h.write(&mut v).unwrap();
+    v.extend_from_slice(l4);
+    v
+}
+
+fn ip(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+fn ihl(frame: &[u8]) -> usize {
+    ((ip(frame)[0] & 0x0f) * 4) as usize
+}
+fn l4(frame: &[u8]) -> &[u8] {
+    let total = u16::from_be_bytes([ip(frame)[2], ip(frame)[3]]) as usize;
+    &ip(frame)[ihl(frame)..total]
+}
+fn saddr(f: &[u8]) -> [u8; 4] {
+    ip(f)[12..16].try_into().unwrap()
+}
+fn daddr(f: &[u8]) -> [u8; 4] {
+    ip(f)[16..20].try_into().unwrap()
+}
+fn sport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([l4(f)[0], l4(f)[1]])
+}
+fn dport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([l4(f)[2], l4(f)[3]])
+}
+fn icmp_id(f: &[u8]) -> u16 {
+    u16::from_be_bytes([l4(f)[4], l4(f)[5]])
+}
+
+fn sum(parts: &[&[u8]]) -> u16 {
+    parts
+        .iter()
+        .fold(Sum16BitWords::new(), |s, p| s.add_slice(p))
+        .ones_complement()
+}
+
+/// Asserts the IPv4 header checksum and, for TCP/UDP (over `datagram`, the whole L4 part when
+/// the packet is one of several fragments) and ICMP, the L4 checksum.
+fn assert_checksums(frame: &[u8], datagram: Option<&[u8]>) {
+    let h = &ip(frame)[..ihl(frame)];
+    assert_eq!(sum(&[h]), 0, "IPv4 header checksum of {frame:02x?}");
+    let proto = h[9];
+    let seg = datagram.unwrap_or(l4(frame));
+    match proto {
+        6 | 17 => {
+            if proto == 17 && seg[6..8] == [0, 0] {
+                return; // no UDP checksum
+            }
+            let pseudo = [&h[12..20], &[0, proto], &(seg.len() as u16).to_be_bytes()].concat();
+            assert_eq!(sum(&[&pseudo, seg]), 0, "L4 checksum of {frame:02x?}");
+        }
+        1 => assert_eq!(sum(&[seg]), 0, "ICMP checksum of {frame:02x?}"),
+        _ => {}
+    }
+}
+
+#[test]
+fn tcp_rule_is_translated_both_ways_with_valid_checksums() {
+    let dp = Dp::standard();
+    let syn = tcp(CLIENT, POD, 40000, 8080, "S", b"");
+    let (v, out) = dp.out(&syn);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&out), daddr(&out)), (SOURCE, DEST));
+    assert_eq!(
+        (sport(&out), dport(&out)),
+        (40000, 80),
+        "client port kept, remote port mapped"
+    );
+    assert_checksums(&out, None);
+    assert_eq!(l4(&out)[13], 0x02, "flags untouched");
+
+    let reply = tcp(DEST, SOURCE, 80, 40000, "SA", b"");
+    let (v, back) = dp.back(&reply);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&back), daddr(&back)), (POD, CLIENT));
+    assert_eq!((sport(&back), dport(&back)), (8080, 40000));
+    assert_checksums(&back, None);
+
+    let data = tcp(CLIENT, POD, 40000, 8080, "A", b"GET / HTTP/1.1\r\n\r\n");
+    let (_, out) = dp.out(&data);
+    assert_eq!(
+        &l4(&out)[20..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        "payload untouched"
+    );
+    assert_checksums(&out, None);
+
+    let s = dp.stats();
+    assert_eq!((s.out_packets, s.in_packets, s.new_flows), (2, 1, 1));
+    assert_eq!(s.eth0_rx_packets, 2);
+    assert_eq!(s.macvlan_rx_packets, 1);
+    let flows = dp.flows();
+    assert_eq!(flows.len(), 2, "one entry per direction");
+    let out_entry = flows.iter().find(|(_, v)| v.direction == DIR_OUT).unwrap();
+    assert_eq!(
+        (out_entry.0.saddr, out_entry.0.sport, out_entry.1.daddr),
+        (CLIENT, 40000, DEST)
+    );
+    assert_eq!(out_entry.1.packets, 2);
+    let in_entry = flows.iter().find(|(_, v)| v.direction == DIR_IN).unwrap();
+    assert_eq!(
+        (in_entry.0.saddr, in_entry.0.daddr, in_entry.0.dport),
+        (DEST, SOURCE, 40000)
+    );
+}
+
+#[test]
+fn unmatched_traffic_without_fallback_goes_to_the_local_stack_untouched() {
+    let dp = Dp::standard();
+    for frame in [
+        tcp(CLIENT, POD, 40000, 81, "S", b""),
+        udp(CLIENT, POD, 5000, 80, b"x"),
+        echo(CLIENT, POD, true, 9),
+    ] {
+        let (v, out) = dp.out(&frame);
+        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(out, frame, "not translated");
+    }
+    let s = dp.stats();
+    assert_eq!((s.no_rule, s.out_packets, s.new_flows), (3, 0, 0));
+    assert!(dp.flows().is_empty());
+}
+
+#[test]
+fn fallback_takes_everything_else_with_ports_preserved() {
+    let dp = Dp::new(
+        vec![rule(80, Protocol::Tcp, DEST, 80)],
+        Some(FALLBACK),
+        |_| {},
+    );
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 9999, b"hello"));
+    assert_eq!(
+        (saddr(&out), daddr(&out), sport(&out), dport(&out)),
+        (SOURCE, FALLBACK, 5000, 9999)
+    );
+    assert_checksums(&out, None);
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 5001, 80, "S", b""));
+    assert_eq!(daddr(&out), DEST, "a rule wins over the fallback");
+    let (_, out) = dp.out(&echo(CLIENT, POD, true, 77));
+    assert_eq!(
+        (saddr(&out), daddr(&out)),
+        (SOURCE, FALLBACK),
+        "ICMP echo follows the fallback"
+    );
+    assert_eq!(icmp_id(&out), 77);
+    assert_checksums(&out, None);
+    let (v, back) = dp.back(&echo(FALLBACK, SOURCE, false, 77));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(
+        (saddr(&back), daddr(&back), icmp_id(&back)),
+        (POD, CLIENT, 77)
+    );
+    assert_checksums(&back, None);
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero_and_set_checksum_is_fixed() {
+    let dp = Dp::standard();
+    let mut frame = udp(CLIENT, POD, 5000, 53, b"query");
+    let (_, out) = dp.out(&frame);
+    assert_eq!((daddr(&out), dport(&out)), (DEST, 5353));
+    assert_checksums(&out, None);
+    assert_ne!(l4(&out)[6..8], [0, 0]);
+    // Same flow, checksum 0 ("none"): must stay 0 after translation.
+    let off = 14 + 20 + 6;
+    frame[off..off + 2].copy_from_slice(&[0, 0]);
+    let (_, out) = dp.out(&frame);
+    assert_eq!(l4(&out)[6..8], [0, 0], "zero UDP checksum kept");
+    assert_eq!((saddr(&out), dport(&out)), (SOURCE, 5353));
+    assert_checksums(&out, None);
+}
+
+#[test]
+fn two_clients_with_the_same_source_port_get_distinct_ports() {
+    let dp = Dp::standard();
+    let (_, a) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    let (_, b) = dp.out(&tcp(CLIENT2, POD, 40000, 80, "S", b""));
+    assert_eq!(sport(&a), 40000);
+    assert_ne!(sport(&b), 40000, "second client must get another port");
+    assert!(sport(&b) >= 1024);
+    assert_checksums(&b, None);
+    let (_, back_a) = dp.back(&tcp(DEST, SOURCE, 80, sport(&a), "SA", b""));
+    let (_, back_b) = dp.back(&tcp(DEST, SOURCE, 80, sport(&b), "SA", b""));
+    assert_eq!((daddr(&back_a), dport(&back_a)), (CLIENT, 40000));
+    assert_eq!((daddr(&back_b), dport(&back_b)), (CLIENT2, 40000));
+    assert_checksums(&back_b, None);
+}
+
+#[test]
+fn port_exhaustion_is_counted_and_dropped() {
+    let dp = Dp::new(vec![rule(80, Protocol::Tcp, DEST, 80)], None, |o| {
+        o.port_range = (2000, 2000)
+    });
+    let clients = [[10, 128, 0, 20], [10, 128, 0, 21], [10, 128, 0, 22]];
+    let (_, a) = dp.out(&tcp(clients[0], POD, 1000, 80, "S", b""));
+    let (_, b) = dp.out(&tcp(clients[1], POD, 1000, 80, "S", b""));
+    assert_eq!((sport(&a), sport(&b)), (1000, 2000));
+    let (v, _) = dp.out(&tcp(clients[2], POD, 1000, 80, "S", b""));
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(dp.stats().drop_port_exhausted, 1);
+}
+
+#[test]
+fn unsolicited_inbound_is_never_translated() {
+    let dp = Dp::standard();
+    for frame in [
+        tcp(DEST, SOURCE, 80, 40000, "SA", b""),
+        udp(DEST, SOURCE, 53, 5000, b"x"),
+        echo(DEST, SOURCE, false, 3),
+    ] {
+        let (v, _) = dp.back(&frame);
+        assert_eq!(v, TC_ACT_SHOT, "unsolicited {frame:02x?}");
+    }
+    assert_eq!(dp.stats().drop_unsolicited, 3);
+    // A ping to EGRESS_SOURCE is the router's to answer; traffic for other addresses is not ours.
+    let ping = echo(GATEWAY, SOURCE, true, 5);
+    assert_eq!(dp.back(&ping), (TC_ACT_OK, ping.clone()));
+    let other = tcp(DEST, GATEWAY, 80, 4000, "S", b"");
+    assert_eq!(dp.back(&other), (TC_ACT_OK, other.clone()));
+    // Nothing arriving from outside creates a flow, even on a rule's port.
+    let inbound = tcp(DEST, SOURCE, 4000, 80, "S", b"");
+    assert_eq!(dp.back(&inbound).0, TC_ACT_SHOT);
+    assert!(dp.flows().is_empty());
+}
+
+#[test]
+fn icmp_error_about_a_flow_is_rewritten_inside_and_out() {
+    let dp = Dp::standard();
+    let syn = tcp(CLIENT, POD, 40000, 8080, "S", &[7u8; 100]);
+    let (_, out) = dp.out(&syn);
+    // The gateway says "fragmentation needed" about the translated packet.
+    let quoted = &ip(&out)[..20 + 28];
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(GATEWAY, SOURCE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut err, quoted)
+        .unwrap();
+    let (v, back) = dp.back(&err);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&back), daddr(&back)), (POD, CLIENT), "outer header");
+    let inner = &l4(&back)[8..];
+    assert_eq!(inner[12..16], CLIENT, "quoted source is the client again");
+    assert_eq!(inner[16..20], POD, "quoted destination is the pod IP again");
+    assert_eq!(u16::from_be_bytes([inner[20], inner[21]]), 40000);
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 8080);
+    assert_eq!(sum(&[&inner[..20]]), 0, "quoted IPv4 header checksum");
+    assert_eq!(
+        u16::from_be_bytes([l4(&back)[6], l4(&back)[7]]),
+        1400,
+        "MTU kept"
+    );
+    assert_checksums(&back, None);
+
+    // An error about a flow we do not know is left to the stack untouched.
+    let mut stray = Vec::new();
+    let unknown = tcp(SOURCE, DEST, 1, 2, "S", b"");
+    let other = &ip(&unknown)[..28];
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(GATEWAY, SOURCE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut stray, other)
+        .unwrap();
+    assert_eq!(dp.back(&stray), (TC_ACT_OK, stray.clone()));
+}
+
+#[test]
+fn icmp_error_from_the_client_about_a_reply_goes_out_translated() {
+    let dp = Dp::standard();
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"q"));
+    let (_, reply) = dp.back(&udp(DEST, SOURCE, 5353, sport(&out), b"answer"));
+    // The client's port is closed: it sends port unreachable quoting the reply it got.
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, POD, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut err, &ip(&reply)[..28])
+        .unwrap();
+    let (v, o) = dp.out(&err);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&o), daddr(&o)), (SOURCE, DEST));
+    let inner = &l4(&o)[8..];
+    assert_eq!(
+        (inner[12..16].to_vec(), inner[16..20].to_vec()),
+        (DEST.to_vec(), SOURCE.to_vec())
+    );
+    assert_eq!(u16::from_be_bytes([inner[20], inner[21]]), 5353);
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 5000);
+    assert_checksums(&o, None);
+}
+
+#[test]
+fn ip_options_are_honoured() {
+    let dp = Dp::standard();
+    let inner = udp(CLIENT, POD, 5000, 53, b"with options");
+    let l4b = l4(&inner).to_vec();
+    // Four NOPs: IHL 6. The UDP checksum covers only the pseudo header and the datagram.
+    let frame = raw_ipv4(17, CLIENT, POD, 1, false, 0, &[1, 1, 1, 1], &l4b);
+    let (v, out) = dp.out(&frame);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(ihl(&out), 24);
+    assert_eq!(
+        (saddr(&out), daddr(&out), sport(&out), dport(&out)),
+        (SOURCE, DEST, 5000, 5353)
+    );
+    assert_eq!(&ip(&out)[20..24], &[1, 1, 1, 1]);
+    assert_checksums(&out, None);
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let dp = Dp::standard();
+    let payload: Vec<u8> = (0..40u8).collect();
+    let ip_h = Ipv4Header::new(0, 64, IpNumber::UDP, CLIENT, POD).unwrap();
+    let udp_h = UdpHeader::with_ipv4_checksum(5000, 53, &ip_h, &payload).unwrap();
+    let datagram = [udp_h.to_bytes().to_vec(), payload].concat(); // 48 bytes
+    let first = raw_ipv4(17, CLIENT, POD, 0x4242, true, 0, &[], &datagram[..24]);
+    let second = raw_ipv4(17, CLIENT, POD, 0x4242, false, 3, &[], &datagram[24..]);
+    let (v1, o1) = dp.out(&first);
+    let (v2, o2) = dp.out(&second);
+    assert_eq!((v1, v2), (TC_ACT_OK, TC_ACT_OK));
+    for o in [&o1, &o2] {
+        assert_eq!((saddr(o), daddr(o)), (SOURCE, DEST));
+        assert_eq!(sum(&[&ip(o)[..20]]), 0);
+    }
+    assert_eq!(
+        &l4(&o2)[..],
+        &datagram[24..],
+        "later fragment payload untouched"
+    );
+    let whole = [l4(&o1), l4(&o2)].concat();
+    assert_eq!(u16::from_be_bytes([whole[2], whole[3]]), 5353);
+    // Checksum over the reassembled datagram with the new pseudo header.
+    let pseudo = [
+        &SOURCE[..],
+        &DEST[..],
+        &[0, 17],
+        &(whole.len() as u16).to_be_bytes(),
+    ]
+    .concat();
+    assert_eq!(sum(&[&pseudo, &whole]), 0, "reassembled UDP checksum");
+    // A later fragment whose first fragment never came is dropped, not guessed.
+    let orphan = raw_ipv4(17, CLIENT, POD, 0x9999, false, 3, &[], &datagram[24..]);
+    assert_eq!(dp.out(&orphan).0, TC_ACT_SHOT);
+    assert_eq!(dp.stats().drop_fragment, 1);
+}
+
+#[test]
+fn sctp_keeps_ports_and_crc() {
+    let dp = Dp::new(vec![rule(9000, Protocol::Sctp, DEST, 9000)], None, |_| {});
+    // SCTP common header: ports, verification tag, CRC32c (covers no IP addresses).
+    let mut sctp = vec![0u8; 12];
+    sctp[0..2].copy_from_slice(&7000u16.to_be_bytes());
+    sctp[2..4].copy_from_slice(&9000u16.to_be_bytes());
+    sctp[8..12].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    let frame = raw_ipv4(132, CLIENT, POD, 1, false, 0, &[], &sctp);
+    let (v, out) = dp.out(&frame);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&out), daddr(&out)), (SOURCE, DEST));
+    assert_eq!(l4(&out), &sctp[..], "SCTP header and CRC untouched");
+    assert_checksums(&out, None);
+    // A second association from another client on the same port cannot be remapped.
+    let frame2 = raw_ipv4(132, CLIENT2, POD, 1, false, 0, &[], &sctp);
+    assert_eq!(dp.out(&frame2).0, TC_ACT_SHOT);
+    assert_eq!(dp.stats().drop_port_exhausted, 1);
+}
+
+#[test]
+fn malformed_and_truncated_packets_are_never_translated() {
+    let dp = Dp::standard();
+    let good = tcp(CLIENT, POD, 40000, 80, "S", b"");
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // (A frame shorter than an IPv4 header is refused by BPF_PROG_TEST_RUN itself, so the
+    // header-longer-than-the-packet case stands for it.)
+    let mut long_ihl = good.clone();
+    long_ihl[14] = 0x4f;
+    cases.push(("IHL beyond the packet", long_ihl));
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x44;
+    cases.push(("IHL below 5", bad_ihl));
+    let mut long_total = good.clone();
+    long_total[14 + 2..14 + 4].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("total length beyond the packet", long_total));
+    let mut short_total = good.clone();
+    short_total[14 + 2..14 + 4].copy_from_slice(&30u16.to_be_bytes());
+    cases.push(("TCP header beyond total length", short_total));
+    cases.push(("truncated TCP header", good[..14 + 20 + 10].to_vec()));
+    let mut v6 = good.clone();
+    v6[14] = 0x65;
+    cases.push(("IP version 6 in an IPv4 frame", v6));
+    for (what, frame) in &cases {
+        let (v, out) = match dp.try_run(PROG_ETH0_INGRESS, frame) {
+            Ok(r) => r,
+            Err(e) => panic!("{what}: {e:?}"),
+        };
+        assert!(
+            v == TC_ACT_SHOT || (v == TC_ACT_OK && out == *frame),
+            "{what}: verdict {v}, mistranslated?"
+        );
+        assert!(
+            out.len() < 14 + 20 || saddr(&out) != SOURCE,
+            "{what}: translated"
+        );
+    }
+    assert!(dp.stats().drop_malformed >= 5, "{:?}", dp.stats());
+    assert!(dp.flows().is_empty(), "no flow from malformed input");
+    // Not IPv4 at all (ARP): passed untouched, not counted as malformed.
+    let mut arp = good.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let before = dp.stats().drop_malformed;
+    assert_eq!(dp.out(&arp), (TC_ACT_OK, arp.clone()));
+    assert_eq!(dp.stats().drop_malformed, before);
+}
+
+#[test]
+fn ttl_one_is_dropped_not_forwarded() {
+    let dp = Dp::standard();
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, POD, 1)
+        .udp(5000, 53)
+        .write(&mut frame, b"x")
+        .unwrap();
+    assert_eq!(dp.out(&frame).0, TC_ACT_SHOT);
+    assert_eq!(dp.stats().drop_ttl, 1);
+}
+
+#[test]
+fn tcp_close_marks_both_directions_and_idle_flows_expire() {
+    let dp = Dp::new(
+        vec![
+            rule(80, Protocol::Tcp, DEST, 80),
+            rule(53, Protocol::Udp, DEST, 53),
+        ],
+        None,
+        |o| {
+            o.udp_timeout = 0;
+        },
+    );
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "FA", b""));
+    let flows = dp.flows();
+    assert_eq!(flows.len(), 2);
+    assert!(
+        flows.iter().all(|(_, v)| v.flags & FLOW_CLOSING != 0),
+        "FIN marks both entries closing"
+    );
+    // A new SYN on the same tuple revives it.
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    assert!(dp.flows().iter().all(|(_, v)| v.flags & FLOW_CLOSING == 0));
+
+    // UDP with a zero idle timeout: the reply finds the flow expired and is refused.
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"q"));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (v, _) = dp.back(&udp(DEST, SOURCE, 53, sport(&out), b"late"));
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(dp.stats().drop_unsolicited, 1);
+}
+
+#[test]
+fn rules_are_replaced_without_leftovers() {
+    let mut dp = Dp::standard();
+    let opts = DataplaneOptions {
+        bpffs_dir: dp.dir.clone(),
+        ..Default::default()
+    };
+    let redirect = RedirectConfig {
+        rules: vec![rule(81, Protocol::Tcp, FALLBACK, 81)],
+        fallback: None,
+    };
+    let s = DataplaneSettings::new(
+        &redirect,
+        Ipv4Addr::from(SOURCE),
+        NO_IFINDEX.0,
+        NO_IFINDEX.1,
+        &opts,
+    )
+    .unwrap();
+    dp.dp.configure(&s).unwrap();
+    let syn80 = tcp(CLIENT, POD, 40000, 80, "S", b"");
+    assert_eq!(dp.out(&syn80), (TC_ACT_OK, syn80.clone()), "old rule gone");
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 81, "S", b""));
+    assert_eq!(daddr(&out), FALLBACK);
+}
