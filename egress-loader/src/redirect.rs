@@ -38,25 +38,35 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     if cfg.mode == Mode::Init {
         return Ok(());
     }
-    wait_for_sigterm(&dp, opts)
+    wait_for_sigterm(dp)
 }
 
 fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))
 }
 
+/// How often legacy mode removes expired flows.
+const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
 /// not detach anything: live connections keep flowing.
-fn wait_for_sigterm(dp: &Dataplane, opts: &DataplaneOptions) -> Result<()> {
-    let _ = (dp, opts);
+fn wait_for_sigterm(mut dp: Dataplane) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut gc = tokio::time::interval(GC_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = gc.tick() => match dp.collect_garbage() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(entries = n, "expired flows removed"),
+                    Err(e) => tracing::warn!("flow garbage collection failed: {e:#}"),
+                },
+            }
         }
         info!("signal received, exiting; the dataplane stays attached");
         Ok(())

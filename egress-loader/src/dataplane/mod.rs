@@ -3,6 +3,7 @@
 mod attach;
 mod bpffs;
 mod fill;
+mod gc;
 pub mod status;
 
 use std::path::PathBuf;

@@ -68,7 +68,7 @@ struct StatusJson {
     flows: Vec<FlowJson>,
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     // Same clock as bpf_ktime_get_ns().
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
