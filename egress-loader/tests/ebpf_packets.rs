@@ -703,3 +703,39 @@ fn rules_are_replaced_without_leftovers() {
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 81, "S", b""));
     assert_eq!(daddr(&out), FALLBACK);
 }
+
+/// bpftool reads the pinned maps with BTF: named fields, readable values.
+#[test]
+fn bpftool_shows_named_fields_of_pinned_maps() {
+    let dp = Dp::standard();
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    let dump = |map: &str| -> serde_json::Value {
+        let path = dp.dir.join(map);
+        let out = std::process::Command::new("bpftool")
+            .args(["--json", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .expect("bpftool must be installed (cargo xtask setup installs it)");
+        assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let stats = dump("STATS");
+    let text = stats.to_string();
+    assert!(text.contains("\"eth0_rx_packets\""), "{text}");
+    assert!(text.contains("\"drop_unsolicited\""), "{text}");
+    // Exactly one CPU saw the packet.
+    let seen: u64 = stats[0]["formatted"]["values"]
+        .as_array()
+        .expect("per-CPU values")
+        .iter()
+        .map(|c| c["value"]["out_packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(seen, 1, "{text}");
+    let flows = dump("FLOWS").to_string();
+    for field in ["\"saddr\"", "\"sport\"", "\"last_seen_ns\"", "\"direction\""] {
+        assert!(flows.contains(field), "{field} in {flows}");
+    }
+    assert!(flows.contains("40000"), "ports in host order: {flows}");
+    let config = dump("CONFIG").to_string();
+    assert!(config.contains("\"egress_source\"") && config.contains("99"), "{config}");
+}
