@@ -4,6 +4,7 @@ mod attach;
 mod bpffs;
 mod fill;
 mod gc;
+pub mod probe;
 pub mod status;
 
 use std::path::PathBuf;
@@ -96,6 +97,9 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
     pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+        let features = probe::probe();
+        tracing::debug!(?features, "kernel features");
+        features.require()?;
         bpffs::ensure_dir(&opts.bpffs_dir)?;
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
             .iter()
