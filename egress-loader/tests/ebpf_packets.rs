@@ -716,7 +716,11 @@ fn bpftool_shows_named_fields_of_pinned_maps() {
             .arg(&path)
             .output()
             .expect("bpftool must be installed (cargo xtask setup installs it)");
-        assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let stats = dump("STATS");
@@ -732,10 +736,18 @@ fn bpftool_shows_named_fields_of_pinned_maps() {
         .sum();
     assert_eq!(seen, 1, "{text}");
     let flows = dump("FLOWS").to_string();
-    for field in ["\"saddr\"", "\"sport\"", "\"last_seen_ns\"", "\"direction\""] {
+    for field in [
+        "\"saddr\"",
+        "\"sport\"",
+        "\"last_seen_ns\"",
+        "\"direction\"",
+    ] {
         assert!(flows.contains(field), "{field} in {flows}");
     }
     assert!(flows.contains("40000"), "ports in host order: {flows}");
     let config = dump("CONFIG").to_string();
-    assert!(config.contains("\"egress_source\"") && config.contains("99"), "{config}");
+    assert!(
+        config.contains("\"egress_source\"") && config.contains("99"),
+        "{config}"
+    );
 }
