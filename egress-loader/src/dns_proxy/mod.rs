@@ -1,16 +1,629 @@
-//! DNS proxy mode (SPEC section 5).
-use anyhow::Result;
+//! DNS proxy mode (SPEC section 5): one TCP listener per EGRESS_DNS_PROXY_DESTINATION line, each
+//! accepted connection forwarded from EGRESS_SOURCE to the line's address or DNS name.
+//!
+//! Layout:
+//! - [`names`]: one small task per DNS name keeps its current address set in a watch channel
+//!   (re-resolved as the TTL runs out, within a floor and a ceiling); a [`names::Destination`]
+//!   spreads connections round robin over the current set and holds off addresses that failed.
+//! - [`forward`]: the bytes of one connection, splice(2) or plain copy, half-close, idle timeout.
+//! - here: options, listeners, the per-connection task, drain on shutdown.
+//!
+//! A connection is a tokio task; nothing blocks a thread. A name that does not resolve only makes
+//! its own listener reset connections (logged, rate-limited) until it resolves.
+pub mod forward;
+pub mod names;
 
-use crate::{config::Config, resolver::ResolverOptions};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-/// Settings of the DNS proxy beyond the OpenShift contract.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct DnsProxyOptions {}
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
 
-pub async fn run(
-    _cfg: &Config,
-    _opts: &DnsProxyOptions,
-    _resolver: &ResolverOptions,
+pub use forward::Engine;
+use names::{Addrs, Destination, Refresh};
+
+use crate::{
+    config::{Config, DnsTarget},
+    resolver::ResolverOptions,
+    upstream,
+};
+
+/// Settings of the DNS proxy beyond the OpenShift contract. Durations take `ms`, `s`, `m` or `h`
+/// suffixes (a bare number is seconds).
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct DnsProxyOptions {
+    /// Address the DNS proxy listeners bind to (each on its rule's local port).
+    #[arg(
+        id = "dns_proxy_listen_address",
+        long = "dns-proxy-listen-address",
+        env = "EGRESS_DNS_PROXY_LISTEN_ADDRESS",
+        value_name = "IP",
+        default_value = "0.0.0.0"
+    )]
+    pub listen_address: IpAddr,
+    /// Time allowed to connect to a destination address.
+    #[arg(
+        id = "dns_proxy_connect_timeout",
+        long = "dns-proxy-connect-timeout",
+        env = "EGRESS_DNS_PROXY_CONNECT_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub connect_timeout: Duration,
+    /// A proxied connection with no byte either way for this long is closed.
+    #[arg(
+        id = "dns_proxy_idle_timeout",
+        long = "dns-proxy-idle-timeout",
+        env = "EGRESS_DNS_PROXY_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "1m",
+        value_parser = parse_duration
+    )]
+    pub idle_timeout: Duration,
+    /// A name is re-resolved when its TTL runs out, but never sooner than this...
+    #[arg(
+        id = "dns_proxy_min_ttl",
+        long = "dns-proxy-min-ttl",
+        env = "EGRESS_DNS_PROXY_MIN_TTL",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub min_ttl: Duration,
+    /// ...and never later than this (OpenShift's HAProxy held answers for 10 s).
+    #[arg(
+        id = "dns_proxy_max_ttl",
+        long = "dns-proxy-max-ttl",
+        env = "EGRESS_DNS_PROXY_MAX_TTL",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub max_ttl: Duration,
+    /// When the DNS server does not answer (timeout, SERVFAIL), the last answer is kept this long
+    /// after it was obtained. NXDOMAIN or an empty answer count at once.
+    #[arg(
+        id = "dns_proxy_stale_hold",
+        long = "dns-proxy-stale-hold",
+        env = "EGRESS_DNS_PROXY_STALE_HOLD",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub stale_hold: Duration,
+    /// An address that failed to connect is tried last for this long, when others exist.
+    #[arg(
+        id = "dns_proxy_holdoff",
+        long = "dns-proxy-holdoff",
+        env = "EGRESS_DNS_PROXY_HOLDOFF",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub holdoff: Duration,
+    /// On SIGTERM: stop accepting, then let open connections finish for up to this long.
+    #[arg(
+        id = "dns_proxy_drain_timeout",
+        long = "dns-proxy-drain-timeout",
+        env = "EGRESS_DNS_PROXY_DRAIN_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "20s",
+        value_parser = parse_duration
+    )]
+    pub drain_timeout: Duration,
+    /// How bytes are moved: splice (zero-copy through a pipe) or copy (user-space buffer).
+    #[arg(
+        id = "dns_proxy_engine",
+        long = "dns-proxy-engine",
+        env = "EGRESS_DNS_PROXY_ENGINE",
+        value_name = "ENGINE",
+        value_enum,
+        default_value_t = Engine::default()
+    )]
+    pub engine: Engine,
+}
+
+impl Default for DnsProxyOptions {
+    fn default() -> Self {
+        DnsProxyOptions {
+            listen_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(10),
+            stale_hold: Duration::from_secs(30),
+            holdoff: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(20),
+            engine: Engine::default(),
+        }
+    }
+}
+
+/// `1500ms`, `10s`, `1m`, `2h`, or a bare number of seconds (fractions allowed).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 10s, 1m)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        u => return Err(format!("unknown unit '{u}' in '{s}' (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("'{s}': {e}"))
+}
+
+/// Runs the DNS proxy until SIGTERM (or SIGINT), then drains.
+pub async fn run(cfg: &Config, opts: &DnsProxyOptions, resolver: &ResolverOptions) -> Result<()> {
+    raise_fd_limit();
+    let proxy = DnsProxy::bind(cfg, opts, resolver).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        }
+    };
+    proxy.serve(shutdown).await
+}
+
+/// Binds every listener, then serves until `shutdown` completes, then drains.
+pub async fn serve(
+    cfg: &Config,
+    opts: &DnsProxyOptions,
+    resolver: &ResolverOptions,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    anyhow::bail!("dns-proxy mode is not implemented yet")
+    DnsProxy::bind(cfg, opts, resolver)
+        .await?
+        .serve(shutdown)
+        .await
+}
+
+/// The proxy with its listeners bound and its name watchers started, not yet accepting.
+pub struct DnsProxy {
+    listeners: Vec<(TcpListener, Arc<Destination>)>,
+    watchers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    drain_timeout: Duration,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// What every connection task needs.
+struct Shared {
+    source: IpAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    engine: Engine,
+    debug: bool,
+    /// Turns true when the drain time is over: open connections end.
+    stop: watch::Receiver<bool>,
+    active: AtomicUsize,
+}
+
+impl DnsProxy {
+    /// Binds one listener per rule on `opts.listen_address` and starts resolving names.
+    pub async fn bind(
+        cfg: &Config,
+        opts: &DnsProxyOptions,
+        resolver_opts: &ResolverOptions,
+    ) -> Result<DnsProxy> {
+        let rules = match &cfg.dns {
+            Some(rules) if !rules.is_empty() => rules,
+            _ => bail!("EGRESS_DNS_PROXY_DESTINATION has no rules"),
+        };
+        let refresh = Refresh {
+            min_ttl: opts.min_ttl,
+            max_ttl: opts.max_ttl,
+            stale_hold: opts.stale_hold,
+        };
+        let resolver = if rules.iter().any(|r| matches!(r.target, DnsTarget::Name(_))) {
+            Some(
+                crate::resolver::build_with(resolver_opts, |o| {
+                    // This proxy keeps its own answers (the watch channels) and re-asks on its own
+                    // schedule, so hickory's cache would only serve stale data.
+                    o.cache_size = 0;
+                    // Connections leave from EGRESS_SOURCE, an IPv4 address.
+                    o.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4Only;
+                })
+                .context("DNS proxy resolver")?,
+            )
+        } else {
+            None
+        };
+
+        let mut watchers = Vec::new();
+        let mut names: HashMap<String, watch::Receiver<Addrs>> = HashMap::new();
+        // Rules with the same target and remote port share one destination (rotation, hold-offs).
+        let mut dests: HashMap<(String, u16), Arc<Destination>> = HashMap::new();
+        let mut listeners = Vec::new();
+        for rule in rules {
+            let dest = dests
+                .entry((target_key(&rule.target), rule.remote_port))
+                .or_insert_with(|| {
+                    let (label, addrs) = match &rule.target {
+                        DnsTarget::Addr(ip) => {
+                            if ip.is_ipv6() {
+                                warn!(
+                                    line = rule.line,
+                                    "IPv6 destination {ip}: connections cannot leave from EGRESS_SOURCE (IPv4)"
+                                );
+                            }
+                            (
+                                SocketAddr::new(*ip, rule.remote_port).to_string(),
+                                names::fixed(*ip),
+                            )
+                        }
+                        DnsTarget::Name(name) => {
+                            let rx = names.entry(name.clone()).or_insert_with(|| {
+                                let resolver = resolver.clone().expect("resolver built for names");
+                                let (rx, task) = names::watch_name(resolver, name.clone(), refresh);
+                                watchers.push(task);
+                                rx
+                            });
+                            (format!("{name}:{}", rule.remote_port), rx.clone())
+                        }
+                    };
+                    Arc::new(Destination::new(label, rule.remote_port, addrs, opts.holdoff))
+                })
+                .clone();
+            let addr = SocketAddr::new(opts.listen_address, rule.local_port);
+            let listener = listen(addr).with_context(|| {
+                format!(
+                    "listening on {addr} (EGRESS_DNS_PROXY_DESTINATION line {})",
+                    rule.line
+                )
+            })?;
+            info!(listen = %addr, to = %dest.label, line = rule.line, "DNS proxy rule");
+            listeners.push((listener, dest));
+        }
+        let (stop_tx, stop) = watch::channel(false);
+        Ok(DnsProxy {
+            listeners,
+            watchers,
+            shared: Arc::new(Shared {
+                source: IpAddr::V4(cfg.source.addr),
+                connect_timeout: opts.connect_timeout,
+                idle_timeout: opts.idle_timeout,
+                engine: opts.engine,
+                debug: cfg.dns_debug,
+                stop,
+                active: AtomicUsize::new(0),
+            }),
+            drain_timeout: opts.drain_timeout,
+            stop_tx,
+        })
+    }
+
+    /// The bound listener addresses, in rule order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts and forwards until `shutdown` completes; then closes the listeners and lets open
+    /// connections finish for up to the drain timeout before cutting them.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let (accept_stop_tx, accept_stop) = watch::channel(false);
+        // Every connection task holds a clone; recv() returns None once they are all gone.
+        let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+        let accepters: Vec<JoinHandle<()>> = self
+            .listeners
+            .into_iter()
+            .map(|(listener, dest)| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    dest,
+                    self.shared.clone(),
+                    accept_stop.clone(),
+                    drain_tx.clone(),
+                ))
+            })
+            .collect();
+        drop(drain_tx);
+
+        shutdown.await;
+        let _ = accept_stop_tx.send(true);
+        for a in accepters {
+            let _ = a.await;
+        }
+        let open = self.shared.active.load(Ordering::Relaxed);
+        info!(
+            open,
+            drain = ?self.drain_timeout,
+            "DNS proxy stopped accepting; draining open connections"
+        );
+        if tokio::time::timeout(self.drain_timeout, drain_rx.recv())
+            .await
+            .is_err()
+        {
+            let left = self.shared.active.load(Ordering::Relaxed);
+            warn!(left, "drain time over; closing the remaining connections");
+            let _ = self.stop_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), drain_rx.recv()).await;
+        }
+        for w in self.watchers {
+            w.abort();
+        }
+        info!("DNS proxy stopped");
+        Ok(())
+    }
+}
+
+fn target_key(t: &DnsTarget) -> String {
+    match t {
+        DnsTarget::Addr(ip) => ip.to_string(),
+        DnsTarget::Name(n) => n.clone(),
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Raises the soft open-file limit to the hard one: every proxied connection holds two sockets
+/// and, with splice, two pipes.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Logs at most once per interval, counting what it swallowed.
+struct RateLimit {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    fn new(every: Duration) -> Self {
+        RateLimit {
+            every,
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(number suppressed since the last log) when it is time to log.
+    fn check(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap();
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    dest: Arc<Destination>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    drain: mpsc::Sender<()>,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let limits = Arc::new(Limits {
+        rejected: RateLimit::new(Duration::from_secs(10)),
+        failed: RateLimit::new(Duration::from_secs(10)),
+        accept: RateLimit::new(Duration::from_secs(10)),
+    });
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = listener.accept() => match r {
+                Ok((client, peer)) => {
+                    let (dest, shared, limits, guard) =
+                        (dest.clone(), shared.clone(), limits.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        shared.active.fetch_add(1, Ordering::Relaxed);
+                        handle(client, peer, port, &dest, &shared, &limits).await;
+                        shared.active.fetch_sub(1, Ordering::Relaxed);
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors or memory, a connection reset before accept: go on, after
+                    // a breather so an fd shortage does not spin.
+                    if let Some(n) = limits.accept.check() {
+                        warn!(port, error = %e, suppressed = n, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+struct Limits {
+    rejected: RateLimit,
+    failed: RateLimit,
+    accept: RateLimit,
+}
+
+/// At most this many addresses are tried for one connection.
+const MAX_ATTEMPTS: usize = 3;
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    dest: &Destination,
+    shared: &Shared,
+    limits: &Limits,
+) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let log_end = |upstream: Option<SocketAddr>, sent: u64, received: u64, end: &str| {
+        if shared.debug {
+            let upstream = upstream.map_or_else(|| "-".to_string(), |a| a.to_string());
+            info!(
+                "conn client={peer} port={port} dest={} upstream={upstream} sent={sent} received={received} duration={:.3}s end={end}",
+                dest.label,
+                started.elapsed().as_secs_f64(),
+            );
+        }
+    };
+
+    let candidates = match dest.candidates(shared.connect_timeout).await {
+        Ok(c) => c,
+        Err(why) => {
+            if let Some(n) = limits.rejected.check() {
+                warn!(
+                    port,
+                    dest = %dest.label,
+                    suppressed = n,
+                    "connection refused: {why}"
+                );
+            }
+            reset(&client);
+            log_end(None, 0, 0, &format!("refused: {why}"));
+            return;
+        }
+    };
+
+    let mut last_err = None;
+    let mut upstream = None;
+    for addr in candidates.into_iter().take(MAX_ATTEMPTS) {
+        match upstream::connect(Some(shared.source), addr, shared.connect_timeout).await {
+            Ok(s) => {
+                dest.release(addr.ip());
+                upstream = Some((s, addr));
+                break;
+            }
+            Err(e) => {
+                debug!(dest = %dest.label, %addr, error = %e, "connect failed");
+                dest.hold_off(addr.ip());
+                last_err = Some((addr, e));
+            }
+        }
+    }
+    let Some((upstream, addr)) = upstream else {
+        let (addr, e) = last_err.expect("at least one candidate");
+        if let Some(n) = limits.failed.check() {
+            warn!(port, dest = %dest.label, %addr, error = %e, suppressed = n, "cannot connect to the destination");
+        }
+        reset(&client);
+        log_end(Some(addr), 0, 0, &format!("connect failed: {e}"));
+        return;
+    };
+
+    let t = forward::forward(
+        &client,
+        &upstream,
+        shared.engine,
+        shared.idle_timeout,
+        shared.stop.clone(),
+    )
+    .await;
+    // Pass a reset on: the other side sees one too, instead of a clean close.
+    if let forward::End::Error(side, e) = &t.end
+        && e.kind() == std::io::ErrorKind::ConnectionReset
+    {
+        match side {
+            forward::Side::Client => reset(&upstream),
+            forward::Side::Upstream => reset(&client),
+        }
+    }
+    log_end(Some(addr), t.sent, t.received, &t.end.to_string());
+}
+
+/// Returns once `stop` is true (or its sender is gone). The `Ref` that `wait_for` returns is not
+/// `Send`, so it must not live in a `select!` of a spawned task.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Makes the coming close an RST.
+fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: DnsProxyOptions,
+    }
+
+    #[test]
+    fn default_matches_clap_defaults() {
+        let parsed = Cli::try_parse_from(["x"]).unwrap().o;
+        assert_eq!(parsed, DnsProxyOptions::default());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn options_from_flags() {
+        let o = Cli::try_parse_from([
+            "x",
+            "--dns-proxy-listen-address",
+            "127.0.0.1",
+            "--dns-proxy-idle-timeout",
+            "90s",
+            "--dns-proxy-engine",
+            "copy",
+        ])
+        .unwrap()
+        .o;
+        assert_eq!(o.listen_address, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(o.idle_timeout, Duration::from_secs(90));
+        assert_eq!(o.engine, Engine::Copy);
+    }
 }
