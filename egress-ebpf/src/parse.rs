@@ -34,8 +34,8 @@ pub struct Parsed {
 
 #[inline(always)]
 pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
-    let ethertype: u16 = skb.load(12).map_err(|_| Error::NotOurs)?;
-    if u16::from_be(ethertype) != ETH_P_IP {
+    let ethertype: [u8; 2] = skb.load(12).map_err(|_| Error::NotOurs)?;
+    if u16::from_be_bytes(ethertype) != ETH_P_IP {
         return Err(Error::NotOurs);
     }
     let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ETH_HLEN)?;
@@ -82,25 +82,27 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
     if l4 + need > ETH_HLEN + ip.total_len {
         return Err(Error::Malformed);
     }
-    if ip.proto == PROTO_ICMP {
-        let icmp_type: u8 = skb.load(l4)?;
-        p.icmp_type = icmp_type;
-        if is_icmp_error(icmp_type) {
+    if ip.proto == PROTO_TCP {
+        let h: [u8; 14] = skb.load(l4)?;
+        p.key.sport = u16::from_be_bytes([h[0], h[1]]);
+        p.key.dport = u16::from_be_bytes([h[2], h[3]]);
+        p.tcp_flags = h[13];
+    } else if ip.proto == PROTO_ICMP {
+        let h: [u8; 8] = skb.load(l4)?;
+        p.icmp_type = h[0];
+        if is_icmp_error(h[0]) {
             p.kind = Kind::IcmpError;
             return Ok(p);
         }
-        let id = u16::from_be(skb.load(l4 + 4)?);
-        match icmp_echo_ports(icmp_type, id) {
+        match icmp_echo_ports(h[0], u16::from_be_bytes([h[4], h[5]])) {
             Some((s, d)) => (p.key.sport, p.key.dport) = (s, d),
             None => p.kind = Kind::OtherIcmp,
         }
     } else if need != 0 {
-        let ports: [u16; 2] = skb.load(l4)?;
-        p.key.sport = u16::from_be(ports[0]);
-        p.key.dport = u16::from_be(ports[1]);
-        if ip.proto == PROTO_TCP {
-            p.tcp_flags = skb.load(l4 + 13)?;
-        }
+        // UDP and SCTP: the ports lead the header.
+        let h: [u8; 4] = skb.load(l4)?;
+        p.key.sport = u16::from_be_bytes([h[0], h[1]]);
+        p.key.dport = u16::from_be_bytes([h[2], h[3]]);
     }
     if ip.more_frags {
         let v = FragValue {

@@ -78,8 +78,8 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
     let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ip)?;
     let info = Ipv4Info::parse_quoted(&hdr).map_err(|_| Error::Malformed)?;
     let l4 = ip + info.hlen;
-    let saddr: u32 = skb.load(ip + IP_SADDR_OFF)?;
-    let daddr: u32 = skb.load(ip + IP_DADDR_OFF)?;
+    let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
     let mut q = Quoted {
         ip,
         l4,
@@ -94,18 +94,16 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
     if info.frag_off != 0 {
         return Err(Error::NotOurs);
     }
-    match info.proto {
-        PROTO_ICMP => {
-            q.icmp_type = skb.load(l4)?;
-            let id = u16::from_be(skb.load(l4 + 4)?);
-            (q.sport, q.dport) = icmp_echo_ports(q.icmp_type, id).ok_or(Error::NotOurs)?;
-        }
-        _ => {
-            // Every error quotes at least 8 bytes of L4: the ports of TCP, UDP and SCTP.
-            let ports: [u16; 2] = skb.load(l4)?;
-            q.sport = u16::from_be(ports[0]);
-            q.dport = u16::from_be(ports[1]);
-        }
+    // Every error quotes at least 8 bytes of L4: the ports of TCP, UDP and SCTP, or the ICMP
+    // header with the echo identifier.
+    let h: [u8; 8] = skb.load(l4)?;
+    if info.proto == PROTO_ICMP {
+        q.icmp_type = h[0];
+        (q.sport, q.dport) =
+            icmp_echo_ports(h[0], u16::from_be_bytes([h[4], h[5]])).ok_or(Error::NotOurs)?;
+    } else {
+        q.sport = u16::from_be_bytes([h[0], h[1]]);
+        q.dport = u16::from_be_bytes([h[2], h[3]]);
     }
     // The quoted packet went (s -> d); its flow's entry on this side is keyed by (d -> s).
     q.reply_key = FlowKey {

@@ -1,6 +1,7 @@
-//! The one packet accessor: every read and write goes through the kernel helpers, which check
-//! bounds and keep the checksum state of the skb right (also for partially checksummed packets
-//! from pods on the same node).
+//! The one packet accessor. Reads are direct, bounds-checked against data_end (the headers are
+//! made linear once up front); every write goes through the kernel helpers, which keep the
+//! checksum state of the skb right (also for partially checksummed packets from pods on the
+//! same node). Each read takes fresh data pointers, so writes in between cannot stale them.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -8,13 +9,23 @@ use aya_ebpf::{
 
 use crate::error::Error;
 
+/// Headers we read lie within the first bytes: Ethernet, IPv4 with options, an ICMP header and
+/// a quoted IPv4 header with options and 8 bytes of L4.
+const LINEAR: usize = 14 + 60 + 8 + 60 + 8;
+
 pub struct Skb<'a> {
     pub ctx: &'a TcContext,
 }
 
 impl<'a> Skb<'a> {
+    /// Wraps `ctx`, pulling up to `LINEAR` bytes into the linear area if they are not there.
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
+        let want = (ctx.len() as usize).min(LINEAR);
+        if ctx.data_end() - ctx.data() < want {
+            // On failure reads past the linear part fail as Malformed: nothing is mistranslated.
+            let _ = ctx.pull_data(want as u32);
+        }
         Skb { ctx }
     }
 
@@ -24,8 +35,17 @@ impl<'a> Skb<'a> {
     }
 
     #[inline(always)]
-    pub fn load<T>(&self, off: usize) -> Result<T, Error> {
-        self.ctx.load(off).map_err(|_| Error::Malformed)
+    pub fn load<T: Copy>(&self, off: usize) -> Result<T, Error> {
+        // The check must be on the very pointer that is read, for the verifier to see it. For
+        // one-byte reads LLVM turns `p + 1 > end` into `p >= end`, which the verifier does not
+        // credit with a range; checking two bytes keeps the `p + n > end` form. Every one-byte
+        // field we read has more header after it, so this rejects nothing valid.
+        let p = self.ctx.data() + off;
+        if p + core::mem::size_of::<T>().max(2) > self.ctx.data_end() {
+            return Err(Error::Malformed);
+        }
+        // SAFETY: bounds checked just above against the current data_end.
+        Ok(unsafe { (p as *const T).read_unaligned() })
     }
 
     #[inline(always)]
