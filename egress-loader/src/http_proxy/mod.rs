@@ -1,16 +1,275 @@
-//! HTTP proxy mode (SPEC section 4).
-use anyhow::Result;
+//! HTTP proxy mode (SPEC section 4): a forward proxy for absolute-form HTTP/1.1 requests and
+//! CONNECT tunnels, allowing destinations by EGRESS_HTTP_PROXY_DESTINATION.
+//!
+//! - [`rules`]: the allow/deny decision (pure; its module documentation defines the semantics).
+//! - [`target`]: the destination of a request target (pure).
+//! - [`headers`]: hop-by-hop removal and Via.
+//! - `proxy`: per connection and per request: check, resolve once, connect from EGRESS_SOURCE,
+//!   forward (streaming) or tunnel.
+//!
+//! Status codes the proxy produces itself: 400 malformed request or a target that is not
+//! absolute-form (hyper answers unparsable requests with 400 and oversized headers with 431),
+//! 403 denied by the rules (the body names the rule), 501 `https://` URIs without CONNECT,
+//! 502 DNS failure, refused or broken upstream connection, 504 DNS, connect or response timeout.
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use crate::{config::Config, resolver::ResolverOptions};
+use anyhow::{Context as _, Result};
+use hickory_resolver::config::LookupIpStrategy;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    resolver::{self, ResolverOptions},
+};
+
+mod body;
+pub mod headers;
+mod proxy;
+pub mod rules;
+pub mod target;
+mod tunnel;
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
 /// Settings of the HTTP proxy beyond the OpenShift contract.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct HttpProxyOptions {}
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct HttpProxyOptions {
+    /// Address and port the HTTP proxy listens on.
+    #[arg(long = "http-listen", env = "EGRESS_HTTP_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Time allowed for resolving a destination and, separately, for connecting to it
+    /// (e.g. 10s, 500ms, 2m). 504 when exceeded.
+    #[arg(long = "http-connect-timeout", env = "EGRESS_HTTP_CONNECT_TIMEOUT",
+          default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time a client has to send a request's headers; also how long an idle kept-alive client
+    /// connection stays open.
+    #[arg(long = "http-header-timeout", env = "EGRESS_HTTP_HEADER_TIMEOUT",
+          default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A CONNECT tunnel with no traffic either way for this long is closed; an upstream that
+    /// sends no response headers for this long gets a 504.
+    #[arg(long = "http-idle-timeout", env = "EGRESS_HTTP_IDLE_TIMEOUT",
+          default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections (tunnels included) served at once; more wait in the listen
+    /// backlog until one ends.
+    #[arg(long = "http-max-connections", env = "EGRESS_HTTP_MAX_CONNECTIONS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Largest request header section accepted, in bytes; 431 beyond.
+    #[arg(long = "http-max-header-bytes", env = "EGRESS_HTTP_MAX_HEADER_BYTES",
+          default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_bytes: u32,
+    /// On SIGTERM: stop accepting, then give running requests and tunnels this long to finish.
+    #[arg(long = "http-shutdown-grace", env = "EGRESS_HTTP_SHUTDOWN_GRACE",
+          default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
 
-pub async fn run(
-    _cfg: &Config,
-    _opts: &HttpProxyOptions,
-    _resolver: &ResolverOptions,
+impl Default for HttpProxyOptions {
+    fn default() -> Self {
+        HttpProxyOptions {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_header_bytes: 65_536,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 10s, 500ms, 2m)"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" | "min" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        u => Err(format!("'{s}': unknown unit '{u}' (use ms, s, m or h)")),
+    }
+}
+
+/// http-proxy mode: listens on `opts.listen` until SIGTERM (or SIGINT), then shuts down
+/// gracefully.
+pub async fn run(cfg: &Config, opts: &HttpProxyOptions, resolver: &ResolverOptions) -> Result<()> {
+    raise_fd_limit();
+    let listener = listen(opts.listen)
+        .with_context(|| format!("listening on {} for the HTTP proxy", opts.listen))?;
+    tracing::info!(listen = %opts.listen, "HTTP proxy listening");
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: HTTP proxy shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: HTTP proxy shutting down"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the proxy");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    serve(listener, cfg, opts, resolver, shutdown).await
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Lifts the soft open-files limit to the hard one: each proxied connection needs two.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves; then stops accepting, lets running
+/// requests and tunnels finish for `opts.shutdown_grace`, drops what is left and returns.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: &Config,
+    opts: &HttpProxyOptions,
+    resolver: &ResolverOptions,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    anyhow::bail!("http-proxy mode is not implemented yet")
+    let resolver = resolver::build_with(resolver, |o| {
+        o.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    })?;
+    let rules = rules::RuleSet::new(cfg.http.as_deref().unwrap_or_default());
+    let mut server = http1::Builder::new();
+    server
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout)
+        .max_header_size(opts.max_header_bytes as usize)
+        .keep_alive(true);
+    if opts.max_header_bytes as usize > 400 * 1024 {
+        server.max_buf_size(opts.max_header_bytes as usize + 8192);
+    }
+    let shared = Arc::new(proxy::Shared {
+        rules,
+        resolver,
+        source: Some(cfg.source.addr.into()),
+        connect_timeout: opts.connect_timeout,
+        idle_timeout: opts.idle_timeout,
+        debug: cfg.debug,
+        server,
+        client: hyper::client::conn::http1::Builder::new(),
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let limit = Arc::new(Semaphore::new(opts.max_connections as usize));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // Out of descriptors or memory, or an aborted handshake: back off a little.
+                    tracing::warn!(error = %e, "HTTP proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        shared.tasks.spawn(proxy::serve_connection(
+            shared.clone(),
+            stream,
+            peer,
+            permit,
+        ));
+    }
+
+    drop(listener);
+    shared.draining.cancel();
+    shared.tasks.close();
+    let running = shared.tasks.len();
+    if running > 0 {
+        tracing::info!(
+            connections = running,
+            grace = ?opts.shutdown_grace,
+            "HTTP proxy stopped accepting; letting running requests finish"
+        );
+    }
+    if tokio::time::timeout(opts.shutdown_grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = shared.tasks.len(),
+            "HTTP proxy grace period over; closing what is still running"
+        );
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
+    }
+    shared.abort.cancel();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        http: HttpProxyOptions,
+    }
+
+    #[test]
+    fn default_matches_clap_defaults() {
+        let parsed = Cli::try_parse_from(["x"]).unwrap().http;
+        assert_eq!(parsed, HttpProxyOptions::default());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+    }
 }
