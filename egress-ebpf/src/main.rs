@@ -5,6 +5,8 @@
 //!   reply to a flow a client opened is ever translated into the cluster.
 #![no_std]
 #![no_main]
+// Map calls take keys and values by reference on purpose: copies cost BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod error;
 mod flows;

@@ -98,10 +98,10 @@ fn llvm_prefix(major: u32) -> Result<PathBuf> {
 }
 
 fn bpf_linker() -> Result<String> {
-    if let Ok(v) = output(Command::new("bpf-linker").arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(format!("already installed ({})", v.trim()));
-        }
+    if let Ok(v) = output(Command::new("bpf-linker").arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(format!("already installed ({})", v.trim()));
     }
     let major = nightly_llvm_major()?;
     let prefix = llvm_prefix(major)?;
