@@ -59,6 +59,17 @@ pub fn add_via(headers: &mut HeaderMap, received: Version) {
     headers.append(VIA, value);
 }
 
+/// Whether the request already passed through an egress-router (a Via element received by
+/// `egress-router`): forwarding it again would be a loop.
+pub fn passed_through_us(headers: &HeaderMap) -> bool {
+    headers.get_all(VIA).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|element| element.split_whitespace().nth(1) == Some("egress-router"))
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +108,22 @@ mod tests {
         add_via(&mut h, Version::HTTP_10);
         let v: Vec<_> = h.get_all(VIA).iter().map(|v| v.to_str().unwrap()).collect();
         assert_eq!(v, ["1.1 other", "1.0 egress-router"]);
+        assert!(passed_through_us(&h));
+    }
+
+    #[test]
+    fn loop_detection_reads_received_by_only() {
+        let mut h = HeaderMap::new();
+        assert!(!passed_through_us(&h));
+        h.insert(
+            VIA,
+            HeaderValue::from_static("1.1 a (egress-router), HTTP/1.1 b"),
+        );
+        assert!(!passed_through_us(&h));
+        h.append(
+            VIA,
+            HeaderValue::from_static("1.0 x, 1.1 egress-router (y)"),
+        );
+        assert!(passed_through_us(&h));
     }
 }

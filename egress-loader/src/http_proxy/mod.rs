@@ -10,7 +10,8 @@
 //! Status codes the proxy produces itself: 400 malformed request or a target that is not
 //! absolute-form (hyper answers unparsable requests with 400 and oversized headers with 431),
 //! 403 denied by the rules (the body names the rule), 501 `https://` URIs without CONNECT,
-//! 502 DNS failure, refused or broken upstream connection, 504 DNS, connect or response timeout.
+//! 502 DNS failure, refused or broken upstream connection, 504 DNS, connect or response timeout,
+//! 508 a request that already passed through an egress-router (its Via), i.e. a forwarding loop.
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};

@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     body::{ReqBody, RequestLog, ResBody},
-    headers::{add_via, strip_hop_by_hop},
+    headers::{add_via, passed_through_us, strip_hop_by_hop},
     rules::{NameCheck, Rule, RuleSet, Verdict},
     target::{Host, Target, TargetError, connect_target, http_target},
     tunnel,
@@ -88,6 +88,9 @@ pub(super) async fn serve_connection(
         tracing::info!(client = %client, error = %e, "http-proxy connection ended");
     }
 }
+
+/// How long a kept upstream connection may take to become ready for the next request.
+const REUSE_WAIT: Duration = Duration::from_millis(500);
 
 /// A reusable connection to an upstream server, kept per client connection.
 struct Upstream {
@@ -210,6 +213,13 @@ impl Conn {
         start: Instant,
         decided_by: &mut Option<&'s Rule>,
     ) -> Result<Response<ResBody>, Reject> {
+        if passed_through_us(&parts.headers) {
+            // A request for the proxy's own address comes back here carrying our Via.
+            return Err(Reject::new(
+                StatusCode::LOOP_DETECTED,
+                "forwarding loop: the request already passed through egress-router (Via)",
+            ));
+        }
         let target = http_target(uri)?;
         let admitted = self.admit(&target, decided_by).await?;
 
@@ -263,7 +273,12 @@ impl Conn {
         if let Some(mut up) = cached
             && let Some(&(_, rule)) = admitted.iter().find(|(ip, _)| *ip == up.addr.ip())
             && up.addr.port() == port
-            && up.sender.is_ready()
+            // Idle by now unless it is closing: the previous response was sent in full before
+            // hyper read this request. The bound only guards against surprises.
+            && matches!(
+                tokio::time::timeout(REUSE_WAIT, up.sender.ready()).await,
+                Ok(Ok(()))
+            )
         {
             match self.await_response(&mut up, req).await {
                 Ok(res) => {
