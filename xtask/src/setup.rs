@@ -26,6 +26,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",      // DNS proxy baseline
     "openssl",      // TLS server behind CONNECT tests
     "curl",
+    "ethtool", // checksum offload switches in the partial-checksum test
 ];
 
 pub fn run() -> Result<()> {

@@ -31,7 +31,8 @@ pub struct DataplaneOptions {
     #[arg(
         long,
         env = "EGRESS_BPFFS_DIR",
-        default_value = "/sys/fs/bpf/egress-router"
+        default_value = "/sys/fs/bpf/egress-router",
+        global = true
     )]
     pub bpffs_dir: PathBuf,
     /// The pod's cluster interface (client traffic arrives here).

@@ -1,0 +1,518 @@
+//! Redirect mode end to end: the reference topology in network namespaces, egress-router run as
+//! a process in the router namespace (init or legacy mode), real sockets on both sides. A
+//! destination server must only ever see EGRESS_SOURCE.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use egress_tests::{
+    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, ping, tcp_roundtrip, udp_roundtrip,
+};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(5);
+
+/// The egress-router binary: EGRESS_ROUTER_BIN, else next to this test's target directory
+/// (`cargo xtask test` builds it before the tests).
+fn router_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EGRESS_ROUTER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("egress-router");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p egress-loader; cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A topology with egress-router's pinned state in its own bpffs directory.
+struct Lab {
+    topo: Topology,
+    bpffs: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let topo = Topology::new().expect("building the namespace topology");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/{}bpf", topo.prefix()));
+        Lab { topo, bpffs }
+    }
+
+    fn command(&self, destination: &str, mode: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(router_bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("EGRESS_SOURCE", format!("{EGRESS_SOURCE}/24"))
+            .env("EGRESS_GATEWAY", "192.168.12.1")
+            .env("EGRESS_DESTINATION", destination)
+            .env("EGRESS_ROUTER_MODE", mode)
+            .env("EGRESS_BPFFS_DIR", &self.bpffs)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    }
+
+    /// Runs `egress-router` in init mode and asserts it set everything up and exited 0.
+    fn init(&self, destination: &str, args: &[&str]) -> Output {
+        let p = self
+            .topo
+            .router
+            .spawn(self.command(destination, "init", args))
+            .unwrap();
+        let out = p.output(Duration::from_secs(30)).unwrap();
+        assert!(
+            out.status.success(),
+            "egress-router init failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn legacy(&self, destination: &str) -> Proc {
+        self.topo
+            .router
+            .spawn(self.command(destination, "legacy", &[]))
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["status", "--json", "--bpffs-dir"])
+            .arg(&self.bpffs)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = self.topo.router.spawn(cmd).unwrap().output(T).unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.status()["counters"][name].as_u64().unwrap()
+    }
+
+    fn client_tcp(&self, port: u16) -> std::io::Result<TcpStream> {
+        self.topo
+            .client
+            .run(|| TcpStream::connect_timeout(&sock(POD_IP, port), T))
+    }
+
+    fn dest_tcp_echo(&self, port: u16) -> EchoServer {
+        self.topo.dest.tcp_echo(sock(DEST_IP, port)).unwrap()
+    }
+}
+
+fn assert_all_from_egress_source(server: &EchoServer, n: usize) {
+    let peers = server.wait_for_peers(n, T).unwrap();
+    assert!(
+        peers.iter().all(|p| p.ip() == EGRESS_SOURCE),
+        "server saw {peers:?}"
+    );
+}
+
+#[test]
+fn tcp_rules_with_remote_ports_reach_the_server_from_egress_source() {
+    let lab = Lab::new();
+    let web = lab.dest_tcp_echo(80);
+    lab.init("80 tcp 203.0.113.25\n8080 tcp 203.0.113.25 80", &[]);
+    for port in [80, 8080] {
+        let c = lab.client_tcp(port).expect("connect through the router");
+        assert_eq!(
+            c.peer_addr().unwrap(),
+            sock(POD_IP, port),
+            "the client talks to the pod IP"
+        );
+        assert_eq!(
+            tcp_roundtrip(c, b"hello through eBPF", T).unwrap(),
+            b"hello through eBPF"
+        );
+    }
+    assert_all_from_egress_source(&web, 2);
+    assert!(lab.counter("out_packets") > 0 && lab.counter("in_packets") > 0);
+    assert_eq!(lab.counter("new_flows"), 2);
+}
+
+#[test]
+fn udp_rule_and_fallback() {
+    let lab = Lab::new();
+    let dns = lab.topo.dest.udp_echo(sock(DEST_IP, 5353)).unwrap();
+    let other = lab.topo.dest.udp_echo(sock(DEST_IP, 7000)).unwrap();
+    lab.init("53 udp 203.0.113.25 5353\n203.0.113.25", &[]);
+    let s = lab
+        .topo
+        .client
+        .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+        .unwrap();
+    assert_eq!(
+        udp_roundtrip(&s, sock(POD_IP, 53), b"query", T).unwrap(),
+        b"query"
+    );
+    assert_eq!(
+        udp_roundtrip(&s, sock(POD_IP, 7000), b"fallback", T).unwrap(),
+        b"fallback"
+    );
+    assert_all_from_egress_source(&dns, 1);
+    assert_all_from_egress_source(&other, 1);
+}
+
+#[test]
+fn icmp_echo_follows_the_fallback() {
+    let lab = Lab::new();
+    lab.init("203.0.113.25", &[]);
+    lab.topo
+        .client
+        .run(|| ping(POD_IP, T))
+        .expect("ping through the router");
+    let flows = lab.status()["flows"].clone();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["proto"] == "icmp"
+                && f["translated_to"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("203.0.113.25")),
+        "an ICMP flow to the destination: {flows}"
+    );
+}
+
+#[test]
+fn unmatched_ports_are_refused_by_the_router() {
+    let lab = Lab::new();
+    let _web = lab.dest_tcp_echo(80);
+    lab.init("80 tcp 203.0.113.25", &[]);
+    let err = lab.client_tcp(81).expect_err("port 81 has no rule");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(lab.counter("no_rule") > 0);
+}
+
+#[test]
+fn two_clients_with_the_same_source_port() {
+    let lab = Lab::new();
+    let web = lab.dest_tcp_echo(80);
+    // A second pod address on the cluster network: both clients come in on eth0.
+    let client2 = Ipv4Addr::new(10, 128, 0, 11);
+    lab.topo
+        .client
+        .add_addr(egress_tests::CLIENT_IF, "10.128.0.11/24".parse().unwrap())
+        .unwrap();
+    lab.init("80 tcp 203.0.113.25", &[]);
+    let connect_from = |ns: &egress_tests::Netns, ip: Ipv4Addr| {
+        ns.run(|| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&sock(ip, 40000).into()).unwrap();
+            s.connect_timeout(&sock(POD_IP, 80).into(), T)
+                .expect("connect");
+            TcpStream::from(s)
+        })
+    };
+    let a = connect_from(&lab.topo.client, egress_tests::CLIENT_IP);
+    let b = connect_from(&lab.topo.client, client2);
+    assert_eq!(tcp_roundtrip(a, b"from a", T).unwrap(), b"from a");
+    assert_eq!(tcp_roundtrip(b, b"from b", T).unwrap(), b"from b");
+    let peers = web.wait_for_peers(2, T).unwrap();
+    assert!(peers.iter().all(|p| p.ip() == EGRESS_SOURCE));
+    assert_ne!(
+        peers[0].port(),
+        peers[1].port(),
+        "distinct source ports: {peers:?}"
+    );
+    assert!(
+        peers.iter().any(|p| p.port() == 40000),
+        "the first keeps its port: {peers:?}"
+    );
+}
+
+#[test]
+fn unsolicited_inbound_traffic_never_reaches_the_cluster() {
+    let lab = Lab::new();
+    let _web = lab.dest_tcp_echo(80);
+    lab.init("80 tcp 203.0.113.25\n203.0.113.25", &[]);
+    // A client listening on the port the outside side would have to guess.
+    let listener = lab
+        .topo
+        .client
+        .tcp_listen(sock(Ipv4Addr::UNSPECIFIED, 40000))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let attempt = lab
+        .topo
+        .lan
+        .run(|| TcpStream::connect_timeout(&sock(EGRESS_SOURCE, 40000), Duration::from_secs(2)));
+    assert!(attempt.is_err(), "an unsolicited SYN must not be answered");
+    let u = lab
+        .topo
+        .lan
+        .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+        .unwrap();
+    u.send_to(b"knock", sock(EGRESS_SOURCE, 40000)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(listener.accept().is_err(), "nothing reached the client");
+    assert!(lab.counter("drop_unsolicited") >= 2, "{}", lab.status());
+    // Pings to EGRESS_SOURCE are answered by the router itself.
+    lab.topo
+        .lan
+        .run(|| ping(EGRESS_SOURCE, T))
+        .expect("the router answers pings to EGRESS_SOURCE");
+}
+
+fn set_mtu(ns: &egress_tests::Netns, iface: &'static str, mtu: u32) {
+    ns.netlink(|h| async move {
+        let idx = egress_tests::netlink::link_index(&h, iface).await?;
+        h.link()
+            .set(rtnetlink::LinkUnspec::new_with_index(idx).mtu(mtu).build())
+            .execute()
+            .await?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// A TCP sink in the destination namespace: reads to EOF, answers with the byte count.
+fn sink(lab: &Lab, port: u16) -> std::thread::JoinHandle<()> {
+    let l = lab.topo.dest.tcp_listen(sock(DEST_IP, port)).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = l.accept() {
+            let mut n = 0u64;
+            let mut buf = [0u8; 65536];
+            while let Ok(k) = c.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            let _ = c.write_all(n.to_string().as_bytes());
+        }
+    })
+}
+
+fn send_all(mut c: TcpStream, len: usize) -> String {
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(&vec![0x5a; len]).expect("bulk send");
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).expect("count from the sink");
+    reply
+}
+
+#[test]
+fn path_mtu_discovery_works_through_the_translation() {
+    let lab = Lab::new();
+    // The link into the destination network takes only 1400 bytes: lan answers bigger DF packets
+    // with "fragmentation needed" to EGRESS_SOURCE, which must reach the client translated.
+    set_mtu(&lab.topo.lan, egress_tests::LAN_DEST_IF, 1400);
+    let srv = sink(&lab, 9000);
+    lab.init("9000 tcp 203.0.113.25", &[]);
+    let c = lab.client_tcp(9000).unwrap();
+    assert_eq!(send_all(c, 300_000), "300000");
+    srv.join().unwrap();
+    let status = lab.status();
+    assert!(
+        status["counters"]["in_packets"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+}
+
+#[test]
+fn fragmented_udp_datagrams_cross_both_ways() {
+    let lab = Lab::new();
+    let _echo = lab.topo.dest.udp_echo(sock(DEST_IP, 7000)).unwrap();
+    lab.init("7000 udp 203.0.113.25", &[]);
+    let s = lab
+        .topo
+        .client
+        .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+        .unwrap();
+    let big: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+    assert_eq!(udp_roundtrip(&s, sock(POD_IP, 7000), &big, T).unwrap(), big);
+    assert_eq!(lab.counter("drop_fragment"), 0);
+}
+
+/// Client pods on the same node send partially checksummed packets (the checksum is finished
+/// by whoever transmits). Here macvlan0 computes it in software and the destination verifies
+/// it, so a checksum the translation broke would lose the packets.
+#[test]
+fn partially_checksummed_packets_stay_correct() {
+    let lab = Lab::new();
+    let web = lab.dest_tcp_echo(80);
+    let dns = lab.topo.dest.udp_echo(sock(DEST_IP, 53)).unwrap();
+    lab.init("80 tcp 203.0.113.25\n53 udp 203.0.113.25", &[]);
+    ethtool(&lab.topo.router, &["-K", "macvlan0", "tx", "off"]);
+    ethtool(&lab.topo.dest, &["-K", "d1", "rx", "off"]);
+    for full in [false, true] {
+        // First as the client's kernel sends them (partial), then fully checksummed.
+        if full {
+            ethtool(&lab.topo.client, &["-K", "c0", "tx", "off"]);
+        }
+        let c = lab.client_tcp(80).unwrap();
+        assert_eq!(tcp_roundtrip(c, &[1u8; 3000], T).unwrap(), vec![1u8; 3000]);
+        let s = lab
+            .topo
+            .client
+            .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+            .unwrap();
+        assert_eq!(
+            udp_roundtrip(&s, sock(POD_IP, 53), b"checksum me", T).unwrap(),
+            b"checksum me"
+        );
+    }
+    assert_all_from_egress_source(&web, 2);
+    assert_all_from_egress_source(&dns, 2);
+}
+
+fn ethtool(ns: &egress_tests::Netns, args: &[&str]) {
+    let mut cmd = Command::new("ethtool");
+    cmd.args(args);
+    let out = ns
+        .spawn(cmd)
+        .expect("ethtool must be installed (cargo xtask setup)")
+        .output(T)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ethtool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn restart_keeps_live_connections(attach: &str) {
+    let lab = Lab::new();
+    let _web = lab.dest_tcp_echo(80);
+    let args = ["--attach", attach];
+    lab.init("80 tcp 203.0.113.25", &args);
+    let mut c = lab.client_tcp(80).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 5];
+    c.write_all(b"one..").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    // The process is gone (init); run it again in the same namespace: the pinned maps and
+    // links are reused, the programs swapped in place.
+    let out = lab.init("80 tcp 203.0.113.25", &args);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("replaced: true"),
+        "the second run replaced the attachment: {log}"
+    );
+    c.write_all(b"two..").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"two..");
+    assert_eq!(lab.counter("new_flows"), 1, "the same flow carried on");
+}
+
+#[test]
+fn restart_under_a_live_connection_tcx() {
+    restart_keeps_live_connections("tcx");
+}
+
+#[test]
+fn restart_under_a_live_connection_clsact() {
+    restart_keeps_live_connections("clsact");
+}
+
+#[test]
+fn legacy_mode_stays_until_sigterm_and_leaves_the_dataplane_working() {
+    let lab = Lab::new();
+    let _web = lab.dest_tcp_echo(80);
+    let p = lab.legacy("80 tcp 203.0.113.25");
+    // Ready when a connection goes through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        match lab.client_tcp(80) {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("legacy mode never started forwarding: {e}"),
+        }
+    };
+    assert!(p.is_running(), "legacy mode stays");
+    p.signal(Signal::SIGTERM).unwrap();
+    let status = p.wait_timeout(T).unwrap().expect("exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert_eq!(tcp_roundtrip(c, b"still here", T).unwrap(), b"still here");
+}
+
+#[test]
+fn a_full_connection_table_evicts_the_oldest_flows() {
+    let lab = Lab::new();
+    let _echo = lab.topo.dest.udp_echo(sock(DEST_IP, 7000)).unwrap();
+    lab.init("7000 udp 203.0.113.25", &["--conntrack-size", "32"]);
+    // 60 flows (120 entries) through a 32-entry table: every one still works.
+    for i in 0..60u32 {
+        let s = lab
+            .topo
+            .client
+            .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+            .unwrap();
+        let msg = i.to_be_bytes();
+        assert_eq!(
+            udp_roundtrip(&s, sock(POD_IP, 7000), &msg, T).unwrap(),
+            msg,
+            "flow {i}"
+        );
+    }
+    let status = lab.status();
+    let entries = status["flows"].as_array().unwrap().len();
+    assert!(entries <= 32, "the table holds at most its size: {entries}");
+    assert_eq!(status["counters"]["new_flows"].as_u64().unwrap(), 60);
+    assert_eq!(status["counters"]["drop_table_full"].as_u64().unwrap(), 0);
+}
+
+#[test]
+fn invalid_configuration_applies_nothing() {
+    let lab = Lab::new();
+    let p = lab
+        .topo
+        .router
+        .spawn(lab.command("80 tcp 203.0.113.300", "init", &[]))
+        .unwrap();
+    let out = p.output(T).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("EGRESS_DESTINATION value '80 tcp 203.0.113.300' is invalid"),
+        "{err}"
+    );
+    assert!(!lab.bpffs.exists(), "no BPF state was created");
+    let addrs = lab
+        .topo
+        .router
+        .netlink(|h| async move {
+            let idx = egress_tests::netlink::link_index(&h, "macvlan0").await?;
+            egress_tests::netlink::addresses(&h, idx).await
+        })
+        .unwrap();
+    assert!(addrs.is_empty(), "macvlan0 untouched: {addrs:?}");
+}
