@@ -1,4 +1,5 @@
 //! Developer tasks: `cargo xtask setup | test | fuzz`.
+mod demo;
 mod fuzz;
 mod setup;
 mod test;
@@ -24,6 +25,8 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// The main job: a client reaching a server through egress-router, in namespaces.
+    Demo,
     /// Run each fuzz target for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -36,6 +39,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Test { cargo_args } => test::run(&cargo_args),
+        Task::Demo => demo::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }
