@@ -751,3 +751,51 @@ fn bpftool_shows_named_fields_of_pinned_maps() {
         "{config}"
     );
 }
+
+/// A pinned map left by a build with another layout is replaced, not misread.
+#[test]
+fn incompatible_pinned_maps_are_replaced() {
+    let dp = Dp::standard();
+    let dir = dp.dir.clone();
+    std::mem::forget(dp); // keep the directory; the maps stay pinned
+    // Swap FLOWS for a map with another value size, as an older version might have left.
+    std::fs::remove_file(dir.join("FLOWS")).unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(dir.join("FLOWS"))
+        .args([
+            "type", "lru_hash", "key", "16", "value", "8", "entries", "16", "name", "FLOWS",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut opts = DataplaneOptions {
+        bpffs_dir: dir.clone(),
+        ..Default::default()
+    };
+    opts.conntrack_size = 1024;
+    let dp = Dp {
+        dp: Dataplane::load(&opts).expect("load over an incompatible pin"),
+        dir,
+    };
+    let settings = DataplaneSettings::new(
+        &RedirectConfig {
+            rules: vec![rule(80, Protocol::Tcp, DEST, 80)],
+            fallback: None,
+        },
+        Ipv4Addr::from(SOURCE),
+        NO_IFINDEX.0,
+        NO_IFINDEX.1,
+        &opts,
+    )
+    .unwrap();
+    let mut dp = dp;
+    dp.dp.configure(&settings).unwrap();
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    assert_eq!(daddr(&out), DEST);
+    assert_eq!(dp.flows().len(), 2, "the new FLOWS map works");
+}

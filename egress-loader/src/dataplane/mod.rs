@@ -4,6 +4,7 @@ mod attach;
 mod bpffs;
 mod fill;
 mod gc;
+mod pins;
 pub mod probe;
 pub mod status;
 
@@ -102,6 +103,7 @@ impl Dataplane {
         tracing::debug!(?features, "kernel features");
         features.require()?;
         bpffs::ensure_dir(&opts.bpffs_dir)?;
+        pins::drop_incompatible(&opts.bpffs_dir)?;
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
             .iter()
             .map(|m| (*m, opts.bpffs_dir.join(m)))

@@ -1,0 +1,237 @@
+//! Echo servers that record who connected, and ping.
+use std::{
+    io::{self, Read as _, Write as _},
+    mem::MaybeUninit,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// A TCP or UDP echo server running on its own threads. It echoes every byte (every datagram)
+/// back and records the peer address it saw, which is how tests check that a destination server
+/// sees `EGRESS_SOURCE` and never a cluster address. Stops when dropped.
+pub struct EchoServer {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn tcp(listener: TcpListener) -> Result<EchoServer> {
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let (peers, stop) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (peers, stop): (Arc<Mutex<Vec<SocketAddr>>>, Arc<AtomicBool>) =
+                (Arc::clone(&peers), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            peers.lock().unwrap().push(peer);
+                            let stop = Arc::clone(&stop);
+                            std::thread::spawn(move || echo_tcp(conn, &stop));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(e) => {
+                            eprintln!("egress-tests: echo server {addr}: accept: {e}");
+                            std::thread::sleep(POLL);
+                        }
+                    }
+                }
+            })
+        };
+        Ok(EchoServer {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn udp(socket: UdpSocket) -> Result<EchoServer> {
+        let addr = socket.local_addr()?;
+        socket.set_read_timeout(Some(POLL))?;
+        let (peers, stop) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (peers, stop): (Arc<Mutex<Vec<SocketAddr>>>, Arc<AtomicBool>) =
+                (Arc::clone(&peers), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                        peers.lock().unwrap().push(peer);
+                        let _ = socket.send_to(&buf[..n], peer);
+                    }
+                }
+            })
+        };
+        Ok(EchoServer {
+            addr,
+            peers,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every peer seen so far (one per TCP connection or UDP datagram), oldest first.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` peers have been seen.
+    pub fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<Vec<SocketAddr>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let peers = self.peers();
+            if peers.len() >= n {
+                return Ok(peers);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "echo server {}: saw {peers:?}, expected {n} peers",
+                    self.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo_tcp(mut conn: TcpStream, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(POLL));
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends one TCP message to an echo server and returns the reply (connect, write, read back
+/// as many bytes, close).
+pub fn tcp_roundtrip(mut conn: TcpStream, msg: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    conn.set_read_timeout(Some(timeout))?;
+    conn.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    conn.read_exact(&mut got).context("reading the echo")?;
+    Ok(got)
+}
+
+/// Sends one UDP datagram and waits for the reply.
+pub fn udp_roundtrip(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    msg: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(msg, to)?;
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .context("waiting for the UDP echo")?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// ICMP echo from the calling thread's namespace (raw socket; needs CAP_NET_RAW). Retries every
+/// 200 ms until a reply from `dst` arrives or `timeout` passes; returns the round-trip time.
+pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        .context("opening a raw ICMP socket")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let id = (std::process::id() as u16) ^ (rand_u16());
+    let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+    let deadline = Instant::now() + timeout;
+    let mut seq: u16 = 0;
+    while Instant::now() < deadline {
+        seq = seq.wrapping_add(1);
+        let mut pkt = vec![8u8, 0, 0, 0];
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.extend_from_slice(b"egress-tests ping");
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        let sent = Instant::now();
+        // Unreachable destinations may fail the send itself; keep trying until the deadline.
+        let _ = sock.send_to(&pkt, &to);
+        let wait_until = (sent + Duration::from_millis(200)).min(deadline);
+        while Instant::now() < wait_until {
+            let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let buf: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ihl = ((buf.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let icmp = buf.get(ihl..).unwrap_or_default();
+            let from_dst = from.as_socket_ipv4().map(|a| *a.ip()) == Some(dst);
+            if from_dst
+                && icmp.len() >= 8
+                && icmp[0] == 0
+                && icmp[4..6] == id.to_be_bytes()
+                && icmp[6..8] == seq.to_be_bytes()
+            {
+                return Ok(sent.elapsed());
+            }
+        }
+    }
+    bail!("no ICMP echo reply from {dst} within {timeout:?}")
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher as _, RandomState};
+    RandomState::new().hash_one(Instant::now()) as u16
+}

@@ -1,0 +1,238 @@
+//! The harness itself: the SPEC section 7 topology works, is isolated per test and cleans up.
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use egress_tests::{
+    CLIENT_IP, DEST_IP, EGRESS_SOURCE, GATEWAY_IP, LAN_DEST_GW, MACVLAN, NETNS_DIR, POD_IP,
+    Topology, netlink, remove_stale, tcp_roundtrip, udp_roundtrip,
+};
+
+const T: Duration = Duration::from_secs(5);
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddrV4::new(ip, port).into()
+}
+
+fn ns_exists(name: &str) -> bool {
+    Path::new(NETNS_DIR).join(name).exists()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn client_reaches_router_eth0() {
+    let topo = Topology::new().unwrap();
+    topo.client.ping(POD_IP, T).unwrap();
+    let server = topo.router.tcp_echo(sa(POD_IP, 7000)).unwrap();
+    let conn = topo.client.tcp_connect(server.addr(), T).unwrap();
+    assert_eq!(tcp_roundtrip(conn, b"hello", T).unwrap(), b"hello");
+    let peers = server.wait_for_peers(1, T).unwrap();
+    assert_eq!(peers[0].ip(), CLIENT_IP);
+}
+
+#[test]
+fn lan_reaches_dest() {
+    let topo = Topology::new().unwrap();
+    topo.lan.ping(DEST_IP, T).unwrap();
+    topo.dest.ping(GATEWAY_IP, T).unwrap();
+    let server = topo.dest.tcp_echo(sa(DEST_IP, 80)).unwrap();
+    let conn = topo.lan.tcp_connect(server.addr(), T).unwrap();
+    assert_eq!(tcp_roundtrip(conn, b"x", T).unwrap(), b"x");
+    assert_eq!(server.wait_for_peers(1, T).unwrap()[0].ip(), LAN_DEST_GW);
+    assert_eq!(topo.lan.sysctl("net.ipv4.ip_forward").unwrap(), "1");
+}
+
+#[test]
+fn macvlan_starts_unconfigured_in_the_router() {
+    let topo = Topology::new().unwrap();
+    let (addrs, up, routes) = topo
+        .router
+        .netlink(|h| async move {
+            let idx = netlink::link_index(&h, MACVLAN).await?;
+            Ok((
+                netlink::addresses(&h, idx).await?,
+                netlink::link_is_up(&h, MACVLAN).await?,
+                netlink::routes(&h).await?,
+            ))
+        })
+        .unwrap();
+    assert!(addrs.is_empty(), "{addrs:?}");
+    assert!(!up);
+    // The pod-like default route on eth0 that egress-router has to replace.
+    let eth0 = topo.router.ifindex("eth0").unwrap();
+    let default: Vec<_> = routes.iter().filter(|r| r.dst.prefix_len() == 0).collect();
+    assert_eq!(default.len(), 1, "{routes:?}");
+    assert_eq!(default[0].oif, Some(eth0));
+    // The macvlan's lower device stays in the node namespace.
+    assert!(topo.node.ifindex("ens0").is_ok());
+    assert!(topo.node.ifindex(MACVLAN).is_err());
+}
+
+#[test]
+fn configured_macvlan_reaches_dest_from_egress_source() {
+    let topo = Topology::new().unwrap();
+    topo.configure_macvlan().unwrap();
+    topo.configure_macvlan().unwrap(); // idempotent
+    topo.router.ping(GATEWAY_IP, T).unwrap();
+    topo.router.ping(DEST_IP, T).unwrap();
+
+    let tcp = topo.dest.tcp_echo(sa(DEST_IP, 443)).unwrap();
+    let conn = topo.router.tcp_connect(tcp.addr(), T).unwrap();
+    assert_eq!(tcp_roundtrip(conn, b"tcp", T).unwrap(), b"tcp");
+    assert_eq!(tcp.wait_for_peers(1, T).unwrap()[0].ip(), EGRESS_SOURCE);
+
+    let udp = topo.dest.udp_echo(sa(DEST_IP, 53)).unwrap();
+    let sock = topo.router.udp_bind(sa(Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    assert_eq!(udp_roundtrip(&sock, udp.addr(), b"udp", T).unwrap(), b"udp");
+    assert_eq!(udp.wait_for_peers(1, T).unwrap()[0].ip(), EGRESS_SOURCE);
+}
+
+#[test]
+fn extra_client_reaches_router() {
+    let mut topo = Topology::new().unwrap();
+    let ip = Ipv4Addr::new(10, 128, 0, 11);
+    let server = topo.router.tcp_echo(sa(POD_IP, 7001)).unwrap();
+    let client2 = topo.add_client("client2", ip, "eth1").unwrap();
+    let conn = client2.tcp_connect(server.addr(), T).unwrap();
+    assert_eq!(tcp_roundtrip(conn, b"2", T).unwrap(), b"2");
+    assert_eq!(server.wait_for_peers(1, T).unwrap()[0].ip(), ip);
+    // The first client still works.
+    topo.client.ping(POD_IP, T).unwrap();
+}
+
+#[test]
+fn parallel_topologies_do_not_collide() {
+    let build = |tag: &'static [u8]| {
+        std::thread::spawn(move || {
+            let topo = Topology::new().unwrap();
+            let server = topo.dest.tcp_echo(sa(DEST_IP, 80)).unwrap();
+            for _ in 0..5 {
+                let conn = topo.lan.tcp_connect(server.addr(), T).unwrap();
+                assert_eq!(tcp_roundtrip(conn, tag, T).unwrap(), tag);
+            }
+            assert_eq!(server.peers().len(), 5);
+            topo.names()
+        })
+    };
+    let (a, b) = (build(b"a"), build(b"b"));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert!(a.iter().all(|n| !b.contains(n)), "{a:?} {b:?}");
+    assert!(a.iter().chain(&b).all(|n| !ns_exists(n)));
+}
+
+#[test]
+fn namespaces_are_removed_on_drop() {
+    let topo = Topology::new().unwrap();
+    let names = topo.names();
+    assert_eq!(names.len(), 5);
+    assert!(names.iter().all(|n| ns_exists(n)), "{names:?}");
+    drop(topo);
+    assert!(names.iter().all(|n| !ns_exists(n)), "{names:?}");
+}
+
+#[test]
+fn namespaces_and_processes_are_cleaned_up_after_a_panic() {
+    let mut names = Vec::new();
+    let mut pid = 0;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut topo = Topology::new().unwrap();
+        topo.add_netns("extra").unwrap();
+        names = topo.names();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("1000");
+        pid = topo.dest.spawn(sleep).unwrap().pid();
+        panic!("a failing test");
+    }));
+    assert!(result.is_err());
+    assert_eq!(names.len(), 6);
+    assert!(names.iter().all(|n| !ns_exists(n)), "{names:?}");
+    assert!(!pid_alive(pid), "process {pid} survived");
+}
+
+#[test]
+fn spawned_processes_run_in_the_namespace_and_are_killed() {
+    let topo = Topology::new().unwrap();
+    let mut cat = Command::new("cat");
+    cat.arg("/proc/self/net/dev").stdout(Stdio::piped());
+    let out = topo.router.spawn(cat).unwrap().output(T).unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(
+        text.contains("eth0:") && text.contains("macvlan0:"),
+        "{text}"
+    );
+    assert!(!text.contains("c0:") && !text.contains("ens0:"), "{text}");
+
+    let mut sleep = Command::new("sleep");
+    sleep.arg("1000");
+    let p = topo.client.spawn(sleep).unwrap();
+    let ns_inode = std::fs::metadata(topo.client.path()).unwrap().ino();
+    let link = std::fs::read_link(format!("/proc/{}/ns/net", p.pid())).unwrap();
+    assert_eq!(link.to_str().unwrap(), format!("net:[{ns_inode}]"));
+    assert!(p.is_running());
+    let pid = p.pid();
+    drop(topo);
+    assert!(!p.is_running());
+    assert!(!pid_alive(pid), "process {pid} survived");
+}
+
+#[test]
+fn run_propagates_panics_and_results() {
+    let topo = Topology::new().unwrap();
+    let idx = topo
+        .router
+        .run(|| nix::net::if_::if_nametoindex("macvlan0").unwrap());
+    assert_eq!(idx, topo.router.ifindex("macvlan0").unwrap());
+    let caught = std::panic::catch_unwind(|| topo.router.run(|| panic!("inside the namespace")));
+    let msg = caught.unwrap_err();
+    assert_eq!(msg.downcast_ref::<&str>(), Some(&"inside the namespace"));
+    // Still usable afterwards.
+    topo.router.run(|| ());
+}
+
+#[test]
+fn stale_namespaces_of_dead_processes_are_removed() {
+    // pid_max is at most 2^22: this pid cannot be running.
+    let name = format!("er-99999999-stale-{}", std::process::id());
+    let ns = egress_tests::Netns::create(&name).unwrap();
+    std::mem::forget(ns); // as if the test process had been killed
+    assert!(ns_exists(&name));
+    remove_stale().unwrap();
+    assert!(!ns_exists(&name));
+}
+
+/// Without root the harness refuses to build anything, with a message that says why. Runs this
+/// test binary again as `nobody`.
+#[test]
+fn fails_loudly_without_root() {
+    if std::env::var_os("EGRESS_TESTS_AS_NOBODY").is_some() {
+        let err = Topology::new().unwrap_err();
+        println!("harness error: {err:#}");
+        return;
+    }
+    // A copy outside /work/targets, which nobody may not be able to traverse.
+    let exe = std::env::temp_dir().join(format!("egress-tests-nobody-{}", std::process::id()));
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    let out = Command::new(&exe)
+        .args(["--exact", "fails_loudly_without_root", "--nocapture"])
+        .env("EGRESS_TESTS_AS_NOBODY", "1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&exe);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("must run as root"), "{stdout}");
+}
