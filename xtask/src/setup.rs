@@ -55,11 +55,23 @@ fn nightly() -> Result<String> {
 }
 
 fn rust_src() -> Result<String> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok("already installed".into());
     }
-    output(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    output(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
     Ok("installed".into())
 }
 
@@ -70,7 +82,11 @@ fn nightly_llvm_major() -> Result<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("`rustc +nightly -vV` prints no LLVM version")?;
-    llvm.split('.').next().unwrap_or_default().parse().with_context(|| format!("odd LLVM version {llvm}"))
+    llvm.split('.')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("odd LLVM version {llvm}"))
 }
 
 /// A stable directory whose lib/ holds libLLVM.so (and its versioned name) linked to the
@@ -81,7 +97,10 @@ fn llvm_prefix(major: u32) -> Result<PathBuf> {
     let so = fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
     let data = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -90,10 +109,14 @@ fn llvm_prefix(major: u32) -> Result<PathBuf> {
     let prefix = data.join(format!("egress-router/llvm-{major}"));
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)?;
-    for name in [PathBuf::from("libLLVM.so"), PathBuf::from(so.file_name().unwrap())] {
+    for name in [
+        PathBuf::from("libLLVM.so"),
+        PathBuf::from(so.file_name().unwrap()),
+    ] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&so, &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&so, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     Ok(prefix)
 }
@@ -108,12 +131,26 @@ fn bpf_linker() -> Result<String> {
     let prefix = llvm_prefix(major)?;
     output(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
             .env("LLVM_PREFIX", &prefix),
     )
     .context("building bpf-linker against the nightly's LLVM")?;
-    Ok(format!("built {BPF_LINKER_VERSION} against LLVM {major} (LLVM_PREFIX={})", prefix.display()))
+    Ok(format!(
+        "built {BPF_LINKER_VERSION} against LLVM {major} (LLVM_PREFIX={})",
+        prefix.display()
+    ))
 }
 
 fn installed(pkg: &str) -> bool {
@@ -124,12 +161,19 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn debian_packages() -> Result<String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(format!("all {} present", DEBIAN_PACKAGES.len()));
     }
     if !is_root() {
-        bail!("missing {} and not root, so apt-get cannot install them", missing.join(" "));
+        bail!(
+            "missing {} and not root, so apt-get cannot install them",
+            missing.join(" ")
+        );
     }
     // Packages with services (squid, haproxy) must not start them here: a policy-rc.d that
     // denies every start, removed afterwards.

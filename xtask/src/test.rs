@@ -15,7 +15,11 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     setup::run()?;
     let root = util::root();
     // Default members: everything but the eBPF crate, which build.rs builds for the BPF target.
-    util::run(Command::new("cargo").current_dir(&root).args(["build", "--all-targets"]))?;
+    util::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--all-targets"]),
+    )?;
     util::run(
         Command::new("cargo")
             .current_dir(&root)
