@@ -18,6 +18,7 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     let macvlan = ifindex(&opts.macvlan_interface)?;
     // Everything that can fail on bad input is checked before anything is applied.
     let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    Dataplane::preflight(opts)?;
     netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
     netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
     let mut dp = Dataplane::load(opts)?;

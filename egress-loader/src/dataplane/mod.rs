@@ -98,11 +98,17 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
-    pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+    /// Checks, before anything is changed, that this kernel and these privileges can run the
+    /// dataplane; makes sure the bpffs directory exists.
+    pub fn preflight(opts: &DataplaneOptions) -> Result<()> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
         features.require()?;
-        bpffs::ensure_dir(&opts.bpffs_dir)?;
+        bpffs::ensure_dir(&opts.bpffs_dir)
+    }
+
+    pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+        Self::preflight(opts)?;
         pins::drop_incompatible(&opts.bpffs_dir)?;
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
             .iter()
