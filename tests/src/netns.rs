@@ -275,11 +275,44 @@ impl Netns {
             .with_context(|| format!("capturing on {iface} in {}", self.name))
     }
 
-    /// Kills the processes started here; returns how many were still running.
+    /// Kills the processes started here, then any other process still in the namespace (a
+    /// child of one of them, something started with `ip netns exec`); returns how many it killed.
     pub fn kill_all(&self) -> usize {
         let procs = std::mem::take(&mut *self.procs.lock().unwrap());
-        procs.iter().filter(|p| p.kill_if_running()).count()
+        let tracked = procs.iter().filter(|p| p.kill_if_running()).count();
+        let others = match nix::sys::stat::fstat(&self.fd) {
+            Ok(st) => kill_processes_in(st.st_ino),
+            Err(_) => 0,
+        };
+        tracked + others
     }
+}
+
+/// SIGKILLs every process (other than this one) whose network namespace has inode `ino`.
+fn kill_processes_in(ino: u64) -> usize {
+    let want = format!("net:[{ino}]");
+    let me = std::process::id();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        let in_ns = fs::read_link(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|l| l.as_os_str() == want.as_str());
+        if in_ns
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
 }
 
 impl Drop for Netns {
@@ -339,6 +372,14 @@ pub fn remove_stale() -> io::Result<usize> {
             continue;
         }
         let path = Path::new(NETNS_DIR).join(&name);
+        // Only a mounted namespace file (on nsfs) names a namespace processes can be in.
+        use std::os::unix::fs::MetadataExt as _;
+        let nsfs = fs::metadata("/proc/self/ns/net").map(|m| m.dev());
+        if let (Ok(st), Ok(nsfs)) = (fs::metadata(&path), nsfs)
+            && st.dev() == nsfs
+        {
+            kill_processes_in(st.ino());
+        }
         let _ = umount2(&path, MntFlags::MNT_DETACH);
         match fs::remove_file(&path) {
             Ok(()) => removed += 1,

@@ -22,8 +22,12 @@ fn ns_exists(name: &str) -> bool {
     Path::new(NETNS_DIR).join(name).exists()
 }
 
+/// Running (not gone, not a zombie waiting to be reaped).
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 #[test]
@@ -181,6 +185,30 @@ fn spawned_processes_run_in_the_namespace_and_are_killed() {
     drop(topo);
     assert!(!p.is_running());
     assert!(!pid_alive(pid), "process {pid} survived");
+}
+
+#[test]
+fn processes_they_start_are_killed_too() {
+    let topo = Topology::new().unwrap();
+    let mut sh = Command::new("sh");
+    sh.args(["-c", "sleep 1000 & echo $!; wait"])
+        .stdout(Stdio::piped());
+    let p = topo.lan.spawn(sh).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(p.take_stdout().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let grandchild: u32 = line.trim().parse().unwrap();
+    assert!(pid_alive(grandchild));
+    drop(topo);
+    // SIGKILL is delivered asynchronously.
+    let deadline = std::time::Instant::now() + T;
+    while pid_alive(grandchild) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!pid_alive(grandchild), "process {grandchild} survived");
 }
 
 #[test]
