@@ -7,6 +7,11 @@
 //! - `proxy`: per connection and per request: check, resolve once, connect from EGRESS_SOURCE,
 //!   forward (streaming) or tunnel.
 //!
+//! Names are resolved once per request with the pod's resolver (hickory, from resolv.conf): names
+//! with a dot as absolute names (no search list, like squid), IPv4 addresses first (the upstream
+//! socket is bound to the IPv4 EGRESS_SOURCE). Each client connection keeps its last upstream
+//! connection for the next request to the same admitted address and port.
+//!
 //! Status codes the proxy produces itself: 400 malformed request or a target that is not
 //! absolute-form (hyper answers unparsable requests with 400 and oversized headers with 431),
 //! 403 denied by the rules (the body names the rule), 501 `https://` URIs without CONNECT,

@@ -234,7 +234,6 @@ impl Conn {
         };
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = std::mem::take(&mut parts.headers);
-        *up.extensions_mut() = std::mem::take(&mut parts.extensions);
         let headers = up.headers_mut();
         strip_hop_by_hop(headers);
         headers.insert(
