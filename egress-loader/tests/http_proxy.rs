@@ -1247,6 +1247,31 @@ async fn connection_limit_holds_extra_clients_in_the_backlog() {
 }
 
 #[tokio::test]
+async fn slow_request_headers_are_cut_off() {
+    let (_d, resolv) = no_dns();
+    let proxy = Proxy::start(
+        &["*"],
+        &resolv,
+        HttpProxyOptions {
+            header_timeout: Duration::from_millis(400),
+            ..opts()
+        },
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://127.0.0.2/ HTTP/1.1\r\nHost: 127.0.0.2\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest))
+        .await
+        .expect("connection closed after the header timeout")
+        .unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
 async fn idle_tunnels_are_closed() {
     let (echo, _t) = echo_server("127.0.0.3").await;
     let (_d, resolv) = no_dns();
