@@ -1,6 +1,8 @@
 //! HTTP proxy mode (SPEC section 4) against real servers on loopback: dnsmasq as the DNS server
-//! (one per test, on its own 127.53.x.y:53, since resolv.conf cannot name a port), hyper origin
-//! servers, plain TCP servers and `openssl s_server` behind CONNECT.
+//! (one per test, on port 53 of its own address in 127.200.0.0-127.249.255.255, since resolv.conf
+//! cannot name a port; the address derives from the process id and a counter, and a taken one is
+//! detected and skipped), hyper origin servers, plain TCP servers and `openssl s_server` behind
+//! CONNECT. Servers listen on ephemeral ports of 127.0.0.2-127.0.1.255, so tests run in parallel.
 //!
 //! The proxy's EGRESS_SOURCE is 127.0.0.99 and clients connect from 127.0.0.1, so an origin
 //! seeing 127.0.0.99 proves the upstream connection left from EGRESS_SOURCE.
@@ -155,7 +157,7 @@ impl Dns {
         for attempt in 0..40 {
             let addr = Ipv4Addr::new(
                 127,
-                53 + ((n + attempt) % 150) as u8,
+                200 + ((n + attempt) % 50) as u8,
                 (pid >> 8) as u8,
                 pid as u8,
             );
