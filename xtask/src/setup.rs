@@ -27,6 +27,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",      // TLS server behind CONNECT tests
     "curl",
     "ethtool", // checksum offload switches in the partial-checksum test
+    "wrk",     // HTTP load generator of the proxy benchmark
 ];
 
 pub fn run() -> Result<()> {
