@@ -66,7 +66,14 @@ fn handle(ctx: &TcContext, side: Side) -> Result<i32, Error> {
     let now = now_ns();
     let p = parse(&skb, now)?;
     if side == Side::Outside && p.key.daddr != cfg.egress_source {
-        return Err(Error::NotOurs);
+        // The router forwards (redirect mode needs it), so unicast for any other address --
+        // the pod IP, a cluster address -- would be routed into the cluster: never let it.
+        // Multicast and broadcast stay the stack's, which does not forward them.
+        return Err(if p.key.daddr[0] >= 224 {
+            Error::NotOurs
+        } else {
+            Error::Unsolicited
+        });
     }
     match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),

@@ -19,6 +19,20 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     // Everything that can fail on bad input is checked before anything is applied.
     let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
     Dataplane::preflight(opts)?;
+    // Legacy mode listens for SIGTERM from the start: one arriving during setup is handled
+    // once setup is done, instead of killing the process half-way.
+    // (Init mode keeps the default action: it is short-lived.)
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let term = if cfg.mode == Mode::Legacy {
+        let _in_runtime = rt.enter();
+        Some(tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        )?)
+    } else {
+        None
+    };
     netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
     netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
     let mut dp = Dataplane::load(opts)?;
@@ -36,10 +50,14 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
         bpffs = %opts.bpffs_dir.display(),
         "redirect dataplane running"
     );
-    if cfg.mode == Mode::Init {
-        return Ok(());
+    match term {
+        Some(term) => wait_for_sigterm(rt, term, dp),
+        None => {
+            // The second gratuitous ARP goes out ~2 s after setup; do not leave before it.
+            netsetup::wait_for_announcements();
+            Ok(())
+        }
     }
-    wait_for_sigterm(dp)
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -51,12 +69,12 @@ const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
 /// not detach anything: live connections keep flowing.
-fn wait_for_sigterm(mut dp: Dataplane) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+fn wait_for_sigterm(
+    rt: tokio::runtime::Runtime,
+    mut term: tokio::signal::unix::Signal,
+    mut dp: Dataplane,
+) -> Result<()> {
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut gc = tokio::time::interval(GC_INTERVAL);
         loop {
             tokio::select! {

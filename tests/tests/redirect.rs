@@ -516,3 +516,34 @@ fn invalid_configuration_applies_nothing() {
         .unwrap();
     assert!(addrs.is_empty(), "macvlan0 untouched: {addrs:?}");
 }
+
+/// A LAN host that routes the cluster network via EGRESS_SOURCE must not reach it: the router
+/// forwards (redirect mode needs it), but macvlan0 only takes replies and traffic for itself.
+#[test]
+fn the_lan_cannot_route_into_the_cluster_through_the_router() {
+    let lab = Lab::new();
+    lab.init("80 tcp 203.0.113.25", &[]);
+    let listener = lab
+        .topo
+        .client
+        .tcp_listen(sock(egress_tests::CLIENT_IP, 22))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    lab.topo
+        .lan
+        .add_route(
+            "10.128.0.0/24".parse().unwrap(),
+            Some(EGRESS_SOURCE),
+            egress_tests::LAN_IF,
+        )
+        .unwrap();
+    for target in [egress_tests::CLIENT_IP, POD_IP] {
+        let r = lab
+            .topo
+            .lan
+            .run(|| TcpStream::connect_timeout(&sock(target, 22), Duration::from_secs(1)));
+        assert!(r.is_err(), "the LAN reached {target} through the router");
+    }
+    assert!(listener.accept().is_err(), "nothing reached the client");
+    assert!(lab.counter("drop_unsolicited") >= 2, "{}", lab.status());
+}

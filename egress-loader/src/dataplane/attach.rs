@@ -107,7 +107,7 @@ fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
         Ok(()) => {}
         Err(e) if matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) =>
             {}
-        Err(e) if matches!(e, tc::TcError::AlreadyAttached) => {}
+        Err(tc::TcError::AlreadyAttached) => {}
         Err(e) => return Err(e).context("adding the clsact qdisc"),
     }
     let handle = TcHandle::new(0, CLSACT_HANDLE);

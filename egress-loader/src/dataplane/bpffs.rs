@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting bpffs on its parent if that is an empty

@@ -64,7 +64,7 @@ struct FlowJson {
 
 #[derive(Serialize)]
 struct StatusJson {
-    counters: serde_json::Value,
+    counters: serde_json::Map<String, serde_json::Value>,
     flows: Vec<FlowJson>,
 }
 
@@ -91,17 +91,27 @@ fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
     }
 }
 
-fn stats_json(s: &Stats) -> serde_json::Value {
-    serde_json::json!({
-        "eth0_rx_packets": s.eth0_rx_packets, "eth0_rx_bytes": s.eth0_rx_bytes,
-        "macvlan_rx_packets": s.macvlan_rx_packets, "macvlan_rx_bytes": s.macvlan_rx_bytes,
-        "out_packets": s.out_packets, "out_bytes": s.out_bytes,
-        "in_packets": s.in_packets, "in_bytes": s.in_bytes,
-        "new_flows": s.new_flows, "no_rule": s.no_rule,
-        "drop_table_full": s.drop_table_full, "drop_port_exhausted": s.drop_port_exhausted,
-        "drop_malformed": s.drop_malformed, "drop_unsolicited": s.drop_unsolicited,
-        "drop_fragment": s.drop_fragment, "drop_ttl": s.drop_ttl, "fib_pass": s.fib_pass,
-    })
+/// The counters in the order they are shown, with the names bpftool shows.
+pub fn counters(s: &Stats) -> [(&'static str, u64); 17] {
+    [
+        ("eth0_rx_packets", s.eth0_rx_packets),
+        ("eth0_rx_bytes", s.eth0_rx_bytes),
+        ("macvlan_rx_packets", s.macvlan_rx_packets),
+        ("macvlan_rx_bytes", s.macvlan_rx_bytes),
+        ("out_packets", s.out_packets),
+        ("out_bytes", s.out_bytes),
+        ("in_packets", s.in_packets),
+        ("in_bytes", s.in_bytes),
+        ("new_flows", s.new_flows),
+        ("no_rule", s.no_rule),
+        ("fib_pass", s.fib_pass),
+        ("drop_table_full", s.drop_table_full),
+        ("drop_port_exhausted", s.drop_port_exhausted),
+        ("drop_malformed", s.drop_malformed),
+        ("drop_unsolicited", s.drop_unsolicited),
+        ("drop_fragment", s.drop_fragment),
+        ("drop_ttl", s.drop_ttl),
+    ]
 }
 
 /// Prints the status, as text or JSON.
@@ -110,8 +120,12 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
     let flows = read_flows(dir)?;
     let now = monotonic_ns();
     let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
-    let counters = stats_json(&stats);
+    let counters = counters(&stats);
     if json {
+        let counters = counters
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&StatusJson { counters, flows })?
@@ -119,10 +133,8 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("counters (all CPUs):");
-    if let serde_json::Value::Object(m) = &counters {
-        for (k, v) in m {
-            println!("  {k:<20} {v}");
-        }
+    for (k, v) in counters {
+        println!("  {k:<20} {v}");
     }
     println!("connection table: {} entries (two per flow)", flows.len());
     if !flows.is_empty() {
