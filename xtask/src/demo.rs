@@ -97,6 +97,12 @@ fn demo(topo: &Topology, bin: &Path, bpffs: &Path) -> Result<()> {
 
     println!("\n== egress-router status");
     show(&topo.router, router(bin, bpffs).arg("status"))?;
+    println!("\n== pinned under {}", bpffs.display());
+    let mut names: Vec<String> = std::fs::read_dir(bpffs)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    println!("   {}", names.join("  "));
     println!("\n== bpftool map dump pinned {}/CONFIG", bpffs.display());
     let mut bpftool = Command::new("bpftool");
     bpftool
