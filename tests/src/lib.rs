@@ -27,6 +27,7 @@ mod capture;
 pub mod netlink;
 mod netns;
 mod proc;
+mod router;
 mod servers;
 
 pub use capture::{ARP_REPLY, ARP_REQUEST, Arp, Capture};
@@ -34,6 +35,7 @@ pub use netns::{
     NAME_PREFIX, NETNS_DIR, Netns, list_harness_namespaces, remove_stale, require_root,
 };
 pub use proc::Proc;
+pub use router::{router_bin, router_command};
 pub use servers::{EchoServer, ping, tcp_roundtrip, udp_roundtrip};
 
 /// The client pod.

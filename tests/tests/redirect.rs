@@ -10,32 +10,12 @@ use std::{
 };
 
 use egress_tests::{
-    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, ping, tcp_roundtrip, udp_roundtrip,
+    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, ping, router_bin, router_command,
+    tcp_roundtrip, udp_roundtrip,
 };
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(5);
-
-/// The egress-router binary: EGRESS_ROUTER_BIN, else next to this test's target directory
-/// (`cargo xtask test` builds it before the tests).
-fn router_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("EGRESS_ROUTER_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("egress-router");
-    assert!(
-        bin.exists(),
-        "{} missing: build it first (cargo build -p egress-loader; cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
 
 /// A topology with egress-router's pinned state in its own bpffs directory.
 struct Lab {
@@ -61,17 +41,8 @@ impl Lab {
     }
 
     fn command(&self, destination: &str, mode: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(router_bin());
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("EGRESS_SOURCE", format!("{EGRESS_SOURCE}/24"))
-            .env("EGRESS_GATEWAY", "192.168.12.1")
-            .env("EGRESS_DESTINATION", destination)
-            .env("EGRESS_ROUTER_MODE", mode)
-            .env("EGRESS_BPFFS_DIR", &self.bpffs)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        let mut cmd = router_command(mode, &self.bpffs);
+        cmd.env("EGRESS_DESTINATION", destination).args(args);
         cmd
     }
 

@@ -1,0 +1,43 @@
+//! Running the egress-router binary in a topology's router namespace.
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use crate::{EGRESS_PREFIX, EGRESS_SOURCE, GATEWAY_IP};
+
+/// The egress-router binary: `EGRESS_ROUTER_BIN`, else the one in the target directory this
+/// test executable was built into (`cargo xtask test` builds it before the tests).
+pub fn router_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EGRESS_ROUTER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug/egress-router
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("egress-router");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p egress-loader; cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// An egress-router command with a clean environment holding the reference EGRESS_SOURCE and
+/// EGRESS_GATEWAY, `mode`, and its pinned state under `bpffs`; output piped.
+pub fn router_command(mode: &str, bpffs: &std::path::Path) -> Command {
+    let mut cmd = Command::new(router_bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("EGRESS_SOURCE", format!("{EGRESS_SOURCE}/{EGRESS_PREFIX}"))
+        .env("EGRESS_GATEWAY", GATEWAY_IP.to_string())
+        .env("EGRESS_ROUTER_MODE", mode)
+        .env("EGRESS_BPFFS_DIR", bpffs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
