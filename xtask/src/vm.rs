@@ -63,7 +63,7 @@ pub fn run(kernels: &[String]) -> Result<()> {
 
     let apt = Apt::new(cache.join("apt"))?;
     apt.update()?;
-    let qemu = ensure_qemu(&apt)?;
+    let (qemu, qemu_major) = ensure_qemu(&apt)?;
     let busybox = busybox(&apt, &cache)?;
     let labels: Vec<String> = if kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
@@ -80,9 +80,21 @@ pub fn run(kernels: &[String]) -> Result<()> {
             k.package,
             k.version,
             k.release,
-            k.modules.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" "),
-            if k.builtin.is_empty() { String::new() } else { format!("; built in: {}", k.builtin.join(" ")) },
-            if k.missing.is_empty() { String::new() } else { format!("; NOT AVAILABLE: {}", k.missing.join(" ")) },
+            k.modules
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            if k.builtin.is_empty() {
+                String::new()
+            } else {
+                format!("; built in: {}", k.builtin.join(" "))
+            },
+            if k.missing.is_empty() {
+                String::new()
+            } else {
+                format!("; NOT AVAILABLE: {}", k.missing.join(" "))
+            },
         );
         ks.push(k);
     }
@@ -90,10 +102,20 @@ pub fn run(kernels: &[String]) -> Result<()> {
     let art = artifacts::build(&root)?;
     println!(
         "vm-test: test executables: {}",
-        art.tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(" ")
+        art.tests
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let test_args = std::env::var("EGRESS_VM_TEST_ARGS").unwrap_or_default();
-    let mut common = initramfs::common(&art, &busybox, &cache.join("stage"), test_timeout, &test_args)?;
+    let mut common = initramfs::common(
+        &art,
+        &busybox,
+        &cache.join("stage"),
+        test_timeout,
+        &test_args,
+    )?;
     if !common.missing_tools.is_empty() {
         println!(
             "vm-test: not on this host, so not in the VM (tests that run them will fail there): {}",
@@ -101,12 +123,28 @@ pub fn run(kernels: &[String]) -> Result<()> {
         );
     }
 
+    // A KVM that could not boot a guest before, on this host kernel, is not tried again.
+    let kvm_verdict = cache.join("kvm-unusable");
+    let host_key = format!(
+        "host {} qemu {qemu_major}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+    );
     let mut accel = match std::env::var("EGRESS_VM_ACCEL").as_deref() {
         Ok("tcg") => Accel::Tcg,
         Ok("kvm") => Accel::Kvm,
+        _ if std::fs::read_to_string(&kvm_verdict).is_ok_and(|k| k == host_key) => {
+            println!(
+                "vm-test: using TCG: KVM could not boot a guest on this host before (remove {} to try again)",
+                kvm_verdict.display()
+            );
+            Accel::Tcg
+        }
         _ if qemu::kvm_available() => Accel::Kvm,
         _ => Accel::Tcg,
     };
+    let kvm_tried = accel == Accel::Kvm;
     let mut reports = Vec::new();
     for k in &ks {
         let dir = cache.join("runs").join(&k.label);
@@ -114,15 +152,32 @@ pub fn run(kernels: &[String]) -> Result<()> {
         let initrd = dir.join("initrd.cpio");
         let (len, c) = common.write_for(k, &initrd)?;
         common = c;
-        println!("vm-test: {}: initramfs {} MiB; booting with {accel:?}", k.label, len >> 20);
+        println!(
+            "vm-test: {}: initramfs {} MiB; booting with {accel:?}",
+            k.label,
+            len >> 20
+        );
         let t0 = Instant::now();
-        let (outcome, used) = boot(&qemu, k, &dir, &initrd, &mut accel, Duration::from_secs(vm_timeout))?;
+        let (outcome, used) = boot(
+            &qemu,
+            k,
+            &dir,
+            &initrd,
+            &mut accel,
+            Duration::from_secs(vm_timeout),
+        )?;
         let secs = t0.elapsed().as_secs();
         let r = results::parse(&qemu::read_results(&dir.join("results.log"))?);
         reports.push(report(k, &r, &outcome, used, secs, &dir));
     }
+    if kvm_tried && accel == Accel::Tcg {
+        std::fs::write(&kvm_verdict, &host_key)?;
+    }
 
-    println!("vm-test: ---- summary ({}s in all)", started.elapsed().as_secs());
+    println!(
+        "vm-test: ---- summary ({}s in all)",
+        started.elapsed().as_secs()
+    );
     let mut failed = Vec::new();
     for (label, ok, line) in &reports {
         println!("{line}");
@@ -148,14 +203,23 @@ fn boot(
 ) -> Result<(Outcome, Accel)> {
     let console = dir.join("console.log");
     let results = dir.join("results.log");
-    let vm = Vm { qemu, vmlinuz: &k.vmlinuz, initrd, console_log: &console, results: &results };
+    let vm = Vm {
+        qemu,
+        vmlinuz: &k.vmlinuz,
+        initrd,
+        console_log: &console,
+        results: &results,
+    };
     let mut attempts = 0;
     loop {
         let boot_timeout = Duration::from_secs(if *accel == Accel::Kvm { 20 } else { 180 });
         let outcome = vm.run(*accel, boot_timeout, timeout)?;
         match outcome {
             Outcome::NoBoot(why) if *accel == Accel::Kvm => {
-                println!("vm-test: {}: KVM cannot boot this kernel here ({why}); using TCG", k.label);
+                println!(
+                    "vm-test: {}: KVM cannot boot this kernel here ({why}); using TCG",
+                    k.label
+                );
                 *accel = Accel::Tcg;
             }
             Outcome::NoBoot(why) if attempts + 1 < BOOT_ATTEMPTS => {
@@ -178,7 +242,9 @@ fn report(
 ) -> (String, bool, String) {
     let mut problems = Vec::new();
     match outcome {
-        Outcome::Exited if !r.done => problems.push("the VM stopped before the tests finished (kernel panic?)".to_string()),
+        Outcome::Exited if !r.done => {
+            problems.push("the VM stopped before the tests finished (kernel panic?)".to_string())
+        }
         Outcome::Exited => {}
         Outcome::TimedOut => problems.push("the VM was killed at the time limit".to_string()),
         Outcome::NoBoot(why) => problems.push(format!("the VM did not boot: {why}")),
@@ -207,7 +273,11 @@ fn report(
         r.passed(),
         failed.len(),
         r.ignored(),
-        if attach.is_empty() { "none".into() } else { attach.join(" ") },
+        if attach.is_empty() {
+            "none".into()
+        } else {
+            attach.join(" ")
+        },
     );
     for (name, secs) in &r.durations {
         text.push_str(&format!("\n    {name}: {secs}s"));
@@ -221,22 +291,26 @@ fn report(
         }
     }
     if !ok {
-        text.push_str(&format!("\n    logs: {}/console.log, {}/results.log", dir.display(), dir.display()));
+        text.push_str(&format!(
+            "\n    logs: {}/console.log, {}/results.log",
+            dir.display(),
+            dir.display()
+        ));
     }
     (k.label.clone(), ok, text)
 }
 
 /// qemu-system-x86_64, at least version 8: installed from bookworm-backports if older or
 /// missing (as root). Without root an old one is used, with boot retries.
-fn ensure_qemu(apt: &Apt) -> Result<PathBuf> {
+fn ensure_qemu(apt: &Apt) -> Result<(PathBuf, u32)> {
     match qemu::find_qemu() {
-        Some((q, v)) if v >= QEMU_MIN_MAJOR => return Ok(q),
+        Some((q, v)) if v >= QEMU_MIN_MAJOR => return Ok((q, v)),
         Some((q, v)) if !is_root() => {
             eprintln!(
                 "vm-test: qemu {v} is older than {QEMU_MIN_MAJOR} and may crash while booting the guest; run as root to install qemu-system-x86 from {}",
                 apt::BACKPORTS
             );
-            return Ok(q);
+            return Ok((q, v));
         }
         None if !is_root() => bail!(
             "qemu-system-x86_64 is not installed; run as root (it is installed from {}) or install qemu-system-x86",
@@ -244,11 +318,17 @@ fn ensure_qemu(apt: &Apt) -> Result<PathBuf> {
         ),
         _ => {}
     }
-    println!("vm-test: installing qemu-system-x86 from {}", apt::BACKPORTS);
+    println!(
+        "vm-test: installing qemu-system-x86 from {}",
+        apt::BACKPORTS
+    );
     apt.install_from(apt::BACKPORTS, &["qemu-system-x86"])?;
     match qemu::find_qemu() {
-        Some((q, v)) if v >= QEMU_MIN_MAJOR => Ok(q),
-        other => bail!("after installing qemu-system-x86 from {}: {other:?}", apt::BACKPORTS),
+        Some((q, v)) if v >= QEMU_MIN_MAJOR => Ok((q, v)),
+        other => bail!(
+            "after installing qemu-system-x86 from {}: {other:?}",
+            apt::BACKPORTS
+        ),
     }
 }
 
@@ -274,12 +354,18 @@ fn target_dir(root: &Path) -> Result<PathBuf> {
             .args(["metadata", "--format-version", "1", "--no-deps"]),
     )?;
     let v: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
-    Ok(PathBuf::from(v["target_directory"].as_str().context("cargo metadata without target_directory")?))
+    Ok(PathBuf::from(
+        v["target_directory"]
+            .as_str()
+            .context("cargo metadata without target_directory")?,
+    ))
 }
 
 fn env_secs(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v}: expected a number of seconds")),
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v}: expected a number of seconds")),
         Err(_) => Ok(default),
     }
 }

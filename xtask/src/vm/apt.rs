@@ -31,7 +31,12 @@ pub struct Apt {
 
 impl Apt {
     pub fn new(dir: PathBuf) -> Result<Apt> {
-        for d in ["lists/partial", "cache/archives/partial", "sources.list.d", "debs"] {
+        for d in [
+            "lists/partial",
+            "cache/archives/partial",
+            "sources.list.d",
+            "debs",
+        ] {
             fs::create_dir_all(dir.join(d))?;
         }
         let keyring = if Path::new(KEYRING).exists() {
@@ -39,8 +44,10 @@ impl Apt {
         } else {
             String::new()
         };
-        let list: String =
-            SOURCES.iter().map(|(uri, suite)| format!("deb{keyring} {uri} {suite} main\n")).collect();
+        let list: String = SOURCES
+            .iter()
+            .map(|(uri, suite)| format!("deb{keyring} {uri} {suite} main\n"))
+            .collect();
         fs::write(dir.join("sources.list"), list)?;
         Ok(Apt { dir })
     }
@@ -50,7 +57,10 @@ impl Apt {
         let d = &self.dir;
         let mut o = vec![
             format!("Dir::Etc::SourceList={}", d.join("sources.list").display()),
-            format!("Dir::Etc::SourceParts={}", d.join("sources.list.d").display()),
+            format!(
+                "Dir::Etc::SourceParts={}",
+                d.join("sources.list.d").display()
+            ),
             format!("Dir::State::Lists={}", d.join("lists").display()),
             format!("Dir::Cache={}", d.join("cache").display()),
             "APT::Get::List-Cleanup=0".into(),
@@ -64,7 +74,8 @@ impl Apt {
 
     fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);
-        c.args(self.options()).env("DEBIAN_FRONTEND", "noninteractive");
+        c.args(self.options())
+            .env("DEBIAN_FRONTEND", "noninteractive");
         c
     }
 
@@ -77,7 +88,10 @@ impl Apt {
         if age.is_some_and(|a| a < LISTS_MAX_AGE) {
             return Ok(());
         }
-        println!("vm-test: apt-get update (private lists in {})", self.dir.display());
+        println!(
+            "vm-test: apt-get update (private lists in {})",
+            self.dir.display()
+        );
         let r = util::output(self.cmd("apt-get").args(["-q", "update"]));
         match (r, age) {
             (Ok(_), _) => {
@@ -88,7 +102,9 @@ impl Apt {
                 eprintln!("vm-test: apt-get update failed, using the lists from earlier: {e:#}");
                 Ok(())
             }
-            (Err(e), None) => Err(e.context("apt-get update with the Debian bookworm sources failed")),
+            (Err(e), None) => {
+                Err(e.context("apt-get update with the Debian bookworm sources failed"))
+            }
         }
     }
 
@@ -99,7 +115,11 @@ impl Apt {
             "--names-only",
             &format!("^{}", regex_escape(prefix)),
         ]))?;
-        Ok(out.lines().filter_map(|l| l.split(" - ").next()).map(str::to_string).collect())
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(" - ").next())
+            .map(str::to_string)
+            .collect())
     }
 
     /// The candidate version of each package (None: not installable).
@@ -110,10 +130,10 @@ impl Apt {
         for line in out.lines() {
             if !line.starts_with(' ') && line.ends_with(':') {
                 current = Some(line.trim_end_matches(':').to_string());
-            } else if let Some(v) = line.trim().strip_prefix("Candidate: ") {
-                if let Some(p) = current.take() {
-                    res.push((p, (v != "(none)").then(|| v.to_string())));
-                }
+            } else if let Some(v) = line.trim().strip_prefix("Candidate: ")
+                && let Some(p) = current.take()
+            {
+                res.push((p, (v != "(none)").then(|| v.to_string())));
             }
         }
         Ok(res)
@@ -136,8 +156,17 @@ impl Apt {
             return Ok(p);
         }
         println!("vm-test: downloading {pkg} {version}");
-        util::output(self.cmd("apt-get").current_dir(&dir).args(["-q", "download", &format!("{pkg}={version}")]))?;
-        find()?.with_context(|| format!("apt-get download {pkg}={version} left no {prefix}*.deb in {}", dir.display()))
+        util::output(self.cmd("apt-get").current_dir(&dir).args([
+            "-q",
+            "download",
+            &format!("{pkg}={version}"),
+        ]))?;
+        find()?.with_context(|| {
+            format!(
+                "apt-get download {pkg}={version} left no {prefix}*.deb in {}",
+                dir.display()
+            )
+        })
     }
 
     /// Installs packages on the host from `suite` (needs root).
@@ -147,7 +176,16 @@ impl Apt {
         }
         util::run(
             self.cmd("apt-get")
-                .args(["-q", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", "-t", suite, "install"])
+                .args([
+                    "-q",
+                    "-y",
+                    "--no-install-recommends",
+                    "-o",
+                    "DPkg::Lock::Timeout=300",
+                    "-t",
+                    suite,
+                    "install",
+                ])
                 .args(pkgs),
         )
     }

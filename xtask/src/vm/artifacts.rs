@@ -21,7 +21,10 @@ pub struct Artifacts {
 
 /// The cargo test targets the VM runs: the BPF_PROG_TEST_RUN packet tests, and every test
 /// target of the namespace integration-test package.
-const TEST_BUILDS: &[&[&str]] = &[&["-p", "egress-loader", "--test", "ebpf_packets"], &["-p", "egress-tests"]];
+const TEST_BUILDS: &[&[&str]] = &[
+    &["-p", "egress-loader", "--test", "ebpf_packets"],
+    &["-p", "egress-tests"],
+];
 
 pub fn build(root: &Path) -> Result<Artifacts> {
     let mut tests = Vec::new();
@@ -37,10 +40,14 @@ pub fn build(root: &Path) -> Result<Artifacts> {
     }
     let router = match router {
         Some(r) => r,
-        None => cargo_json(root, &["build"], &["-p", "egress-loader", "--bin", "egress-router"])?
-            .iter()
-            .find_map(|m| bin_executable(m, "egress-router"))
-            .context("cargo built no egress-router executable")?,
+        None => cargo_json(
+            root,
+            &["build"],
+            &["-p", "egress-loader", "--bin", "egress-router"],
+        )?
+        .iter()
+        .find_map(|m| bin_executable(m, "egress-router"))
+        .context("cargo built no egress-router executable")?,
     };
     if tests.is_empty() {
         bail!("cargo built no test executables");
@@ -75,12 +82,18 @@ fn test_executable(msg: &Value) -> Option<TestBinary> {
         return None;
     }
     let path = msg["executable"].as_str()?;
-    Some(TestBinary { name: msg["target"]["name"].as_str()?.replace('-', "_"), path: path.into() })
+    Some(TestBinary {
+        name: msg["target"]["name"].as_str()?.replace('-', "_"),
+        path: path.into(),
+    })
 }
 
 fn bin_executable(msg: &Value, name: &str) -> Option<PathBuf> {
     let kinds = msg["target"]["kind"].as_array()?;
-    if msg["target"]["name"] != name || !kinds.iter().any(|k| k == "bin") || msg["profile"]["test"] == true {
+    if msg["target"]["name"] != name
+        || !kinds.iter().any(|k| k == "bin")
+        || msg["profile"]["test"] == true
+    {
         return None;
     }
     msg["executable"].as_str().map(PathBuf::from)

@@ -35,11 +35,23 @@ impl Archive {
 
     /// A file copied from the host when the archive is written.
     pub fn file(&mut self, path: &str, src: &Path, mode: u32) {
-        self.insert(path, Node::File { src: Source::Path(src.to_path_buf()), mode });
+        self.insert(
+            path,
+            Node::File {
+                src: Source::Path(src.to_path_buf()),
+                mode,
+            },
+        );
     }
 
     pub fn bytes(&mut self, path: &str, data: impl Into<Vec<u8>>, mode: u32) {
-        self.insert(path, Node::File { src: Source::Bytes(data.into()), mode });
+        self.insert(
+            path,
+            Node::File {
+                src: Source::Bytes(data.into()),
+                mode,
+            },
+        );
     }
 
     pub fn symlink(&mut self, path: &str, target: &str) {
@@ -67,14 +79,25 @@ impl Archive {
 
     /// Writes the archive (uncompressed: the kernel takes it as it is and qemu loads it fast).
     pub fn write(&self, out: &Path) -> Result<u64> {
-        let mut w = Writer { out: BufWriter::new(File::create(out)?), ino: 1, len: 0 };
+        let mut w = Writer {
+            out: BufWriter::new(File::create(out)?),
+            ino: 1,
+            len: 0,
+        };
         for (path, node) in &self.nodes {
             match node {
                 Node::Dir => w.entry(path, 0o040755, &[])?,
                 Node::Symlink(target) => w.entry(path, 0o120777, target.as_bytes())?,
-                Node::File { src: Source::Bytes(b), mode } => w.entry(path, 0o100000 | mode, b)?,
-                Node::File { src: Source::Path(p), mode } => {
-                    let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                Node::File {
+                    src: Source::Bytes(b),
+                    mode,
+                } => w.entry(path, 0o100000 | mode, b)?,
+                Node::File {
+                    src: Source::Path(p),
+                    mode,
+                } => {
+                    let data =
+                        std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
                     w.entry(path, 0o100000 | mode, &data)?
                 }
             }
@@ -87,7 +110,9 @@ impl Archive {
 
 /// Archive paths are relative ("usr/bin/x"), as the kernel expects.
 fn clean(path: &str) -> String {
-    path.trim_start_matches('/').trim_end_matches('/').to_string()
+    path.trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_string()
 }
 
 struct Writer {

@@ -45,7 +45,9 @@ pub fn common(
 ) -> Result<Common> {
     fs::create_dir_all(stage)?;
     let mut a = Archive::default();
-    for d in ["proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "usr/sbin", "sbin"] {
+    for d in [
+        "proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "usr/sbin", "sbin",
+    ] {
         a.dir(d);
     }
     // Debian's merged /usr: the libraries and the ELF interpreter are found via /lib and
@@ -61,7 +63,11 @@ pub fn common(
     a.bytes("etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644);
     a.bytes("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644);
     a.bytes("etc/resolv.conf", "nameserver 127.0.0.1\n", 0o644);
-    a.bytes("etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n", 0o644);
+    a.bytes(
+        "etc/nsswitch.conf",
+        "passwd: files\ngroup: files\nhosts: files dns\n",
+        0o644,
+    );
 
     let mut elves: Vec<PathBuf> = Vec::new();
     let mut add_elf = |a: &mut Archive, src: &Path, dest: &str| -> Result<()> {
@@ -85,7 +91,9 @@ pub fn common(
             // PATH puts /usr/{s,}bin before busybox's /bin.
             Some(p) => add_elf(&mut a, &p, &canonical(&p)?)?,
             None if REQUIRED_TOOLS.contains(tool) => {
-                bail!("{tool} is not installed on the host; the VM needs it (apt-get install bpftool iproute2)")
+                bail!(
+                    "{tool} is not installed on the host; the VM needs it (apt-get install bpftool iproute2)"
+                )
             }
             None => missing_tools.push(tool.to_string()),
         }
@@ -103,7 +111,10 @@ pub fn common(
         ),
         0o644,
     );
-    Ok(Common { archive: a, missing_tools })
+    Ok(Common {
+        archive: a,
+        missing_tools,
+    })
 }
 
 impl Common {
@@ -111,13 +122,20 @@ impl Common {
     pub fn write_for(mut self, kernel: &Kernel, out: &Path) -> Result<(u64, Common)> {
         let mut names = String::new();
         for (name, path) in &kernel.modules {
-            self.archive.bytes(&format!("usr/lib/modules/vm-test/{name}.ko"), module_bytes(path)?, 0o644);
+            self.archive.bytes(
+                &format!("usr/lib/modules/vm-test/{name}.ko"),
+                module_bytes(path)?,
+                0o644,
+            );
             names.push_str(name);
             names.push('\n');
         }
         self.archive.bytes("etc/vm-test/modules", names, 0o644);
         let expect = if kernel.has_tcx() { "tcx" } else { "clsact" };
-        let label = kernel.label.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_");
+        let label = kernel.label.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-',
+            "_",
+        );
         self.archive.bytes(
             "etc/vm-test/env",
             format!(". /etc/vm-test/common-env\nKERNEL_LABEL={label}\nEXPECT_ATTACH={expect}\n"),
@@ -126,7 +144,8 @@ impl Common {
         let len = self.archive.write(out)?;
         // The next kernel's modules replace these.
         for (name, _) in &kernel.modules {
-            self.archive.remove(&format!("usr/lib/modules/vm-test/{name}.ko"));
+            self.archive
+                .remove(&format!("usr/lib/modules/vm-test/{name}.ko"));
         }
         Ok((len, self))
     }
@@ -143,18 +162,25 @@ struct Lib {
 fn libraries(elves: &[PathBuf]) -> Result<Vec<Lib>> {
     let mut paths = BTreeSet::new();
     for e in elves {
-        let out = Command::new("ldd").arg(e).output().with_context(|| format!("running ldd {}", e.display()))?;
+        let out = Command::new("ldd")
+            .arg(e)
+            .output()
+            .with_context(|| format!("running ldd {}", e.display()))?;
         let text = String::from_utf8_lossy(&out.stdout);
         if text.contains("not a dynamic executable") || !out.status.success() {
             continue;
         }
         for line in text.lines() {
             if line.contains("not found") {
-                bail!("{}: a library is missing on the host: {}", e.display(), line.trim());
+                bail!(
+                    "{}: a library is missing on the host: {}",
+                    e.display(),
+                    line.trim()
+                );
             }
             let path = match line.split_once("=>") {
-                Some((_, rhs)) => rhs.trim().split_whitespace().next(),
-                None => line.trim().split_whitespace().next(),
+                Some((_, rhs)) => rhs.split_whitespace().next(),
+                None => line.split_whitespace().next(),
             };
             if let Some(p) = path.filter(|p| p.starts_with('/')) {
                 paths.insert(PathBuf::from(p));
@@ -166,7 +192,10 @@ fn libraries(elves: &[PathBuf]) -> Result<Vec<Lib>> {
         let dir = p.parent().context("library without a directory")?;
         let name = p.file_name().context("library without a name")?;
         let dest = canonical(dir)? + "/" + &name.to_string_lossy();
-        libs.push(Lib { src: fs::canonicalize(&p)?, dest });
+        libs.push(Lib {
+            src: fs::canonicalize(&p)?,
+            dest,
+        });
     }
     Ok(libs)
 }
@@ -187,7 +216,10 @@ fn which(tool: &str) -> Option<PathBuf> {
 
 /// Removes stripped copies from earlier runs that this run does not use.
 fn prune_stage(stage: &Path, used: &[PathBuf]) -> Result<()> {
-    let keep: BTreeSet<PathBuf> = used.iter().filter_map(|u| staged_name(u, stage).ok()).collect();
+    let keep: BTreeSet<PathBuf> = used
+        .iter()
+        .filter_map(|u| staged_name(u, stage).ok())
+        .collect();
     for e in fs::read_dir(stage)? {
         let p = e?.path();
         if !keep.contains(&p) {
@@ -199,8 +231,14 @@ fn prune_stage(stage: &Path, used: &[PathBuf]) -> Result<()> {
 
 fn staged_name(src: &Path, stage: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    let name = src.file_name().context("file without a name")?.to_string_lossy();
-    let mtime = meta.modified()?.duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let name = src
+        .file_name()
+        .context("file without a name")?
+        .to_string_lossy();
+    let mtime = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     Ok(stage.join(format!("{name}-{}-{mtime}", meta.len())))
 }
 
@@ -210,8 +248,13 @@ fn strip_debug(src: &Path, stage: &Path) -> Result<PathBuf> {
     let out = staged_name(src, stage)?;
     if !out.exists() {
         let tmp = out.with_extension("tmp");
-        util::output(Command::new("objcopy").arg("--strip-debug").arg(src).arg(&tmp))
-            .with_context(|| format!("objcopy --strip-debug {}", src.display()))?;
+        util::output(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(src)
+                .arg(&tmp),
+        )
+        .with_context(|| format!("objcopy --strip-debug {}", src.display()))?;
         fs::rename(&tmp, &out)?;
     }
     Ok(out)

@@ -17,8 +17,16 @@ use crate::util;
 /// veth and macvlan make the topology, sch_ingress gives clsact (the pre-tcx hook), cls_bpf
 /// and act_bpf the tc BPF classifier, bridge and dummy are there for tests that add more
 /// interfaces, sctp for SCTP sockets.
-pub const MODULES: &[&str] =
-    &["veth", "macvlan", "sch_ingress", "cls_bpf", "act_bpf", "bridge", "dummy", "sctp"];
+pub const MODULES: &[&str] = &[
+    "veth",
+    "macvlan",
+    "sch_ingress",
+    "cls_bpf",
+    "act_bpf",
+    "bridge",
+    "dummy",
+    "sctp",
+];
 
 pub struct Kernel {
     /// What was asked for, e.g. "6.1".
@@ -39,7 +47,10 @@ pub struct Kernel {
 impl Kernel {
     /// (major, minor) of the release, e.g. (6, 1).
     pub fn major_minor(&self) -> (u32, u32) {
-        let mut it = self.release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse().unwrap_or(0));
+        let mut it = self
+            .release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse().unwrap_or(0));
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     }
 
@@ -77,19 +88,31 @@ pub fn resolve(apt: &Apt, version: &str) -> Result<(String, String)> {
 /// linux-image-6.1.0-47-cloud-amd64 but not linux-image-6.12.95+deb12-cloud-amd64, nor the
 /// metapackages (linux-image-6.12-cloud-amd64: two numbers, no kernel), nor -dbg/-unsigned.
 fn is_kernel_image(version: &str, name: &str) -> bool {
-    let Some(abi) = name.strip_prefix("linux-image-").and_then(|a| a.strip_suffix("-cloud-amd64")) else {
+    let Some(abi) = name
+        .strip_prefix("linux-image-")
+        .and_then(|a| a.strip_suffix("-cloud-amd64"))
+    else {
         return false;
     };
-    let Some(rest) = abi.strip_prefix(version) else { return false };
+    let Some(rest) = abi.strip_prefix(version) else {
+        return false;
+    };
     (rest.is_empty() || rest.starts_with(['.', '-', '+']))
-        && abi.split(['.', '-', '+']).take(3).filter(|p| p.parse::<u32>().is_ok()).count() == 3
+        && abi
+            .split(['.', '-', '+'])
+            .take(3)
+            .filter(|p| p.parse::<u32>().is_ok())
+            .count()
+            == 3
 }
 
 /// Downloads and unpacks a kernel package and works out its modules.
 pub fn prepare(apt: &Apt, cache: &Path, busybox: &Path, label: &str) -> Result<Kernel> {
     let (package, version) = resolve(apt, label)?;
     let deb = apt.download(&package, &version)?;
-    let root = cache.join("kernels").join(format!("{package}_{version}").replace(':', "%3a"));
+    let root = cache
+        .join("kernels")
+        .join(format!("{package}_{version}").replace(':', "%3a"));
     apt::extract(&deb, &root)?;
     let release = only_entry(&root.join("lib/modules"))?;
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
@@ -98,11 +121,26 @@ pub fn prepare(apt: &Apt, cache: &Path, busybox: &Path, label: &str) -> Result<K
     }
     let moddir = root.join("lib/modules").join(&release);
     if !moddir.join("modules.dep").exists() {
-        util::output(Command::new(busybox).arg("depmod").arg("-b").arg(&root).arg(&release))
-            .context("busybox depmod on the extracted kernel")?;
+        util::output(
+            Command::new(busybox)
+                .arg("depmod")
+                .arg("-b")
+                .arg(&root)
+                .arg(&release),
+        )
+        .context("busybox depmod on the extracted kernel")?;
     }
     let (modules, builtin, missing) = load_order(&moddir, MODULES)?;
-    Ok(Kernel { label: label.to_string(), package, version, release, vmlinuz, modules, builtin, missing })
+    Ok(Kernel {
+        label: label.to_string(),
+        package,
+        version,
+        release,
+        vmlinuz,
+        modules,
+        builtin,
+        missing,
+    })
 }
 
 fn only_entry(dir: &Path) -> Result<String> {
@@ -112,7 +150,10 @@ fn only_entry(dir: &Path) -> Result<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     if names.len() != 1 {
-        bail!("expected one kernel release in {}, found {names:?}", dir.display());
+        bail!(
+            "expected one kernel release in {}, found {names:?}",
+            dir.display()
+        );
     }
     Ok(names.remove(0))
 }
@@ -130,7 +171,9 @@ fn load_order(moddir: &Path, wanted: &[&str]) -> Result<Order> {
     let dep = fs::read_to_string(moddir.join("modules.dep"))?;
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in dep.lines() {
-        let Some((path, rest)) = line.split_once(':') else { continue };
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
         let d = rest.split_whitespace().map(module_name).collect();
         deps.insert(module_name(path), (path.to_string(), d));
     }
@@ -149,7 +192,9 @@ fn load_order(moddir: &Path, wanted: &[&str]) -> Result<Order> {
         if !seen.insert(name.to_string()) {
             return;
         }
-        let Some((path, d)) = deps.get(name) else { return };
+        let Some((path, d)) = deps.get(name) else {
+            return;
+        };
         for dep in d {
             visit(dep, deps, moddir, seen, order);
         }
@@ -188,7 +233,10 @@ pub fn module_bytes(path: &Path) -> Result<Vec<u8>> {
                 .output()
                 .with_context(|| format!("running {t} to decompress {name}"))?;
             if !out.status.success() {
-                bail!("{t} -dc {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "{t} -dc {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             Ok(out.stdout)
         }
@@ -202,19 +250,40 @@ mod tests {
     #[test]
     fn kernel_package_names() {
         assert!(is_kernel_image("6.1", "linux-image-6.1.0-47-cloud-amd64"));
-        assert!(is_kernel_image("6.1.0-47", "linux-image-6.1.0-47-cloud-amd64"));
-        assert!(is_kernel_image("6.12", "linux-image-6.12.95+deb12-cloud-amd64"));
-        assert!(!is_kernel_image("6.1", "linux-image-6.12.95+deb12-cloud-amd64"));
+        assert!(is_kernel_image(
+            "6.1.0-47",
+            "linux-image-6.1.0-47-cloud-amd64"
+        ));
+        assert!(is_kernel_image(
+            "6.12",
+            "linux-image-6.12.95+deb12-cloud-amd64"
+        ));
+        assert!(!is_kernel_image(
+            "6.1",
+            "linux-image-6.12.95+deb12-cloud-amd64"
+        ));
         assert!(!is_kernel_image("6.12", "linux-image-6.12-cloud-amd64"));
-        assert!(!is_kernel_image("6.12", "linux-image-6.12.95+deb12-cloud-amd64-unsigned"));
-        assert!(!is_kernel_image("6.1", "linux-image-6.1.0-47-cloud-amd64-dbg"));
+        assert!(!is_kernel_image(
+            "6.12",
+            "linux-image-6.12.95+deb12-cloud-amd64-unsigned"
+        ));
+        assert!(!is_kernel_image(
+            "6.1",
+            "linux-image-6.1.0-47-cloud-amd64-dbg"
+        ));
         assert!(!is_kernel_image("6.1", "linux-image-6.1.0-47-amd64"));
     }
 
     #[test]
     fn module_names() {
-        assert_eq!(module_name("kernel/net/sched/sch_ingress.ko.xz"), "sch_ingress");
+        assert_eq!(
+            module_name("kernel/net/sched/sch_ingress.ko.xz"),
+            "sch_ingress"
+        );
         assert_eq!(module_name("kernel/drivers/net/veth.ko"), "veth");
-        assert_eq!(module_name("kernel/net/ipv6/ip6_udp_tunnel.ko"), "ip6_udp_tunnel");
+        assert_eq!(
+            module_name("kernel/net/ipv6/ip6_udp_tunnel.ko"),
+            "ip6_udp_tunnel"
+        );
     }
 }

@@ -22,7 +22,11 @@ use crate::util;
 
 /// The console line the init script prints first: the guest is up.
 const BOOTED: &str = "booted ";
-const KVM_FAILURE: &[&str] = &["KVM internal error", "kvm run failed", "failed to initialize kvm"];
+const KVM_FAILURE: &[&str] = &[
+    "KVM internal error",
+    "kvm run failed",
+    "failed to initialize kvm",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -55,19 +59,35 @@ impl Vm<'_> {
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "max"]),
             Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
         };
-        cmd.args(["-m", "2G", "-smp", "2", "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none"])
-            .args(["-no-reboot", "-serial", "stdio"])
-            .arg("-serial")
-            .arg(format!("file:{}", self.results.display()))
-            .arg("-kernel")
-            .arg(self.vmlinuz)
-            .arg("-initrd")
-            .arg(self.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", self.qemu.display()))?;
+        cmd.args([
+            "-m",
+            "2G",
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+        ])
+        .args(["-no-reboot", "-serial", "stdio"])
+        .arg("-serial")
+        .arg(format!("file:{}", self.results.display()))
+        .arg("-kernel")
+        .arg(self.vmlinuz)
+        .arg("-initrd")
+        .arg(self.initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.qemu.display()))?;
         let (tx, rx) = mpsc::channel::<String>();
         let readers = [
             spawn_reader(child.stdout.take().expect("piped"), tx.clone()),
@@ -101,7 +121,10 @@ impl Vm<'_> {
                     break if booted {
                         Outcome::Exited
                     } else {
-                        Outcome::NoBoot(format!("qemu exited before init ran; last console lines:\n{}", last_lines.join("\n")))
+                        Outcome::NoBoot(format!(
+                            "qemu exited before init ran; last console lines:\n{}",
+                            last_lines.join("\n")
+                        ))
                     };
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -110,7 +133,10 @@ impl Vm<'_> {
                         break if booted {
                             Outcome::TimedOut
                         } else {
-                            Outcome::NoBoot(format!("init did not start within {}s", boot_timeout.as_secs()))
+                            Outcome::NoBoot(format!(
+                                "init did not start within {}s",
+                                boot_timeout.as_secs()
+                            ))
                         };
                     }
                 }
@@ -123,7 +149,10 @@ impl Vm<'_> {
     }
 }
 
-fn spawn_reader(src: impl Read + Send + 'static, tx: mpsc::Sender<String>) -> thread::JoinHandle<()> {
+fn spawn_reader(
+    src: impl Read + Send + 'static,
+    tx: mpsc::Sender<String>,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut r = BufReader::new(src);
         let mut buf = Vec::new();
@@ -145,14 +174,24 @@ fn kill(child: &mut Child) {
 
 /// Whether KVM is worth a try: /dev/kvm opens read-write.
 pub fn kvm_available() -> bool {
-    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 /// The qemu to use and its major version.
 pub fn find_qemu() -> Option<(PathBuf, u32)> {
     let out = util::output(Command::new("qemu-system-x86_64").arg("--version")).ok()?;
     // "QEMU emulator version 10.0.2 (Debian ...)"
-    let v = out.split("version ").nth(1)?.split(['.', ' ']).next()?.parse().ok()?;
+    let v = out
+        .split("version ")
+        .nth(1)?
+        .split(['.', ' '])
+        .next()?
+        .parse()
+        .ok()?;
     Some((PathBuf::from("qemu-system-x86_64"), v))
 }
 

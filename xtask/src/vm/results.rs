@@ -29,11 +29,17 @@ impl Results {
     }
 
     pub fn failed(&self) -> Vec<&(String, Verdict)> {
-        self.items.iter().filter(|(_, v)| matches!(v, Verdict::Failed(_))).collect()
+        self.items
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Failed(_)))
+            .collect()
     }
 
     pub fn ignored(&self) -> usize {
-        self.items.iter().filter(|(_, v)| *v == Verdict::Ignored).count()
+        self.items
+            .iter()
+            .filter(|(_, v)| *v == Verdict::Ignored)
+            .count()
     }
 }
 
@@ -48,15 +54,27 @@ pub fn parse(text: &str) -> Results {
                 "kernel" => r.kernel_release = Some(rest.to_string()),
                 "module" => {
                     let mut p = rest.splitn(3, ' ');
-                    let (name, status, msg) = (p.next().unwrap_or(""), p.next().unwrap_or(""), p.next().unwrap_or(""));
+                    let (name, status, msg) = (
+                        p.next().unwrap_or(""),
+                        p.next().unwrap_or(""),
+                        p.next().unwrap_or(""),
+                    );
                     if status != "ok" {
                         r.modules_failed.push(format!("{name}: {msg}"));
                     }
                 }
                 "check" => {
                     let mut p = rest.splitn(3, ' ');
-                    let (name, status, msg) = (p.next().unwrap_or(""), p.next().unwrap_or(""), p.next().unwrap_or(""));
-                    let v = if status == "ok" { Verdict::Ok } else { Verdict::Failed(msg.to_string()) };
+                    let (name, status, msg) = (
+                        p.next().unwrap_or(""),
+                        p.next().unwrap_or(""),
+                        p.next().unwrap_or(""),
+                    );
+                    let v = if status == "ok" {
+                        Verdict::Ok
+                    } else {
+                        Verdict::Failed(msg.to_string())
+                    };
                     r.items.push((format!("check:{name}"), v));
                 }
                 "begin" => section = Some((rest.to_string(), String::new())),
@@ -89,7 +107,9 @@ pub fn parse(text: &str) -> Results {
         let last = last_started(&out).unwrap_or_default();
         r.items.push((
             format!("{name}::<binary>"),
-            Verdict::Failed(format!("the VM stopped while it ran (last test started: {last})")),
+            Verdict::Failed(format!(
+                "the VM stopped while it ran (last test started: {last})"
+            )),
         ));
         r.sections.insert(name, out);
     }
@@ -100,8 +120,12 @@ fn finish_binary(r: &mut Results, name: &str, rc: i32, out: &str, secs: Option<u
     let mut any_failed = false;
     let mut count = 0;
     for line in out.lines() {
-        let Some(rest) = line.strip_prefix("test ") else { continue };
-        let Some((test, verdict)) = rest.rsplit_once(" ... ") else { continue };
+        let Some(rest) = line.strip_prefix("test ") else {
+            continue;
+        };
+        let Some((test, verdict)) = rest.rsplit_once(" ... ") else {
+            continue;
+        };
         let v = match verdict.trim() {
             "ok" => Verdict::Ok,
             "FAILED" => {
@@ -122,10 +146,18 @@ fn finish_binary(r: &mut Results, name: &str, rc: i32, out: &str, secs: Option<u
             137 => format!("killed at the time limit after {}s", secs.unwrap_or(0)),
             _ => format!("exited with status {rc}"),
         };
-        let last = last_started(out).map(|t| format!(" (last test started: {t})")).unwrap_or_default();
-        r.items.push((format!("{name}::<binary>"), Verdict::Failed(format!("{why}{last}"))));
+        let last = last_started(out)
+            .map(|t| format!(" (last test started: {t})"))
+            .unwrap_or_default();
+        r.items.push((
+            format!("{name}::<binary>"),
+            Verdict::Failed(format!("{why}{last}")),
+        ));
     } else if rc == 0 && count == 0 && !out.contains("running 0 tests") {
-        r.items.push((format!("{name}::<binary>"), Verdict::Failed("exited 0 but reported no tests".into())));
+        r.items.push((
+            format!("{name}::<binary>"),
+            Verdict::Failed("exited 0 but reported no tests".into()),
+        ));
     }
 }
 
@@ -142,7 +174,9 @@ fn last_started(out: &str) -> Option<String> {
 /// The panic message libtest prints for a failed test, first lines only.
 fn failure_detail(out: &str, test: &str) -> String {
     let header = format!("---- {test} stdout ----");
-    let Some(i) = out.find(&header) else { return String::new() };
+    let Some(i) = out.find(&header) else {
+        return String::new();
+    };
     out[i + header.len()..]
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -200,22 +234,39 @@ failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n@@ exit ebpf_packet
         let names: Vec<&str> = r.items.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["check:attach-auto", "ebpf_packets::a", "ebpf_packets::b", "ebpf_packets::c", "redirect::<binary>"]
+            [
+                "check:attach-auto",
+                "ebpf_packets::a",
+                "ebpf_packets::b",
+                "ebpf_packets::c",
+                "redirect::<binary>"
+            ]
         );
         assert_eq!(r.passed(), 2);
         assert_eq!(r.ignored(), 1);
         let failed = r.failed();
         assert_eq!(failed.len(), 2);
-        assert_eq!(failed[0].1, Verdict::Failed("thread 'b' panicked at x.rs:1:1: | boom".into()));
-        assert_eq!(failed[1].1, Verdict::Failed("the VM stopped while it ran (last test started: y)".into()));
+        assert_eq!(
+            failed[0].1,
+            Verdict::Failed("thread 'b' panicked at x.rs:1:1: | boom".into())
+        );
+        assert_eq!(
+            failed[1].1,
+            Verdict::Failed("the VM stopped while it ran (last test started: y)".into())
+        );
         assert_eq!(r.durations, [("ebpf_packets".to_string(), 12)]);
     }
 
     #[test]
     fn a_crashed_binary_is_a_failure() {
-        let r = parse("@@ begin t\nrunning 2 tests\ntest a ... ok\ntest b ... \n@@ exit t 139 3\n@@ done\n");
+        let r = parse(
+            "@@ begin t\nrunning 2 tests\ntest a ... ok\ntest b ... \n@@ exit t 139 3\n@@ done\n",
+        );
         assert!(r.done);
         assert_eq!(r.failed()[0].0, "t::<binary>");
-        assert_eq!(r.failed()[0].1, Verdict::Failed("exited with status 139 (last test started: b)".into()));
+        assert_eq!(
+            r.failed()[0].1,
+            Verdict::Failed("exited with status 139 (last test started: b)".into())
+        );
     }
 }
