@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask setup | test | fuzz`.
+//! Developer tasks: `cargo xtask setup | test | demo | vm-test | fuzz`.
 mod demo;
 mod fuzz;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,13 @@ enum Task {
     },
     /// The main job: a client reaching a server through egress-router, in namespaces.
     Demo,
+    /// Run the eBPF and namespace integration tests inside VMs on other kernels (Debian's
+    /// cloud kernels; without --kernel: 6.1, without tcx, and 6.12, with it).
+    VmTest {
+        /// Kernel version to test, e.g. 6.1 (repeatable).
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
     /// Run each fuzz target for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -40,6 +48,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Demo => demo::run(),
+        Task::VmTest { kernels } => vm::run(&kernels),
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }
