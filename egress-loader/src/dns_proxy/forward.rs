@@ -22,10 +22,16 @@ pub enum Engine {
     Copy,
 }
 
-/// Bytes moved per splice call / size of a copy buffer.
+/// Size of a copy buffer (per direction, per connection).
 const CHUNK: usize = 64 * 1024;
-/// Pipe capacity asked for (the kernel default is 64 KiB).
-const PIPE_SIZE: i32 = 256 * 1024;
+/// Pipe capacity asked for. The kernel default (16 slots, 64 KiB of pages) makes about twice as
+/// many splice calls per byte; a 1 MiB pipe (the unprivileged maximum) costs only its 256-slot ring
+/// (about 10 KiB) until data sits in it. Measured on loopback: proxy CPU per GB about 0.3 s with
+/// 1 MiB pipes, 0.5 s with 64 KiB pipes, 0.5 to 0.6 s copying through a 64 KiB buffer.
+const PIPE_SIZE: i32 = 1024 * 1024;
+/// A pipe smaller than this (the kernel gives 2-slot pipes to a user over
+/// fs.pipe-user-pages-soft) is not worth splicing through: copy instead.
+const PIPE_MIN: usize = 64 * 1024;
 
 /// Which side of the connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,10 +338,20 @@ impl Pipe {
         }
         // SAFETY: both descriptors are fresh and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A bigger pipe means fewer syscalls; keep the default when the kernel says no.
+        // A bigger pipe means fewer syscalls; keep what we have when the kernel says no.
         // SAFETY: fcntl on a descriptor we own.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
-        let capacity = if size > 0 { size as usize } else { CHUNK };
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        // SAFETY: as above.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let capacity = size as usize;
+        if capacity < PIPE_MIN {
+            return Err(io::Error::other(format!(
+                "pipe of {capacity} bytes only (fs.pipe-user-pages-soft reached)"
+            )));
+        }
         Ok(Pipe {
             read,
             write,

@@ -95,9 +95,14 @@ async fn watcher(
                     )
                 }
             }
-            Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
-                (Err(e.to_string()), refresh.min_ttl)
-            }
+            Err(e) if e.is_nx_domain() => (
+                Err("NXDOMAIN (the name does not exist)".to_string()),
+                refresh.min_ttl,
+            ),
+            Err(e) if e.is_no_records_found() => (
+                Err("no IPv4 address (empty answer)".to_string()),
+                refresh.min_ttl,
+            ),
             Err(e) => {
                 let keep = last_ok.is_some_and(|t| now.duration_since(t) < refresh.stale_hold)
                     && matches!(*tx.borrow(), Addrs::Ready(_));
