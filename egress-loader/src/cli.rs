@@ -20,6 +20,9 @@ EGRESS_DESTINATION (redirect modes), one rule a line, '#' comments and blank lin
   <localport> <proto> <ip> <remoteport>  8080 tcp 203.0.113.25 80
   <ip>                                   203.0.113.26   (fallback: everything else; last line)
   proto is tcp, udp or sctp in any case; tabs and trailing '# comments' are accepted.
+  Destinations are IPv4 (the eBPF dataplane is IPv4-only); numbers take no leading zeros.
+  SCTP rules keep the port (no <remoteport> other than <localport>): SCTP's CRC32c checksum
+  cannot be updated by the kernel's checksum helpers.
 
 EGRESS_HTTP_PROXY_DESTINATION (http-proxy mode), checked in order, first match wins:
   www.example.com      exactly that host
