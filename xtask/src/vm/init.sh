@@ -89,6 +89,24 @@ attach_seen() {
     fi
 }
 
+# One console line per libtest verdict ("test NAME ... ok"). Output of programs a test runs
+# can come between "test NAME ... " and its verdict, which then stands on its own line.
+verdicts() {
+    awk -v k="$KERNEL_LABEL" -v b="$1" '
+        function verdict(s) { return s == "ok" || s == "FAILED" || s ~ /^ignored/ }
+        function say(v, t) { sub(/^ignored.*/, "ignored", v); printf "vm-test: %s: %s %s::%s\n", k, v, b, t }
+        /^test .* \.\.\. / {
+            rest = substr($0, 6)
+            i = index(rest, " ... ")
+            t = substr(rest, 1, i - 1)
+            v = substr(rest, i + 5)
+            if (verdict(v)) { say(v, t); pending = "" } else pending = t
+            next
+        }
+        pending != "" && verdict($0) { say($0, pending); pending = "" }
+    '
+}
+
 check() { # name, ok|FAILED, detail
     res "check $1 $2 $3"
     say "$2 check $1: $3"
@@ -137,7 +155,7 @@ while read -r name path; do
     cat /tmp/test.out >&3
     echo >&3
     res "exit $name $rc $secs"
-    sed -nE "s/^test (.*) \.\.\. (ok|FAILED|ignored.*)$/vm-test: $KERNEL_LABEL: \2 $name::\1/p" /tmp/test.out
+    verdicts "$name" </tmp/test.out
     if [ "$rc" = 137 ]; then
         say "$name killed after ${secs}s (timeout $TEST_TIMEOUT s)"
     else

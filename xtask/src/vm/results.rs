@@ -104,7 +104,7 @@ pub fn parse(text: &str) -> Results {
     }
     if let Some((name, out)) = section {
         // The VM stopped while this executable ran.
-        let last = last_started(&out).unwrap_or_default();
+        let last = libtest_verdicts(&out).1.unwrap_or_default();
         r.items.push((
             format!("{name}::<binary>"),
             Verdict::Failed(format!(
@@ -117,25 +117,18 @@ pub fn parse(text: &str) -> Results {
 }
 
 fn finish_binary(r: &mut Results, name: &str, rc: i32, out: &str, secs: Option<u64>) {
+    let (verdicts, running) = libtest_verdicts(out);
     let mut any_failed = false;
-    let mut count = 0;
-    for line in out.lines() {
-        let Some(rest) = line.strip_prefix("test ") else {
-            continue;
-        };
-        let Some((test, verdict)) = rest.rsplit_once(" ... ") else {
-            continue;
-        };
-        let v = match verdict.trim() {
+    let count = verdicts.len();
+    for (test, verdict) in verdicts {
+        let v = match verdict {
             "ok" => Verdict::Ok,
             "FAILED" => {
                 any_failed = true;
                 Verdict::Failed(failure_detail(out, test))
             }
-            v if v.starts_with("ignored") => Verdict::Ignored,
-            _ => continue,
+            _ => Verdict::Ignored,
         };
-        count += 1;
         r.items.push((format!("{name}::{test}"), v));
     }
     if let Some(s) = secs {
@@ -146,7 +139,7 @@ fn finish_binary(r: &mut Results, name: &str, rc: i32, out: &str, secs: Option<u
             137 => format!("killed at the time limit after {}s", secs.unwrap_or(0)),
             _ => format!("exited with status {rc}"),
         };
-        let last = last_started(out)
+        let last = running
             .map(|t| format!(" (last test started: {t})"))
             .unwrap_or_default();
         r.items.push((
@@ -161,14 +154,34 @@ fn finish_binary(r: &mut Results, name: &str, rc: i32, out: &str, secs: Option<u
     }
 }
 
-/// The test whose "test NAME ... " line has no verdict (the one running when it stopped).
-fn last_started(out: &str) -> Option<String> {
-    let last = out.lines().rev().find(|l| l.starts_with("test "))?;
-    let rest = last.strip_prefix("test ")?;
-    if rest.ends_with(" ok") || rest.ends_with("FAILED") || rest.contains(" ... ignored") {
-        return None;
+/// libtest's verdicts (`test NAME ... ok|FAILED|ignored`), and the test that was running when
+/// the output ended, if any. Output of programs a test runs can land between "test NAME ... "
+/// and its verdict, which then stands on a line of its own.
+fn libtest_verdicts(out: &str) -> (Vec<(&str, &str)>, Option<&str>) {
+    fn verdict(s: &str) -> Option<&str> {
+        let s = s.trim();
+        (s == "ok" || s == "FAILED" || s.starts_with("ignored")).then_some(s)
     }
-    Some(rest.split(" ... ").next().unwrap_or(rest).to_string())
+    let mut done = Vec::new();
+    let mut pending = None;
+    for line in out.lines() {
+        if let Some((test, rest)) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.split_once(" ... "))
+        {
+            match verdict(rest) {
+                Some(v) => {
+                    done.push((test, v));
+                    pending = None;
+                }
+                None => pending = Some(test),
+            }
+        } else if let (Some(test), Some(v)) = (pending, verdict(line)) {
+            done.push((test, v));
+            pending = None;
+        }
+    }
+    (done, pending)
 }
 
 /// The panic message libtest prints for a failed test, first lines only.
@@ -255,6 +268,16 @@ failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n@@ exit ebpf_packet
             Verdict::Failed("the VM stopped while it ran (last test started: y)".into())
         );
         assert_eq!(r.durations, [("ebpf_packets".to_string(), 12)]);
+    }
+
+    #[test]
+    fn a_verdict_after_other_output_counts() {
+        let r = parse(
+            "@@ begin t\nrunning 2 tests\ntest a ... Actual changes:\nrx: off\nok\ntest b ... ok\n@@ exit t 0 1\n",
+        );
+        let names: Vec<&str> = r.items.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["t::a", "t::b"]);
+        assert_eq!(r.passed(), 2);
     }
 
     #[test]
