@@ -140,6 +140,12 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
         let _ = FLOWS.remove(&rkey);
         return Err(Error::TableFull);
     }
+    // A full LRU table evicts in batches, which can take the reply entry just made; without it
+    // the flow's replies would be refused as unsolicited.
+    if FLOWS.get_ptr(&rkey).is_none() && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(&p.key);
+        return Err(Error::TableFull);
+    }
     with_stats(|s| s.new_flows += 1);
     FLOWS.get_ptr_mut(&p.key).ok_or(Error::TableFull)
 }

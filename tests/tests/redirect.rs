@@ -402,9 +402,39 @@ fn restart_keeps_live_connections(attach: &str) {
     assert_eq!(lab.counter("new_flows"), 1, "the same flow carried on");
 }
 
+/// Whether the running kernel has tcx (Linux 6.6).
+fn kernel_has_tcx() -> bool {
+    let release = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 6)
+}
+
 #[test]
 fn restart_under_a_live_connection_tcx() {
-    restart_keeps_live_connections("tcx");
+    if kernel_has_tcx() {
+        restart_keeps_live_connections("tcx");
+        return;
+    }
+    // Without tcx, asking for it is refused with a message that says why and what to use.
+    let lab = Lab::new();
+    let p = lab
+        .topo
+        .router
+        .spawn(lab.command("80 tcp 203.0.113.25", "init", &["--attach", "tcx"]))
+        .unwrap();
+    let out = p.output(Duration::from_secs(30)).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no tcx") && err.contains("--attach clsact"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -439,13 +469,15 @@ fn legacy_mode_stays_until_sigterm_and_leaves_the_dataplane_working() {
 fn a_full_connection_table_evicts_the_oldest_flows() {
     let lab = Lab::new();
     let _echo = lab.topo.dest.udp_echo(sock(DEST_IP, 7000)).unwrap();
-    lab.init("7000 udp 203.0.113.25", &["--conntrack-size", "32"]);
-    // 60 flows (120 entries) through a 32-entry table: every one still works.
-    for i in 0..60u32 {
+    lab.init("7000 udp 203.0.113.25", &["--conntrack-size", "512"]);
+    // 400 flows (800 entries) through a 512-entry table: every one still works.
+    let flows = 400u32;
+    for i in 0..flows {
+        // Distinct source ports: a reused ephemeral port would be an old flow, not a new one.
         let s = lab
             .topo
             .client
-            .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 0))
+            .udp_bind(sock(Ipv4Addr::UNSPECIFIED, 20000 + i as u16))
             .unwrap();
         let msg = i.to_be_bytes();
         assert_eq!(
@@ -456,8 +488,18 @@ fn a_full_connection_table_evicts_the_oldest_flows() {
     }
     let status = lab.status();
     let entries = status["flows"].as_array().unwrap().len();
-    assert!(entries <= 32, "the table holds at most its size: {entries}");
-    assert_eq!(status["counters"]["new_flows"].as_u64().unwrap(), 60);
+    assert!(
+        entries <= 512,
+        "the table holds at most its size: {entries}"
+    );
+    assert!(
+        entries < 2 * flows as usize,
+        "old flows were evicted: {entries}"
+    );
+    assert_eq!(
+        status["counters"]["new_flows"].as_u64().unwrap(),
+        flows as u64
+    );
     assert_eq!(status["counters"]["drop_table_full"].as_u64().unwrap(), 0);
 }
 

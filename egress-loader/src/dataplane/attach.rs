@@ -42,22 +42,26 @@ pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// Fails if the requested attach mode cannot work on this kernel.
+pub fn check_mode(mode: AttachMode) -> Result<()> {
+    if mode == AttachMode::Tcx && !tcx_supported() {
+        bail!(
+            "--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact or auto"
+        );
+    }
+    Ok(())
+}
+
 pub fn attach_ingress(
     prog: &mut SchedClassifier,
     name: &str,
     iface: &str,
     opts: &DataplaneOptions,
 ) -> Result<Attached> {
+    check_mode(opts.attach)?;
     let use_tcx = match opts.attach {
         AttachMode::Auto => tcx_supported(),
-        AttachMode::Tcx => {
-            if !tcx_supported() {
-                bail!(
-                    "--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact"
-                );
-            }
-            true
-        }
+        AttachMode::Tcx => true,
         AttachMode::Clsact => false,
     };
     if use_tcx {

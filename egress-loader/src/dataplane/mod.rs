@@ -104,6 +104,7 @@ impl Dataplane {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
         features.require()?;
+        attach::check_mode(opts.attach)?;
         bpffs::ensure_dir(&opts.bpffs_dir)
     }
 
