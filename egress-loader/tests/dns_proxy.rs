@@ -622,7 +622,7 @@ async fn name_that_does_not_resolve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_both_engines() {
+async fn half_close_every_engine() {
     init_logs();
     let slot = Slot::new();
     // An upstream that reads everything, then replies a lot after the client's EOF.
@@ -640,7 +640,7 @@ async fn half_close_both_engines() {
             });
         }
     });
-    for engine in [Engine::Splice, Engine::Copy] {
+    for engine in [Engine::Auto, Engine::Splice, Engine::Copy] {
         let listen = slot.free_port(slot.ip(1));
         let cfg = config(vec![rule(listen, addr(slot.ip(10)), up_addr.port())]);
         let opts = DnsProxyOptions {
@@ -711,27 +711,48 @@ async fn many_concurrent_connections() {
     let port = a.addr.port();
     let b = Server::start(SocketAddr::new(slot.ip(11).into(), port)).await;
     let dns = Dnsmasq::start(slot.ip(53), &[("many.test", &[slot.ip(10), slot.ip(11)])]).await;
-    let listen = slot.free_port(slot.ip(1));
-    let cfg = config(vec![rule(listen, name("many.test"), port)]);
-    let proxy = Proxy::start(cfg, options(&slot), dns.resolver_options()).await;
-    let to = proxy.addrs[0];
-    let payload: Arc<Vec<u8>> = Arc::new((0..64 * 1024u32).map(|i| (i * 7) as u8).collect());
-    let clients: Vec<_> = (0..200)
-        .map(|_| {
-            let p = payload.clone();
-            tokio::spawn(async move { talk_checked(to, &p).await })
-        })
-        .collect();
-    let mut per = std::collections::HashMap::<String, usize>::new();
-    for c in clients {
-        *per.entry(c.await.unwrap()).or_default() += 1;
+    // The default, splice with a pool far too small (chunks fall back to copying), plain copy.
+    for (engine, max_pipes) in [(Engine::Auto, 32), (Engine::Splice, 2), (Engine::Copy, 0)] {
+        let listen = slot.free_port(slot.ip(1));
+        let cfg = Config {
+            dns_debug: false,
+            ..config(vec![rule(listen, name("many.test"), port)])
+        };
+        let opts = DnsProxyOptions {
+            engine,
+            max_pipes,
+            ..options(&slot)
+        };
+        let proxy = Proxy::start(cfg, opts, dns.resolver_options()).await;
+        let to = proxy.addrs[0];
+        let payload: Arc<Vec<u8>> = Arc::new((0..64 * 1024u32).map(|i| (i * 7) as u8).collect());
+        let (a0, b0) = (a.count(), b.count());
+        let clients: Vec<_> = (0..200)
+            .map(|_| {
+                let p = payload.clone();
+                tokio::spawn(async move { talk_checked(to, &p).await })
+            })
+            .collect();
+        let mut per = std::collections::HashMap::<String, usize>::new();
+        for c in clients {
+            *per.entry(c.await.unwrap()).or_default() += 1;
+        }
+        assert_eq!(per.values().sum::<usize>(), 200);
+        assert_eq!(
+            per.get(&a.id),
+            Some(&100),
+            "{engine:?} {max_pipes}: {per:?}"
+        );
+        assert_eq!(
+            per.get(&b.id),
+            Some(&100),
+            "{engine:?} {max_pipes}: {per:?}"
+        );
+        assert_eq!((a.count() - a0, b.count() - b0), (100, 100));
+        proxy.stop().await;
     }
-    assert_eq!(per.values().sum::<usize>(), 200);
-    assert_eq!(per.get(&a.id), Some(&100), "{per:?}");
-    assert_eq!(per.get(&b.id), Some(&100), "{per:?}");
     a.assert_from_source();
     b.assert_from_source();
-    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -835,7 +856,7 @@ async fn idle_connections_are_closed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// throughput: splice vs copy (run by hand, in release:
+// throughput of the engines (run by hand, in release:
 //   cargo test --release -p egress-loader --test dns_proxy -- --ignored --nocapture throughput)
 
 /// CPU time (user + system) of this process's tokio worker threads, where the proxy runs; the
@@ -1000,7 +1021,7 @@ fn bench_server(ip: Ipv4Addr, echo: bool) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run by hand in release"]
-async fn throughput_splice_vs_copy() {
+async fn throughput_engines() {
     let slot = Slot::new();
     let sink = bench_server(slot.ip(10), false);
     let echo = bench_server(slot.ip(11), true);
@@ -1016,7 +1037,7 @@ async fn throughput_splice_vs_copy() {
          100 B ping-pong {direct_rtt:.1} us"
     );
     for round in 0..3 {
-        for engine in [Engine::Splice, Engine::Copy] {
+        for engine in [Engine::Auto, Engine::Splice, Engine::Copy] {
             let (l1, l2) = (slot.free_port(slot.ip(1)), slot.free_port(slot.ip(1)));
             let cfg = Config {
                 dns_debug: false,

@@ -1,12 +1,21 @@
 //! Moving the bytes of one proxied connection: both directions in one task, with an idle timeout,
 //! half-close (EOF on one side shuts down the write side of the other, the other direction keeps
-//! going), byte counts, and two engines: splice(2) through a pipe (zero-copy) or read/write through
-//! a user-space buffer.
+//! going) and byte counts.
+//!
+//! Bytes move by splice(2) through a pipe (zero-copy) taken from a bounded [`PipePool`] only while
+//! data is in flight, as HAProxy does: an idle connection holds no pipe, and the pipes' capacity,
+//! which the kernel counts against the user's `fs.pipe-user-pages-soft` budget (shared by every
+//! process of that uid on the node), stays bounded. When the pool is empty, or with
+//! [`Engine::Copy`], a chunk goes through a user-space buffer allocated on first use. The default,
+//! [`Engine::Auto`], copies small chunks (cheaper than splicing them) and splices bulk data.
 use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -15,23 +24,30 @@ use tokio::{io::Interest, net::TcpStream, sync::watch};
 /// How the bytes are moved.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Engine {
-    /// splice(2) socket -> pipe -> socket: the data never enters user space.
+    /// Copy small chunks; splice once a read fills the copy buffer (bulk data), until the chunks
+    /// get small again.
     #[default]
+    Auto,
+    /// splice(2) socket -> pipe -> socket for everything: the data never enters user space.
     Splice,
     /// read(2)/write(2) through a user-space buffer.
     Copy,
 }
 
-/// Size of a copy buffer (per direction, per connection).
-const CHUNK: usize = 64 * 1024;
-/// Pipe capacity asked for. The kernel default (16 slots, 64 KiB of pages) makes about twice as
-/// many splice calls per byte; a 1 MiB pipe (the unprivileged maximum) costs only its 256-slot ring
-/// (about 10 KiB) until data sits in it. Measured on loopback: proxy CPU per GB about 0.3 s with
-/// 1 MiB pipes, 0.5 s with 64 KiB pipes, 0.5 to 0.6 s copying through a 64 KiB buffer.
-const PIPE_SIZE: i32 = 1024 * 1024;
+/// Size of a copy buffer (per direction, allocated when first needed). With [`Engine::Auto`], a
+/// read that fills it switches the direction to splice, and a splice that moves less switches it
+/// back.
+const CHUNK: usize = 32 * 1024;
+/// Pipe capacity asked for. The kernel default (16 slots, 64 KiB of pages) needs twice as many
+/// splice calls per byte and measured no better than copying; a 1 MiB pipe (the unprivileged
+/// maximum) costs its 256-slot ring (about 10 KiB) plus the pages in flight. Measured on loopback:
+/// proxy CPU about 0.3 s per GB with 1 MiB pipes, 0.5 s with 64 KiB pipes, 0.6 s copying.
+pub const PIPE_SIZE: usize = 1024 * 1024;
 /// A pipe smaller than this (the kernel gives 2-slot pipes to a user over
-/// fs.pipe-user-pages-soft) is not worth splicing through: copy instead.
+/// fs.pipe-user-pages-soft) is not worth splicing through.
 const PIPE_MIN: usize = 64 * 1024;
+/// After failing to make a pipe, do not try again for this long.
+const PIPE_RETRY: Duration = Duration::from_secs(1);
 
 /// Which side of the connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,8 +97,8 @@ pub struct Transfer {
     /// Upstream to client.
     pub received: u64,
     pub end: End,
-    /// The engine actually used (splice falls back to copy when no pipe can be made).
-    pub engine: Engine,
+    /// Of `sent + received`, the bytes moved by splice (the rest was copied).
+    pub spliced: u64,
 }
 
 /// Last time a byte moved, as milliseconds since `start`.
@@ -114,11 +130,12 @@ impl Activity {
 }
 
 /// Forwards between `client` and `upstream` until both directions are done, one fails, nothing
-/// moves for `idle`, or `stop` turns true.
+/// moves for `idle`, or `stop` turns true. Splices through pipes of `pipes` as `engine` says.
 pub async fn forward(
     client: &TcpStream,
     upstream: &TcpStream,
     engine: Engine,
+    pipes: &PipePool,
     idle: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Transfer {
@@ -128,37 +145,27 @@ pub async fn forward(
     };
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-
-    let pipes = match engine {
-        Engine::Splice => match (Pipe::new(), Pipe::new()) {
-            (Ok(a), Ok(b)) => Some((a, b)),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!(error = %e, "no pipe for splice; copying this connection");
-                None
-            }
-        },
-        Engine::Copy => None,
+    let spliced = AtomicU64::new(0);
+    let up = Pump {
+        src: client,
+        dst: upstream,
+        engine,
+        pipes,
+        count: &sent,
+        spliced: &spliced,
+        activity: &activity,
     };
-    let engine = if pipes.is_some() {
-        Engine::Splice
-    } else {
-        Engine::Copy
+    let down = Pump {
+        src: upstream,
+        dst: client,
+        engine,
+        pipes,
+        count: &received,
+        spliced: &spliced,
+        activity: &activity,
     };
-
-    let up = pump(
-        client,
-        upstream,
-        pipes.as_ref().map(|p| &p.0),
-        &sent,
-        &activity,
-    );
-    let down = pump(
-        upstream,
-        client,
-        pipes.as_ref().map(|p| &p.1),
-        &received,
-        &activity,
-    );
+    let up = up.run();
+    let down = down.run();
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let end = loop {
@@ -182,7 +189,7 @@ pub async fn forward(
         sent: sent.load(Ordering::Relaxed),
         received: received.load(Ordering::Relaxed),
         end,
-        engine,
+        spliced: spliced.load(Ordering::Relaxed),
     }
 }
 
@@ -207,99 +214,133 @@ impl PumpError {
     }
 }
 
-/// One direction: `src` to `dst` until EOF on `src`, then shuts down `dst`'s write side.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: Option<&Pipe>,
-    count: &AtomicU64,
-    activity: &Activity,
-) -> Result<(), PumpError> {
-    match pipe {
-        Some(pipe) => pump_splice(src, dst, pipe, count, activity).await?,
-        None => pump_copy(src, dst, count, activity).await?,
-    }
-    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-        // The peer may already be gone; that is the other direction's business.
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(e) => Err(PumpError::Write(e)),
-    }
+/// One direction of a connection.
+struct Pump<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    engine: Engine,
+    pipes: &'a PipePool,
+    count: &'a AtomicU64,
+    spliced: &'a AtomicU64,
+    activity: &'a Activity,
 }
 
-async fn pump_copy(
-    src: &TcpStream,
-    dst: &TcpStream,
-    count: &AtomicU64,
-    activity: &Activity,
-) -> Result<(), PumpError> {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        src.readable().await.map_err(PumpError::Read)?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(PumpError::Read(e)),
-        };
-        activity.touch();
-        let mut off = 0;
-        while off < n {
-            dst.writable().await.map_err(PumpError::Write)?;
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => {
-                    off += m;
-                    count.fetch_add(m as u64, Ordering::Relaxed);
-                    activity.touch();
+impl Pump<'_> {
+    /// `src` to `dst` until EOF on `src`, then shuts down `dst`'s write side.
+    async fn run(self) -> Result<(), PumpError> {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut bulk = self.engine == Engine::Splice;
+        loop {
+            self.src.readable().await.map_err(PumpError::Read)?;
+            let pipe = if bulk { self.pipes.get() } else { None };
+            let moved = match pipe {
+                Some(pipe) => {
+                    let moved = self.splice_chunk(pipe).await?;
+                    if self.engine == Engine::Auto && moved.is_some_and(|n| n < CHUNK) {
+                        bulk = false;
+                    }
+                    moved
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(PumpError::Write(e)),
+                None => {
+                    let moved = self.copy_chunk(&mut buf).await?;
+                    if self.engine == Engine::Auto && moved == Some(CHUNK) {
+                        bulk = true;
+                    }
+                    moved
+                }
+            };
+            if moved == Some(0) {
+                break;
             }
         }
+        match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
+            // The peer may already be gone; that is the other direction's business.
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(PumpError::Write(e)),
+        }
     }
-}
 
-async fn pump_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
-    count: &AtomicU64,
-    activity: &Activity,
-) -> Result<(), PumpError> {
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
-    loop {
-        // The pipe is empty here, so EAGAIN can only mean the socket has nothing to read.
-        src.readable().await.map_err(PumpError::Read)?;
-        let n = match src.try_io(Interest::READABLE, || {
-            splice(src_fd, pipe.write.as_raw_fd(), pipe.capacity)
+    /// Moves what `src` has through `pipe` to `dst`. None: nothing to read after all; Some(0):
+    /// EOF.
+    async fn splice_chunk(&self, pipe: PooledPipe<'_>) -> Result<Option<usize>, PumpError> {
+        // The pipe is empty, so EAGAIN can only mean the socket has nothing to read.
+        let n = match self.src.try_io(Interest::READABLE, || {
+            splice(self.src.as_raw_fd(), pipe.write_fd(), pipe.capacity())
         }) {
-            Ok(0) => return Ok(()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(PumpError::Read(e)),
+            Err(e) if retry(&e) => {
+                pipe.release();
+                return Ok(None);
+            }
+            Err(e) => {
+                pipe.release();
+                return Err(PumpError::Read(e));
+            }
         };
-        activity.touch();
-        // Drain the pipe completely; EAGAIN now means the socket's send buffer is full.
+        if n == 0 {
+            pipe.release();
+            return Ok(Some(0));
+        }
+        self.activity.touch();
+        // Drain the pipe completely; EAGAIN now means the socket's send buffer is full. On an error
+        // or cancellation the pipe still holds data and is closed (PooledPipe's drop).
         let mut left = n;
         while left > 0 {
-            dst.writable().await.map_err(PumpError::Write)?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), dst_fd, left)
+            self.dst.writable().await.map_err(PumpError::Write)?;
+            match self.dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read_fd(), self.dst.as_raw_fd(), left)
             }) {
                 Ok(m) => {
                     left -= m;
-                    count.fetch_add(m as u64, Ordering::Relaxed);
-                    activity.touch();
+                    self.count.fetch_add(m as u64, Ordering::Relaxed);
+                    self.spliced.fetch_add(m as u64, Ordering::Relaxed);
+                    self.activity.touch();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if retry(&e) => continue,
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        pipe.release();
+        Ok(Some(n))
     }
+
+    /// Moves one buffer's worth from `src` to `dst`. None: nothing to read after all; Some(0): EOF.
+    async fn copy_chunk(&self, buf: &mut Vec<u8>) -> Result<Option<usize>, PumpError> {
+        if buf.is_empty() {
+            buf.resize(CHUNK, 0);
+        }
+        let n = match self.src.try_read(buf) {
+            Ok(n) => n,
+            Err(e) if retry(&e) => return Ok(None),
+            Err(e) => return Err(PumpError::Read(e)),
+        };
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        self.activity.touch();
+        let mut off = 0;
+        while off < n {
+            self.dst.writable().await.map_err(PumpError::Write)?;
+            match self.dst.try_write(&buf[off..n]) {
+                Ok(m) => {
+                    off += m;
+                    self.count.fetch_add(m as u64, Ordering::Relaxed);
+                    self.activity.touch();
+                }
+                Err(e) if retry(&e) => continue,
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
+        Ok(Some(n))
+    }
+}
+
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -322,7 +363,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// A non-blocking pipe used as the splice buffer of one direction.
+/// A non-blocking pipe used as a splice buffer.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -338,9 +379,15 @@ impl Pipe {
         }
         // SAFETY: both descriptors are fresh and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A bigger pipe means fewer syscalls; keep what we have when the kernel says no.
+        // Keep what we have when the kernel refuses to grow it (limits for unprivileged users).
         // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
         // SAFETY: as above.
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         if size < 0 {
@@ -360,9 +407,113 @@ impl Pipe {
     }
 }
 
+/// At most `max` pipes, shared by every connection, each lent for one chunk's trip.
+pub struct PipePool {
+    state: Mutex<PoolState>,
+    max: usize,
+}
+
+struct PoolState {
+    free: Vec<Pipe>,
+    /// Pipes in existence (free or lent).
+    total: usize,
+    /// No new pipe before this (the last attempt failed).
+    retry_at: Option<Instant>,
+}
+
+impl PipePool {
+    pub fn new(max: usize) -> PipePool {
+        PipePool {
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                total: 0,
+                retry_at: None,
+            }),
+            max,
+        }
+    }
+
+    /// A free pipe, a new one if the pool may grow, or None (copy this chunk).
+    fn get(&self) -> Option<PooledPipe<'_>> {
+        let mut st = self.state.lock().unwrap();
+        if let Some(pipe) = st.free.pop() {
+            return Some(PooledPipe {
+                pipe: Some(pipe),
+                pool: self,
+            });
+        }
+        if st.total >= self.max || st.retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        match Pipe::new() {
+            Ok(pipe) => {
+                st.total += 1;
+                Some(PooledPipe {
+                    pipe: Some(pipe),
+                    pool: self,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot make a splice pipe; copying for now");
+                st.retry_at = Some(Instant::now() + PIPE_RETRY);
+                None
+            }
+        }
+    }
+
+    /// Pipes in existence, and how many of them are free (for tests and logs).
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.state.lock().unwrap();
+        (st.total, st.free.len())
+    }
+}
+
+/// A lent pipe: [`PooledPipe::release`] gives it back empty; dropped otherwise (it may hold data),
+/// it is closed.
+struct PooledPipe<'a> {
+    pipe: Option<Pipe>,
+    pool: &'a PipePool,
+}
+
+impl PooledPipe<'_> {
+    fn pipe(&self) -> &Pipe {
+        self.pipe
+            .as_ref()
+            .expect("pipe present until release or drop")
+    }
+
+    fn read_fd(&self) -> RawFd {
+        self.pipe().read.as_raw_fd()
+    }
+
+    fn write_fd(&self) -> RawFd {
+        self.pipe().write.as_raw_fd()
+    }
+
+    fn capacity(&self) -> usize {
+        self.pipe().capacity
+    }
+
+    /// Back to the pool; only when the pipe is empty.
+    fn release(mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.state.lock().unwrap().free.push(pipe);
+        }
+    }
+}
+
+impl Drop for PooledPipe<'_> {
+    fn drop(&mut self) {
+        if self.pipe.take().is_some() {
+            self.pool.state.lock().unwrap().total -= 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -375,13 +526,22 @@ mod tests {
         (a, b)
     }
 
-    /// client <-> [proxy_c | proxy_u] <-> server, with `forward` in the middle.
-    async fn run(engine: Engine) {
+    /// client <-> [proxy_c | proxy_u] <-> server, with `forward` in the middle; returns the
+    /// bytes spliced.
+    async fn run(engine: Engine, pipes: Arc<PipePool>) -> u64 {
         let (mut client, proxy_c) = pair().await;
         let (proxy_u, mut server) = pair().await;
         let (_stop_tx, stop) = watch::channel(false);
         let fwd = tokio::spawn(async move {
-            forward(&proxy_c, &proxy_u, engine, Duration::from_secs(5), stop).await
+            forward(
+                &proxy_c,
+                &proxy_u,
+                engine,
+                &pipes,
+                Duration::from_secs(5),
+                stop,
+            )
+            .await
         });
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
         let p2 = payload.clone();
@@ -403,17 +563,53 @@ mod tests {
         assert!(matches!(t.end, End::Closed), "{:?}", t.end);
         assert_eq!(t.sent, payload.len() as u64);
         assert_eq!(t.received, 15);
-        assert_eq!(t.engine, engine);
+        t.spliced
     }
 
     #[tokio::test]
     async fn splice_forwards_and_half_closes() {
-        run(Engine::Splice).await;
+        let pool = Arc::new(PipePool::new(4));
+        assert_eq!(run(Engine::Splice, pool.clone()).await, 3_000_015);
+        // Every pipe lent came back.
+        let (total, free) = pool.counts();
+        assert!((1..=2).contains(&total), "{total}");
+        assert_eq!(free, total);
     }
 
     #[tokio::test]
     async fn copy_forwards_and_half_closes() {
-        run(Engine::Copy).await;
+        let pool = Arc::new(PipePool::new(4));
+        assert_eq!(run(Engine::Copy, pool.clone()).await, 0);
+        assert_eq!(pool.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn auto_splices_bulk_and_copies_small() {
+        let pool = Arc::new(PipePool::new(4));
+        let spliced = run(Engine::Auto, pool.clone()).await;
+        // The 3 MB upload mostly spliced; the 15-byte reply copied.
+        assert!(spliced > 2_000_000 && spliced <= 3_000_000, "{spliced}");
+    }
+
+    #[tokio::test]
+    async fn empty_pool_copies() {
+        let pool = Arc::new(PipePool::new(0));
+        assert_eq!(run(Engine::Splice, pool.clone()).await, 0);
+        assert_eq!(pool.counts(), (0, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_pool_shared_by_many() {
+        let pool = Arc::new(PipePool::new(1));
+        let runs: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(run(Engine::Splice, pool.clone())))
+            .collect();
+        let mut spliced = 0;
+        for r in runs {
+            spliced += r.await.unwrap();
+        }
+        assert!(spliced > 0);
+        assert_eq!(pool.counts(), (1, 1));
     }
 
     #[tokio::test]
@@ -422,10 +618,12 @@ mod tests {
         let (proxy_u, _server) = pair().await;
         let (_stop_tx, stop) = watch::channel(false);
         let t0 = Instant::now();
+        let pool = PipePool::new(2);
         let t = forward(
             &proxy_c,
             &proxy_u,
-            Engine::Splice,
+            Engine::Auto,
+            &pool,
             Duration::from_millis(200),
             stop,
         )
@@ -440,10 +638,12 @@ mod tests {
         let (proxy_u, _server) = pair().await;
         let (stop_tx, stop) = watch::channel(false);
         let h = tokio::spawn(async move {
+            let pool = PipePool::new(0);
             forward(
                 &proxy_c,
                 &proxy_u,
                 Engine::Copy,
+                &pool,
                 Duration::from_secs(60),
                 stop,
             )

@@ -5,7 +5,8 @@
 //! - [`names`]: one small task per DNS name keeps its current address set in a watch channel
 //!   (re-resolved as the TTL runs out, within a floor and a ceiling); a [`names::Destination`]
 //!   spreads connections round robin over the current set and holds off addresses that failed.
-//! - [`forward`]: the bytes of one connection, splice(2) or plain copy, half-close, idle timeout.
+//! - [`forward`]: the bytes of one connection: small chunks copied, bulk data spliced through
+//!   pipes lent by a bounded pool, half-close, idle timeout.
 //! - here: options, listeners, the per-connection task, drain on shutdown.
 //!
 //! A connection is a tokio task; nothing blocks a thread. A name that does not resolve only makes
@@ -125,7 +126,8 @@ pub struct DnsProxyOptions {
         value_parser = parse_duration
     )]
     pub drain_timeout: Duration,
-    /// How bytes are moved: splice (zero-copy through a pipe) or copy (user-space buffer).
+    /// How bytes are moved: auto (copy small chunks, splice bulk data), splice (zero-copy through
+    /// a pipe, always) or copy (user-space buffer, always).
     #[arg(
         id = "dns_proxy_engine",
         long = "dns-proxy-engine",
@@ -135,6 +137,17 @@ pub struct DnsProxyOptions {
         default_value_t = Engine::default()
     )]
     pub engine: Engine,
+    /// For splicing: at most this many 1 MiB pipes, shared by all connections and held only while
+    /// data is in flight (their capacity counts against the user's fs.pipe-user-pages-soft, 64 MiB
+    /// by default, shared by every process of the same uid). When all are busy, chunks are copied.
+    #[arg(
+        id = "dns_proxy_max_pipes",
+        long = "dns-proxy-max-pipes",
+        env = "EGRESS_DNS_PROXY_MAX_PIPES",
+        value_name = "N",
+        default_value_t = 32
+    )]
+    pub max_pipes: usize,
 }
 
 impl Default for DnsProxyOptions {
@@ -149,6 +162,7 @@ impl Default for DnsProxyOptions {
             holdoff: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
             engine: Engine::default(),
+            max_pipes: 32,
         }
     }
 }
@@ -216,6 +230,7 @@ struct Shared {
     connect_timeout: Duration,
     idle_timeout: Duration,
     engine: Engine,
+    pipes: forward::PipePool,
     debug: bool,
     /// Turns true when the drain time is over: open connections end.
     stop: watch::Receiver<bool>,
@@ -307,6 +322,7 @@ impl DnsProxy {
                 connect_timeout: opts.connect_timeout,
                 idle_timeout: opts.idle_timeout,
                 engine: opts.engine,
+                pipes: forward::PipePool::new(opts.max_pipes),
                 debug: cfg.dns_debug,
                 stop,
                 active: AtomicUsize::new(0),
@@ -495,11 +511,12 @@ async fn handle(
 ) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
-    let log_end = |upstream: Option<SocketAddr>, sent: u64, received: u64, end: &str| {
+    let log_end = |upstream: Option<SocketAddr>, t: (u64, u64, u64), end: &str| {
         if shared.debug {
             let upstream = upstream.map_or_else(|| "-".to_string(), |a| a.to_string());
+            let (sent, received, spliced) = t;
             info!(
-                "conn client={peer} port={port} dest={} upstream={upstream} sent={sent} received={received} duration={:.3}s end={end}",
+                "conn client={peer} port={port} dest={} upstream={upstream} sent={sent} received={received} spliced={spliced} duration={:.3}s end={end}",
                 dest.label,
                 started.elapsed().as_secs_f64(),
             );
@@ -518,7 +535,7 @@ async fn handle(
                 );
             }
             reset(&client);
-            log_end(None, 0, 0, &format!("refused: {why}"));
+            log_end(None, (0, 0, 0), &format!("refused: {why}"));
             return;
         }
     };
@@ -545,7 +562,7 @@ async fn handle(
             warn!(port, dest = %dest.label, %addr, error = %e, suppressed = n, "cannot connect to the destination");
         }
         reset(&client);
-        log_end(Some(addr), 0, 0, &format!("connect failed: {e}"));
+        log_end(Some(addr), (0, 0, 0), &format!("connect failed: {e}"));
         return;
     };
 
@@ -553,6 +570,7 @@ async fn handle(
         &client,
         &upstream,
         shared.engine,
+        &shared.pipes,
         shared.idle_timeout,
         shared.stop.clone(),
     )
@@ -566,7 +584,11 @@ async fn handle(
             forward::Side::Upstream => reset(&client),
         }
     }
-    log_end(Some(addr), t.sent, t.received, &t.end.to_string());
+    log_end(
+        Some(addr),
+        (t.sent, t.received, t.spliced),
+        &t.end.to_string(),
+    );
 }
 
 /// Returns once `stop` is true (or its sender is gone). The `Ref` that `wait_for` returns is not
