@@ -622,6 +622,54 @@ async fn name_that_does_not_resolve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_server_outage_keeps_the_last_answer_for_a_while() {
+    init_logs();
+    let slot = Slot::new();
+    let a = Server::start(SocketAddr::new(slot.ip(10).into(), 0)).await;
+    let port = a.addr.port();
+    let records: &[(&str, &[Ipv4Addr])] = &[("steady.test", &[slot.ip(10)])];
+    let dns = Dnsmasq::start(slot.ip(53), records).await;
+    let listen = slot.free_port(slot.ip(1));
+    let cfg = config(vec![rule(listen, name("steady.test"), port)]);
+    let opts = DnsProxyOptions {
+        stale_hold: Duration::from_secs(3),
+        ..options(&slot)
+    };
+    let proxy = Proxy::start(cfg, opts, dns.resolver_options()).await;
+    let to = proxy.addrs[0];
+    assert_eq!(talk_checked(to, b"up").await, a.id);
+
+    // The DNS server goes away: the last answer is still used...
+    drop(dns);
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_millis(1000) {
+        assert_eq!(talk_checked(to, b"still").await, a.id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...until the stale hold is over; then the name counts as unresolvable.
+    while talk(to, b"now?").await.is_ok() {
+        assert!(down.elapsed() < Duration::from_secs(15), "kept forever");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        down.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        down.elapsed()
+    );
+    assert_refused(to).await;
+
+    // The server comes back: so does the destination.
+    let _dns = Dnsmasq::start(slot.ip(53), records).await;
+    let back = Instant::now();
+    while talk(to, b"back?").await.is_err() {
+        assert!(back.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.assert_from_source();
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_every_engine() {
     init_logs();
     let slot = Slot::new();
