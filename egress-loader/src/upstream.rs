@@ -19,6 +19,16 @@ pub async fn connect(
         TcpSocket::new_v6()?
     };
     if let Some(src) = source.filter(|s| s.is_ipv4() == to.is_ipv4()) {
+        // Pick the source port at connect time, per destination: bound first, every outgoing
+        // connection of the router would share one pool of ephemeral ports.
+        if to.is_ipv4() {
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )
+            .map_err(io::Error::from)?;
+        }
         socket.bind(SocketAddr::new(src, 0))?;
     }
     socket.set_nodelay(true)?;
