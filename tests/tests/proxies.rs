@@ -52,6 +52,16 @@ impl Lab {
             .dest
             .spawn(dnsmasq)
             .expect("dnsmasq must be installed (cargo xtask setup)");
+        // dnsmasq serves TCP too: once port 53 accepts, it answers.
+        let deadline = Instant::now() + T;
+        while topo
+            .dest
+            .run(|| TcpStream::connect_timeout(&SocketAddr::from((DEST_IP, 53)), T))
+            .is_err()
+        {
+            assert!(dns.is_running() && Instant::now() < deadline, "dnsmasq did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let listener = topo
             .dest
             .tcp_listen(SocketAddr::from((DEST_IP, 80)))
