@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod dns_proxy;
 pub mod http_proxy;
+pub mod listener;
 pub mod modes;
 pub mod netsetup;
 pub mod redirect;

@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -189,7 +189,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Runs the DNS proxy until SIGTERM (or SIGINT), then drains.
 pub async fn run(cfg: &Config, opts: &DnsProxyOptions, resolver: &ResolverOptions) -> Result<()> {
-    raise_fd_limit();
+    crate::listener::raise_fd_limit();
     let proxy = DnsProxy::bind(cfg, opts, resolver).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -304,7 +304,7 @@ impl DnsProxy {
                 })
                 .clone();
             let addr = SocketAddr::new(opts.listen_address, rule.local_port);
-            let listener = listen(addr).with_context(|| {
+            let listener = crate::listener::listen(addr, 1024).with_context(|| {
                 format!(
                     "listening on {addr} (EGRESS_DNS_PROXY_DESTINATION line {})",
                     rule.line
@@ -393,33 +393,6 @@ fn target_key(t: &DnsTarget) -> String {
     match t {
         DnsTarget::Addr(ip) => ip.to_string(),
         DnsTarget::Name(n) => n.clone(),
-    }
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
-/// Raises the soft open-file limit to the hard one: every proxied connection holds two sockets
-/// and, with splice, two pipes.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }
 

@@ -23,10 +23,7 @@ use anyhow::{Context as _, Result};
 use hickory_resolver::config::LookupIpStrategy;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    sync::Semaphore,
-};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -113,8 +110,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// http-proxy mode: listens on `opts.listen` until SIGTERM (or SIGINT), then shuts down
 /// gracefully.
 pub async fn run(cfg: &Config, opts: &HttpProxyOptions, resolver: &ResolverOptions) -> Result<()> {
-    raise_fd_limit();
-    let listener = listen(opts.listen)
+    crate::listener::raise_fd_limit();
+    let listener = crate::listener::listen(opts.listen, 4096)
         .with_context(|| format!("listening on {} for the HTTP proxy", opts.listen))?;
     tracing::info!(listen = %opts.listen, "HTTP proxy listening");
     let shutdown = async {
@@ -133,32 +130,6 @@ pub async fn run(cfg: &Config, opts: &HttpProxyOptions, resolver: &ResolverOptio
         }
     };
     serve(listener, cfg, opts, resolver, shutdown).await
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
-
-/// Lifts the soft open-files limit to the hard one: each proxied connection needs two.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves; then stops accepting, lets running
