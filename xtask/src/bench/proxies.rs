@@ -1,0 +1,362 @@
+//! HTTP proxy (egress-router vs squid) and DNS proxy (egress-router vs HAProxy), each baseline
+//! configured the way OpenShift's egress-http-proxy.sh / egress-dns-proxy.sh configure it
+//! (openshift/images, egress/http-proxy and egress/dns-proxy), for the same rules.
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use egress_tests::{DEST_IP, EGRESS_SOURCE, POD_IP, Proc, Topology};
+
+use super::{
+    Ctx, load,
+    report::{Better, Section, Who},
+    servers::{ECHO_PORT, HTTP_PORT, IPERF_PORT, SINK_PORT, Servers},
+    sys, tune, wait_listening,
+};
+
+pub const HTTP_KA_RPS: &str = "requests/s, keep-alive";
+pub const HTTP_KA_P50: &str = "latency p50, keep-alive, µs";
+pub const HTTP_KA_P99: &str = "latency p99, keep-alive, µs";
+pub const HTTP_CLOSE_RPS: &str = "requests/s, one connection per request";
+pub const HTTP_CLOSE_P50: &str = "latency p50, one connection per request, µs";
+pub const HTTP_CLOSE_P99: &str = "latency p99, one connection per request, µs";
+pub const HTTP_CONNECT: &str = "CONNECT tunnel throughput (1 stream), Gbit/s";
+pub const RSS_IDLE: &str = "resident memory, idle, MiB";
+pub const RSS_IDLE_CONNS: &str = "resident memory with the idle client connections, MiB";
+pub const DNS_CRR: &str = "new connections/s";
+pub const DNS_GBPS: &str = "throughput (iperf3, 1 stream), Gbit/s";
+pub const DNS_P50: &str = "request/response latency p50, µs";
+pub const DNS_P99: &str = "request/response latency p99, µs";
+
+/// The HTTP proxy's port (OpenShift's squid `http_port 8080`; egress-router's default).
+const PROXY_PORT: u16 = 8080;
+
+/// EGRESS_HTTP_PROXY_DESTINATION for both proxies: a deny, the destination network, a domain.
+/// The requests go to an IP literal in the allowed network, so neither proxy needs DNS.
+pub const HTTP_RULES: &str = "!198.51.100.0/24\n203.0.113.0/24\n*.example.com\n";
+
+/// EGRESS_DNS_PROXY_DESTINATION for both proxies.
+pub fn dns_rules() -> String {
+    format!("{ECHO_PORT} {DEST_IP}\n{IPERF_PORT} {DEST_IP}\n")
+}
+
+struct Lab {
+    servers: Servers,
+    proxy: Proc,
+    topo: Topology,
+}
+
+fn start(ctx: &Ctx, who: Who, section: Section) -> Result<Lab> {
+    let topo = Topology::new().context("building the topology")?;
+    tune(&topo)?;
+    let servers = Servers::start(&topo.dest, &ctx.dir)?;
+    let r = ctx.round;
+    let (proxy, port, log) = match (section, who) {
+        (Section::Http, Who::Ours) => {
+            let log = format!("http-ours-{r}.log");
+            let mut cmd = ctx.router_cmd("http-proxy", &log)?;
+            cmd.env("EGRESS_HTTP_PROXY_DESTINATION", HTTP_RULES);
+            (topo.router.spawn(cmd)?, PROXY_PORT, log)
+        }
+        (Section::Http, _) => {
+            // What OpenShift's setup_network does in http-proxy mode, then its squid.
+            topo.configure_macvlan()?;
+            let conf = ctx.dir.join("squid.conf");
+            std::fs::write(&conf, squid_conf(HTTP_RULES))?;
+            let log = format!("squid-{r}.log");
+            let out = std::fs::File::create(ctx.dir.join(&log))?;
+            let mut cmd = Command::new("squid");
+            cmd.arg("-N")
+                .arg("-f")
+                .arg(&conf)
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out);
+            (topo.router.spawn(cmd)?, PROXY_PORT, log)
+        }
+        (_, Who::Ours) => {
+            let log = format!("dns-ours-{r}.log");
+            let mut cmd = ctx.router_cmd("dns-proxy", &log)?;
+            cmd.env("EGRESS_DNS_PROXY_DESTINATION", dns_rules());
+            (topo.router.spawn(cmd)?, ECHO_PORT, log)
+        }
+        (_, _) => {
+            topo.configure_macvlan()?;
+            let conf = ctx.dir.join("haproxy.cfg");
+            std::fs::write(&conf, haproxy_cfg(&dns_rules(), &ctx.dir)?)?;
+            let log = format!("haproxy-{r}.log");
+            let out = std::fs::File::create(ctx.dir.join(&log))?;
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-f")
+                .arg(&conf)
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out);
+            (topo.router.spawn(cmd)?, ECHO_PORT, log)
+        }
+    };
+    wait_listening(&topo.client, SocketAddr::from((POD_IP, port)), &proxy)
+        .with_context(|| format!("the proxy did not start:\n{}", ctx.log_tail(&log)))?;
+    Ok(Lab {
+        servers,
+        proxy,
+        topo,
+    })
+}
+
+fn check_peers(servers: &Servers) -> Result<()> {
+    let peers = servers.peers();
+    ensure!(
+        peers == HashSet::from([IpAddr::V4(EGRESS_SOURCE)]),
+        "the destination saw {peers:?}, expected only {EGRESS_SOURCE}"
+    );
+    Ok(())
+}
+
+fn rss_mib(p: &Proc) -> Result<f64> {
+    Ok(sys::tree_rss_kib(p.pid())? as f64 / 1024.0)
+}
+
+pub fn http_round(ctx: &mut Ctx, order: &[Who]) {
+    for &who in order {
+        println!("  HTTP proxy, {}", who.label(Section::Http));
+        if let Err(e) = http(ctx, who) {
+            ctx.fail(Section::Http, who, &format!("{e:#}"));
+        }
+    }
+}
+
+fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
+    let s = Section::Http;
+    let lab = start(ctx, who, s)?;
+    let proxy = SocketAddr::from((POD_IP, PROXY_PORT));
+    let host = DEST_IP.to_string();
+    let url = format!("http://{DEST_IP}:{HTTP_PORT}/");
+    let warm = load::Warm::Http {
+        url: &url,
+        host: &host,
+    };
+    lab.servers.clear_peers();
+    drop(load::idle_connections(&lab.topo.client, proxy, 1, &warm).context("first request")?);
+    check_peers(&lab.servers)?;
+    let p = ctx.p.clone();
+    // Memory first, before load has grown any pool or arena.
+    std::thread::sleep(Duration::from_millis(500));
+    ctx.measure(s, RSS_IDLE, Better::Lower, who, || rss_mib(&lab.proxy));
+    let conns = load::idle_connections(&lab.topo.client, proxy, p.idle_conns, &warm);
+    match conns {
+        Ok(c) => {
+            std::thread::sleep(Duration::from_millis(500));
+            ctx.measure(s, RSS_IDLE_CONNS, Better::Lower, who, || {
+                rss_mib(&lab.proxy)
+            });
+            drop(c);
+        }
+        Err(e) => ctx.fail(s, who, &format!("{RSS_IDLE_CONNS}: {e:#}")),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for keepalive in [true, false] {
+        let (rps, p50, p99) = if keepalive {
+            (HTTP_KA_RPS, HTTP_KA_P50, HTTP_KA_P99)
+        } else {
+            (HTTP_CLOSE_RPS, HTTP_CLOSE_P50, HTTP_CLOSE_P99)
+        };
+        match load::wrk(
+            &lab.topo.client,
+            &ctx.dir,
+            proxy,
+            &url,
+            &host,
+            keepalive,
+            p.http_conns,
+            p.measure,
+        ) {
+            Ok(r) => {
+                ctx.measure(s, rps, Better::Higher, who, || Ok(r.rps));
+                ctx.measure(s, p50, Better::Lower, who, || Ok(r.p50_us));
+                ctx.measure(s, p99, Better::Lower, who, || Ok(r.p99_us));
+            }
+            Err(e) => ctx.fail(s, who, &format!("{rps}: {e:#}")),
+        }
+    }
+    ctx.measure(s, HTTP_CONNECT, Better::Higher, who, || {
+        load::connect_stream(
+            &lab.topo.client,
+            proxy,
+            SocketAddr::from((DEST_IP, SINK_PORT)),
+            p.warmup,
+            p.measure,
+            || lab.servers.sink_bytes(),
+        )
+    });
+    Ok(())
+}
+
+pub fn dns_round(ctx: &mut Ctx, order: &[Who]) {
+    for &who in order {
+        println!("  DNS proxy, {}", who.label(Section::Dns));
+        if let Err(e) = dns(ctx, who) {
+            ctx.fail(Section::Dns, who, &format!("{e:#}"));
+        }
+    }
+}
+
+fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
+    let s = Section::Dns;
+    let lab = start(ctx, who, s)?;
+    let echo = SocketAddr::from((POD_IP, ECHO_PORT));
+    lab.servers.clear_peers();
+    drop(
+        load::idle_connections(&lab.topo.client, echo, 1, &load::Warm::Echo)
+            .context("first connection")?,
+    );
+    check_peers(&lab.servers)?;
+    let p = ctx.p.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    ctx.measure(s, RSS_IDLE, Better::Lower, who, || rss_mib(&lab.proxy));
+    match load::idle_connections(&lab.topo.client, echo, p.idle_conns, &load::Warm::Echo) {
+        Ok(c) => {
+            std::thread::sleep(Duration::from_millis(500));
+            ctx.measure(s, RSS_IDLE_CONNS, Better::Lower, who, || {
+                rss_mib(&lab.proxy)
+            });
+            drop(c);
+        }
+        Err(e) => ctx.fail(s, who, &format!("{RSS_IDLE_CONNS}: {e:#}")),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    ctx.measure(s, DNS_CRR, Better::Higher, who, || {
+        load::tcp_crr(&lab.topo.client, echo, p.crr_threads, p.measure)
+    });
+    let secs = p.measure.as_secs().max(1) as u32;
+    let omit = p.warmup.as_secs() as u32;
+    ctx.measure(s, DNS_GBPS, Better::Higher, who, || {
+        load::iperf3(
+            &lab.topo.client,
+            SocketAddr::from((POD_IP, IPERF_PORT)),
+            secs,
+            omit,
+        )
+    });
+    match load::tcp_rr(&lab.topo.client, echo, 64, p.measure) {
+        Ok((p50, p99)) => {
+            ctx.measure(s, DNS_P50, Better::Lower, who, || Ok(p50));
+            ctx.measure(s, DNS_P99, Better::Lower, who, || Ok(p99));
+        }
+        Err(e) => ctx.fail(s, who, &format!("request/response: {e:#}")),
+    }
+    Ok(())
+}
+
+/// squid.conf as OpenShift's egress-http-proxy.sh writes it: the fixed header, then one ACL and
+/// one http_access line per rule (`dst` for addresses and CIDRs, `dstdomain` for names, a
+/// leading dot for `*.` domains), then `allow all` after a `*` rule or `deny all`.
+pub fn squid_conf(rules: &str) -> String {
+    let mut s = String::from(
+        "http_port 8080\ncache deny all\naccess_log none all\ndebug_options ALL,0\nshutdown_lifetime 0\npid_filename none\n",
+    );
+    let mut n = 0;
+    let mut wildcard = false;
+    for line in rules.lines() {
+        let dest = line.trim();
+        if dest.is_empty() || dest.starts_with('#') {
+            continue;
+        }
+        n += 1;
+        if dest == "*" {
+            wildcard = true;
+            continue;
+        }
+        let (rule, dest) = match dest.strip_prefix('!') {
+            Some(d) => ("deny", d),
+            None => ("allow", dest),
+        };
+        let is_addr = {
+            let addr = dest.split('/').next().unwrap_or(dest);
+            addr.parse::<IpAddr>().is_ok()
+        };
+        let acl = if is_addr {
+            format!("dst {dest}")
+        } else if let Some(domain) = dest.strip_prefix('*') {
+            format!("dstdomain {domain}")
+        } else {
+            format!("dstdomain {dest}")
+        };
+        let _ = write!(s, "\nacl dest{n} {acl}\nhttp_access {rule} dest{n}\n");
+    }
+    s.push('\n');
+    s.push_str(if wildcard {
+        "http_access allow all\n"
+    } else {
+        "http_access deny all\n"
+    });
+    s
+}
+
+/// haproxy.cfg as OpenShift's egress-dns-proxy.sh writes it (IP destinations; a name would add
+/// `resolvers dns-resolver resolve-prefer ipv4` and a server-template). The pidfile is moved
+/// into the run's directory; everything else is verbatim, including the syslog target and
+/// `option tcplog` (one log datagram per connection).
+pub fn haproxy_cfg(rules: &str, dir: &std::path::Path) -> Result<String> {
+    let mut s = format!(
+        "
+global
+    log         127.0.0.1 local2
+
+    pidfile     {}
+    maxconn     8000
+    user        haproxy
+    group       haproxy
+
+defaults
+    log                     global
+    mode                    tcp
+    option                  dontlognull
+    option                  tcplog
+    option                  redispatch
+    retries                 3
+    timeout http-request    100s
+    timeout queue           1m
+    timeout connect         10s
+    timeout client          1m
+    timeout server          1m
+    timeout http-keep-alive 100s
+    timeout check           10s
+
+",
+        dir.join("haproxy.pid").display()
+    );
+    s.push_str("resolvers dns-resolver\n");
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    for (i, ns) in resolv
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .map(str::trim)
+        .enumerate()
+    {
+        let _ = writeln!(s, "    nameserver ns{} {ns}:53", i + 1);
+    }
+    s.push_str(
+        "    resolve_retries      3\n    timeout retry        1s\n    hold valid           10s\n\n",
+    );
+    for (n, line) in rules.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ensure!(
+            f.len() >= 2 && f[1].parse::<IpAddr>().is_ok(),
+            "the bench only generates HAProxy backends for IP destinations: {line}"
+        );
+        let (port, target) = (f[0], f[1]);
+        let tport = f.get(2).copied().unwrap_or(port);
+        let n = n + 1;
+        let _ = write!(
+            s,
+            "\nfrontend fe{n}\n    bind :{port}\n    default_backend be{n}\n\nbackend be{n}\n    server dest1 {target}:{tport} check \n\n"
+        );
+    }
+    Ok(s)
+}

@@ -1,0 +1,402 @@
+//! Redirect mode: the eBPF dataplane vs OpenShift's nftables NAT vs plain routing.
+//!
+//! Same topology, same servers, same generators for the three. The client talks to the pod IP
+//! (egress-router, nftables) or straight to the destination (plain routing: the client's
+//! default route is the router, which forwards out of macvlan0; lan routes the client subnet
+//! back via EGRESS_SOURCE).
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use egress_tests::{
+    CLIENT_IF, CLIENT_IP, DEST_IP, EGRESS_SOURCE, LAN_IF, NODE_IF, POD_IP, ROUTER_ETH0, Topology,
+};
+
+use super::{
+    BpffsDir, Ctx, load,
+    report::{Better, Section, Who},
+    servers::{ECHO_PORT, IPERF_PORT, Servers, TESTRUN_PORT, UDP_PORT},
+    sys, testrun, tune,
+};
+
+pub const UDP_PPS: &str = "UDP 64-byte packets/s forwarded";
+pub const UDP_OFFERED: &str = "UDP packets/s offered by the generator";
+pub const UDP_CPU: &str = "kernel CPU time per forwarded UDP packet, ns";
+pub const TCP_GBPS: &str = "TCP throughput (iperf3, 1 stream), Gbit/s";
+pub const CRR: &str = "new TCP connections/s";
+pub const RR_P50: &str = "TCP request/response latency p50, µs";
+pub const RR_P99: &str = "TCP request/response latency p99, µs";
+pub const COST_EMPTY: &str = "BPF_PROG_TEST_RUN empty program (measuring floor), ns/packet";
+pub const COST_EST: &str = "BPF_PROG_TEST_RUN established flow (eth0), ns/packet";
+pub const COST_NEW: &str = "BPF_PROG_TEST_RUN new flow (eth0 SYN), ns/packet";
+pub const COST_REPLY: &str = "BPF_PROG_TEST_RUN reply (macvlan0), ns/packet";
+
+/// The rules all three contenders serve (plain routing ignores them).
+pub fn destination() -> String {
+    let d = DEST_IP;
+    format!(
+        "{IPERF_PORT} tcp {d}\n{ECHO_PORT} tcp {d}\n{UDP_PORT} udp {d}\n{TESTRUN_PORT} tcp {d}\n"
+    )
+}
+
+/// The table and chains OpenShift's egress-router.sh declares and flushes before its rules
+/// (setup_nft); the rules themselves come from `egress-router` in unit-test mode.
+const OPENSHIFT_NFT_TABLE: &str = "\
+table ip nat {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+  }
+}
+flush table ip nat
+";
+
+struct Lab {
+    // Drop order: servers, then the bpffs directory, then the namespaces.
+    servers: Servers,
+    bpffs: Option<BpffsDir>,
+    topo: Topology,
+    /// Where the client sends its traffic.
+    target: Ipv4Addr,
+}
+
+pub fn round(ctx: &mut Ctx, order: [Who; 3]) {
+    for who in order {
+        println!("  redirect, {}", who.label(Section::Redirect));
+        ctx.who = who.label(Section::Redirect).to_string();
+        if let Err(e) = contender(ctx, who) {
+            ctx.fail(Section::Redirect, who, &format!("{e:#}"));
+        }
+    }
+}
+
+fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
+    let lab = setup(ctx, who)?;
+    let s = Section::Redirect;
+    if let Some(bpffs) = &lab.bpffs {
+        let runs = ctx.p.testrun_runs;
+        match testrun::measure(&lab.topo, &bpffs.0, runs) {
+            Ok(c) => {
+                ctx.measure(s, COST_EMPTY, Better::Neither, who, || Ok(c.empty));
+                for (name, v) in [
+                    (COST_EST, c.established),
+                    (COST_NEW, c.new_flow),
+                    (COST_REPLY, c.reply),
+                ] {
+                    ctx.measure(s, name, Better::Lower, who, || Ok(v));
+                }
+            }
+            Err(e) => ctx.fail(s, who, &format!("BPF_PROG_TEST_RUN: {e:#}")),
+        }
+    }
+    match udp(ctx, &lab) {
+        Ok((delivered, offered, cpu)) => {
+            ctx.measure(s, UDP_PPS, Better::Higher, who, || Ok(delivered));
+            ctx.measure(s, UDP_OFFERED, Better::Neither, who, || Ok(offered));
+            if let Some(cpu) = cpu {
+                ctx.measure(s, UDP_CPU, Better::Lower, who, || Ok(cpu));
+            }
+        }
+        Err(e) => ctx.fail(s, who, &format!("{UDP_PPS}: {e:#}")),
+    }
+    let p = ctx.p.clone();
+    let target = lab.target;
+    let secs = p.measure.as_secs().max(1) as u32;
+    let omit = p.warmup.as_secs() as u32;
+    ctx.measure(s, TCP_GBPS, Better::Higher, who, || {
+        load::iperf3(
+            &lab.topo.client,
+            SocketAddr::from((target, IPERF_PORT)),
+            secs,
+            omit,
+        )
+    });
+    ctx.measure(s, CRR, Better::Higher, who, || {
+        load::tcp_crr(
+            &lab.topo.client,
+            SocketAddr::from((target, ECHO_PORT)),
+            p.crr_threads,
+            p.measure,
+        )
+    });
+    match load::tcp_rr(
+        &lab.topo.client,
+        SocketAddr::from((target, ECHO_PORT)),
+        64,
+        p.measure,
+    ) {
+        Ok((p50, p99)) => {
+            ctx.measure(s, RR_P50, Better::Lower, who, || Ok(p50));
+            ctx.measure(s, RR_P99, Better::Lower, who, || Ok(p99));
+        }
+        Err(e) => ctx.fail(s, who, &format!("request/response: {e:#}")),
+    }
+    drop(lab);
+    Ok(())
+}
+
+fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
+    let topo = Topology::new().context("building the topology")?;
+    tune(&topo)?;
+    let servers = Servers::start(&topo.dest, &ctx.dir)?;
+    let mut bpffs = None;
+    let (target, expect_peer) = match who {
+        Who::Ours => {
+            let dir = BpffsDir::new(&topo);
+            let log = format!("redirect-init-{}.log", ctx.round);
+            let mut cmd = ctx.router_cmd("init", &log)?;
+            cmd.env("EGRESS_DESTINATION", destination())
+                .env("EGRESS_BPFFS_DIR", &dir.0);
+            bpffs = Some(dir);
+            let p = topo.router.spawn(cmd)?;
+            match p.wait_timeout(Duration::from_secs(30))? {
+                Some(st) if st.success() => {}
+                st => bail!(
+                    "egress-router init failed ({st:?}):\n{}",
+                    ctx.log_tail(&log)
+                ),
+            }
+            (POD_IP, EGRESS_SOURCE)
+        }
+        Who::Base => {
+            topo.configure_macvlan()?;
+            topo.router.set_sysctl("net.ipv4.ip_forward", "1")?;
+            let script = format!("{OPENSHIFT_NFT_TABLE}{}", nft_rules(ctx)?);
+            let file = ctx.dir.join("openshift-nat.nft");
+            std::fs::write(&file, &script)?;
+            let mut nft = Command::new("nft");
+            nft.arg("-f").arg(&file);
+            sys::ns_output(&topo.router, nft, Duration::from_secs(10))
+                .context("applying OpenShift's nftables ruleset")?;
+            (POD_IP, EGRESS_SOURCE)
+        }
+        Who::Ceiling => {
+            topo.configure_macvlan()?;
+            topo.router.set_sysctl("net.ipv4.ip_forward", "1")?;
+            topo.lan
+                .add_route("10.128.0.0/24".parse()?, Some(EGRESS_SOURCE), LAN_IF)?;
+            (DEST_IP, CLIENT_IP)
+        }
+    };
+    let lab = Lab {
+        servers,
+        bpffs,
+        topo,
+        target,
+    };
+    // The path works, and the destination sees the address it should.
+    lab.servers.clear_peers();
+    load::tcp_crr(
+        &lab.topo.client,
+        SocketAddr::from((target, ECHO_PORT)),
+        1,
+        Duration::from_millis(100),
+    )
+    .context("first connection through the router")?;
+    let peers = lab.servers.peers();
+    ensure!(
+        peers == HashSet::from([IpAddr::V4(expect_peer)]),
+        "the destination saw {peers:?}, expected only {expect_peer}"
+    );
+    Ok(lab)
+}
+
+/// OpenShift's rules for the bench's EGRESS_DESTINATION, as egress-router's unit-test mode
+/// prints them.
+fn nft_rules(ctx: &Ctx) -> Result<String> {
+    let mut cmd = ctx.router_cmd("unit-test", "unit-test.log")?;
+    cmd.env("EGRESS_DESTINATION", destination())
+        .stdout(std::process::Stdio::piped());
+    let out = cmd
+        .output()
+        .context("running egress-router in unit-test mode")?;
+    ensure!(
+        out.status.success(),
+        "egress-router unit-test failed: {}",
+        ctx.log_tail("unit-test.log")
+    );
+    let rules = String::from_utf8(out.stdout)?;
+    ensure!(
+        rules.contains("dnat to") && rules.contains("snat to"),
+        "unexpected unit-test output: {rules}"
+    );
+    Ok(rules)
+}
+
+/// Distinct UDP flows (source ports) of the flood.
+const UDP_FLOWS: u16 = 64;
+
+/// The flood's frames: 60 bytes (64 on the wire with the FCS), `UDP_FLOWS` flows from the client
+/// to the target's UDP port.
+fn flood_frames(lab: &Lab) -> Result<Vec<Vec<u8>>> {
+    let router_mac = lab.topo.router.mac(ROUTER_ETH0)?;
+    let client_mac = lab.topo.client.mac(CLIENT_IF)?;
+    Ok((0..UDP_FLOWS)
+        .map(|i| {
+            testrun::udp_frame(
+                router_mac,
+                client_mac,
+                CLIENT_IP,
+                lab.target,
+                10000 + i,
+                UDP_PORT,
+                &[0x41; 18],
+            )
+        })
+        .collect())
+}
+
+/// The sink: right after the router namespace, on the macvlan's lower device, an nftables
+/// netdev egress chain counts and drops the flood (IPv4 UDP to UDP_PORT only: ARP and everything
+/// else pass), so that what is measured is the router namespace's work alone.
+const SINK_TABLE: &str = "egress_bench_sink";
+
+fn sink_install(topo: &Topology, file: &Path) -> Result<()> {
+    std::fs::write(
+        file,
+        format!(
+            "table netdev {SINK_TABLE} {{\n  chain sink {{\n    type filter hook egress device \"{NODE_IF}\" priority 0; policy accept;\n    ip protocol udp udp dport {UDP_PORT} counter drop\n  }}\n}}\n"
+        ),
+    )?;
+    let mut nft = Command::new("nft");
+    nft.arg("-f").arg(file);
+    sys::ns_output(&topo.node, nft, Duration::from_secs(10)).context("installing the UDP sink")?;
+    Ok(())
+}
+
+fn sink_count(topo: &Topology) -> Result<u64> {
+    let mut nft = Command::new("nft");
+    nft.args(["-j", "list", "table", "netdev", SINK_TABLE]);
+    let out = sys::ns_output(&topo.node, nft, Duration::from_secs(10))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("nft JSON")?;
+    fn walk(v: &serde_json::Value) -> Option<u64> {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(c) = m.get("counter").and_then(|c| c.get("packets")) {
+                    return c.as_u64();
+                }
+                m.values().find_map(walk)
+            }
+            serde_json::Value::Array(a) => a.iter().find_map(walk),
+            _ => None,
+        }
+    }
+    walk(&v).with_context(|| format!("no counter in {out}"))
+}
+
+/// UDP packets/s forwarded by the router namespace under a flood from the client: (forwarded/s,
+/// offered/s, kernel ns on the forwarding CPU per forwarded packet). With two or more CPUs the
+/// generator runs on CPU 0 and RPS on the router's eth0 moves the router's work to CPU 1.
+fn udp(ctx: &Ctx, lab: &Lab) -> Result<(f64, f64, Option<f64>)> {
+    // The rule works and translates before the flood: a few datagrams reach the destination's
+    // socket from the expected address.
+    let expect = if lab.target == DEST_IP {
+        CLIENT_IP
+    } else {
+        EGRESS_SOURCE
+    };
+    let s = lab
+        .topo
+        .client
+        .udp_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    for _ in 0..3 {
+        s.send_to(b"probe", SocketAddr::from((lab.target, UDP_PORT)))?;
+    }
+    let peer = lab.servers.udp_peer(Duration::from_secs(2))?;
+    ensure!(
+        peer.ip() == IpAddr::V4(expect),
+        "a UDP datagram reached the destination from {peer}, expected {expect}"
+    );
+    sink_install(&lab.topo, &ctx.dir.join("sink.nft"))?;
+    let rps = sys::online_cpus() >= 2;
+    let rps_file = Path::new("/sys/class/net")
+        .join(ROUTER_ETH0)
+        .join("queues/rx-0/rps_cpus");
+    if rps {
+        sys::ns_sysfs_write(&lab.topo.router, &rps_file, "2")?;
+    }
+    let flood = load::Flood::start(&lab.topo.client, CLIENT_IF, flood_frames(lab)?, 0)?;
+    let result = (|| {
+        std::thread::sleep(ctx.p.warmup);
+        let (f0, o0, c0, t0) = (
+            sink_count(&lab.topo)?,
+            flood.sent(),
+            sys::cpu_kernel(1).ok(),
+            Instant::now(),
+        );
+        let perf = profile_start(ctx, "udp", rps.then_some(1))?;
+        std::thread::sleep(ctx.p.measure);
+        profile_finish(perf)?;
+        let (f1, o1, c1, t1) = (
+            sink_count(&lab.topo)?,
+            flood.sent(),
+            sys::cpu_kernel(1).ok(),
+            Instant::now(),
+        );
+        let secs = (t1 - t0).as_secs_f64();
+        ensure!(f1 > f0, "no flood packet was forwarded");
+        let cpu = match (rps, c0, c1) {
+            (true, Some(a), Some(b)) => Some((b - a).as_nanos() as f64 / (f1 - f0) as f64),
+            _ => None,
+        };
+        Ok(((f1 - f0) as f64 / secs, (o1 - o0) as f64 / secs, cpu))
+    })();
+    flood.stop()?;
+    if rps {
+        sys::ns_sysfs_write(&lab.topo.router, &rps_file, "0")?;
+    }
+    result
+}
+
+/// With EGRESS_BENCH_PERF set: `perf record -g` on the forwarding CPU (or all) for the
+/// measurement window, reported into `<dir>/perf-<what>-<contender>-<round>.txt`. Profiling
+/// costs CPU: figures of such a run are not comparable with normal runs.
+pub fn profile_start(
+    ctx: &Ctx,
+    what: &str,
+    cpu: Option<usize>,
+) -> Result<Option<(std::process::Child, std::path::PathBuf)>> {
+    if std::env::var_os("EGRESS_BENCH_PERF").is_none() {
+        return Ok(None);
+    }
+    let data = ctx.dir.join(format!("perf-{what}-{}.data", ctx.tag()));
+    let mut cmd = Command::new("perf");
+    cmd.args(["record", "-q", "-g", "-o"]).arg(&data);
+    match cpu {
+        Some(c) => cmd.args(["-C", &c.to_string()]),
+        None => cmd.arg("-a"),
+    };
+    cmd.args(["--", "sleep", &format!("{}", ctx.p.measure.as_secs_f64())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Ok(Some((cmd.spawn().context("starting perf record")?, data)))
+}
+
+pub fn profile_finish(p: Option<(std::process::Child, std::path::PathBuf)>) -> Result<()> {
+    let Some((mut child, data)) = p else {
+        return Ok(());
+    };
+    child.wait()?;
+    let out = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.7",
+        ])
+        .args(["--sort", "sym", "-g", "none", "-i"])
+        .arg(&data)
+        .output()
+        .context("perf report")?;
+    std::fs::write(data.with_extension("txt"), &out.stdout)?;
+    println!("    profile: {}", data.with_extension("txt").display());
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Reading the system: per-namespace counters, per-CPU time, process memory; writing
+//! per-namespace settings.
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use egress_tests::Netns;
+
+/// Kernel time of one CPU (system, irq and softirq: where packet forwarding runs; user time of
+/// unrelated processes sharing the CPU is left out), from /proc/stat.
+pub fn cpu_kernel(cpu: usize) -> Result<Duration> {
+    let text = fs::read_to_string("/proc/stat")?;
+    let tag = format!("cpu{cpu} ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&tag))
+        .with_context(|| format!("no {tag}in /proc/stat"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    let kernel: u64 = [2, 5, 6]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum();
+    let hz = 100; // USER_HZ on every Linux architecture this runs on
+    Ok(Duration::from_nanos(kernel * 1_000_000_000 / hz))
+}
+
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// VmRSS of `pid` and of all its descendants, in KiB (squid and HAProxy may fork helpers).
+pub fn tree_rss_kib(pid: u32) -> Result<u64> {
+    let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+    for e in fs::read_dir("/proc")?.flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = ppid(p) {
+            parents.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut total = 0;
+    let mut todo = vec![pid];
+    let mut seen = 0;
+    while let Some(p) = todo.pop() {
+        let kib = vm_rss_kib(p)
+            .with_context(|| format!("reading the memory of process {p} (is it still running?)"))?;
+        total += kib;
+        seen += 1;
+        todo.extend(parents.get(&p).into_iter().flatten().copied());
+    }
+    if seen == 0 {
+        bail!("process {pid} not found");
+    }
+    Ok(total)
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS (a kernel thread or a zombie)")?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("unparsable VmRSS")
+}
+
+/// Writes a sysfs file of `ns` (sysfs shows a namespace's devices only when mounted from inside
+/// it, so this goes through `ip netns exec`, which does that mount).
+pub fn ns_sysfs_write(ns: &Netns, path: &Path, value: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sh", "-c"])
+        .arg(format!("echo {value} > {}", path.display()))
+        .output()
+        .context("running ip netns exec")?;
+    if !out.status.success() {
+        bail!(
+            "writing {value} to {} in {}: {}",
+            path.display(),
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command inside `ns` and returns its stdout, failing with its stderr.
+pub fn ns_output(ns: &Netns, cmd: Command, timeout: Duration) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let mut cmd = cmd;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = ns.spawn(cmd)?.output(timeout)?;
+    if !out.status.success() {
+        bail!(
+            "{desc} in {} failed ({}): {}{}",
+            ns.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until `f` succeeds or `timeout` passes; returns the last error on timeout.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("{what}: still failing after {timeout:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Lifts this process's open-files limit to the hard limit (1,000 idle connections and more).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Kernel release, CPU model and count, for the report.
+pub fn machine() -> (String, String, usize) {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    (kernel, cpu, online_cpus())
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one in the report.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
