@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask setup | test | demo | vm-test | fuzz`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | vm-test | fuzz`.
+mod bench;
 mod demo;
 mod fuzz;
 mod setup;
@@ -35,6 +36,13 @@ enum Task {
         #[arg(long = "kernel")]
         kernels: Vec<String>,
     },
+    /// Every mode side by side with what it replaces (nftables NAT, plain routing, squid,
+    /// HAProxy), in one run; writes BENCHMARKS.md.
+    Bench {
+        /// A short run that only proves the harness works (CI).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Run each fuzz target for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -48,6 +56,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Demo => demo::run(),
+        Task::Bench { smoke } => bench::run(smoke),
         Task::VmTest { kernels } => vm::run(&kernels),
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
