@@ -1,5 +1,5 @@
-//! The one packet accessor. Reads are direct, bounds-checked against data_end (the headers are
-//! made linear once up front); every write goes through the kernel helpers, which keep the
+//! The one packet accessor. Reads are direct, bounds-checked against data_end (headers outside
+//! the linear part are pulled in on demand); every write goes through the kernel helpers, which keep the
 //! checksum state of the skb right (also for partially checksummed packets from pods on the
 //! same node). Each read takes fresh data pointers, so writes in between cannot stale them.
 use aya_ebpf::{
@@ -9,23 +9,13 @@ use aya_ebpf::{
 
 use crate::error::Error;
 
-/// Headers we read lie within the first bytes: Ethernet, IPv4 with options, an ICMP header and
-/// a quoted IPv4 header with options and 8 bytes of L4.
-const LINEAR: usize = 14 + 60 + 8 + 60 + 8;
-
 pub struct Skb<'a> {
     pub ctx: &'a TcContext,
 }
 
 impl<'a> Skb<'a> {
-    /// Wraps `ctx`, pulling up to `LINEAR` bytes into the linear area if they are not there.
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
-        let want = (ctx.len() as usize).min(LINEAR);
-        if ctx.data_end() - ctx.data() < want {
-            // On failure reads past the linear part fail as Malformed: nothing is mistranslated.
-            let _ = ctx.pull_data(want as u32);
-        }
         Skb { ctx }
     }
 
@@ -34,18 +24,36 @@ impl<'a> Skb<'a> {
         self.ctx.len() as usize
     }
 
+    /// Reads a `T` at `off`. Headers are normally in the linear part; when one is not (a
+    /// GSO packet's linear part can end right after the TCP header), just enough is pulled in
+    /// and the read retried, so the common case costs no helper call.
     #[inline(always)]
     pub fn load<T: Copy>(&self, off: usize) -> Result<T, Error> {
+        if let Some(v) = self.read(off) {
+            return Ok(v);
+        }
+        let need = off + core::mem::size_of::<T>().max(2);
+        if need > self.len() {
+            return Err(Error::Malformed);
+        }
+        self.ctx
+            .pull_data(need as u32)
+            .map_err(|_| Error::Malformed)?;
+        self.read(off).ok_or(Error::Malformed)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
         // The check must be on the very pointer that is read, for the verifier to see it. For
         // one-byte reads LLVM turns `p + 1 > end` into `p >= end`, which the verifier does not
         // credit with a range; checking two bytes keeps the `p + n > end` form. Every one-byte
         // field we read has more header after it, so this rejects nothing valid.
         let p = self.ctx.data() + off;
         if p + core::mem::size_of::<T>().max(2) > self.ctx.data_end() {
-            return Err(Error::Malformed);
+            return None;
         }
         // SAFETY: bounds checked just above against the current data_end.
-        Ok(unsafe { (p as *const T).read_unaligned() })
+        Some(unsafe { (p as *const T).read_unaligned() })
     }
 
     #[inline(always)]
