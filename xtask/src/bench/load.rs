@@ -78,14 +78,21 @@ fn one_crr(addr: SocketAddr) -> Result<()> {
 
 /// Round-trip times of `size`-byte ping-pongs on one connection for `dur`: (p50, p99) in µs.
 ///
-/// With two or more CPUs both ends busy-poll (non-blocking reads in a loop; the echo server
-/// gives such a connection a thread of its own), so that the figure is the path's latency and
-/// not a virtual CPU's wake-up from idle; a proxy in between still sleeps and wakes as usual.
-pub fn tcp_rr(client: &Netns, addr: SocketAddr, size: usize, dur: Duration) -> Result<(f64, f64)> {
+/// With `spin` (and two or more CPUs) both ends busy-poll (non-blocking reads in a loop; the
+/// echo server gives such a connection a thread of its own), so that the figure is the kernel
+/// path's latency and not a virtual CPU's wake-up from idle. Only for paths without a process
+/// in between: two spinning ends would take both CPUs from a proxy.
+pub fn tcp_rr(
+    client: &Netns,
+    addr: SocketAddr,
+    size: usize,
+    dur: Duration,
+    spin: bool,
+) -> Result<(f64, f64)> {
     let mut c = client.tcp_connect(addr, IO_TIMEOUT)?;
     c.set_nodelay(true)?;
     c.set_read_timeout(Some(IO_TIMEOUT))?;
-    let spin = sys::online_cpus() >= 2;
+    let spin = spin && sys::online_cpus() >= 2;
     let msg = vec![if spin { SPIN_MARK } else { 7u8 }; size];
     let mut back = vec![0u8; size];
     // Warm up the path (ARP, flow entries, TCP window) before recording.

@@ -243,7 +243,7 @@ fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
             omit,
         )
     });
-    match load::tcp_rr(&lab.topo.client, echo, 64, p.measure) {
+    match load::tcp_rr(&lab.topo.client, echo, 64, p.measure, false) {
         Ok((p50, p99)) => {
             ctx.measure(s, DNS_P50, Better::Lower, who, || Ok(p50));
             ctx.measure(s, DNS_P99, Better::Lower, who, || Ok(p99));

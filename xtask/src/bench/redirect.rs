@@ -131,6 +131,7 @@ fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         SocketAddr::from((target, ECHO_PORT)),
         64,
         p.measure,
+        true,
     ) {
         Ok((p50, p99)) => {
             ctx.measure(s, RR_P50, Better::Lower, who, || Ok(p50));
