@@ -51,23 +51,32 @@ pub struct Params {
     pub testrun_runs: usize,
     /// Sections to run (empty: all).
     pub only: Vec<String>,
+    /// Set by an EGRESS_BENCH_* override: such a run does not replace BENCHMARKS.md.
+    pub overridden: bool,
 }
 
 impl Params {
     /// The defaults of each kind of run, then the environment's overrides (for exploring):
     /// EGRESS_BENCH_ROUNDS, EGRESS_BENCH_SECONDS (measured seconds per figure),
-    /// EGRESS_BENCH_ONLY (comma-separated: redirect, http, dns).
+    /// EGRESS_BENCH_ONLY (comma-separated: redirect, http, dns). A run with any of them, or with
+    /// EGRESS_BENCH_PERF or EGRESS_ROUTER_BIN, leaves BENCHMARKS.md alone.
     pub fn new(smoke: bool) -> Params {
         let mut p = Params::defaults(smoke);
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         if let Some(n) = env("EGRESS_BENCH_ROUNDS").and_then(|v| v.parse().ok()) {
             p.rounds = n;
+            p.overridden = true;
         }
         if let Some(s) = env("EGRESS_BENCH_SECONDS").and_then(|v| v.parse::<f64>().ok()) {
             p.measure = Duration::from_secs_f64(s);
+            p.overridden = true;
         }
         if let Some(only) = env("EGRESS_BENCH_ONLY") {
             p.only = only.split(',').map(|s| s.trim().to_string()).collect();
+            p.overridden = true;
+        }
+        if env("EGRESS_BENCH_PERF").is_some() || env("EGRESS_ROUTER_BIN").is_some() {
+            p.overridden = true;
         }
         p
     }
@@ -87,6 +96,7 @@ impl Params {
                 idle_conns: 100,
                 testrun_runs: 1000,
                 only: Vec::new(),
+                overridden: false,
             }
         } else {
             Params {
@@ -98,6 +108,7 @@ impl Params {
                 idle_conns: 1000,
                 testrun_runs: 20_000,
                 only: Vec::new(),
+                overridden: false,
             }
         }
     }
@@ -293,7 +304,9 @@ pub fn run(smoke: bool) -> Result<()> {
         elapsed.as_secs_f64(),
         sys::loadavg()
     );
-    if !smoke {
+    if ctx.p.overridden {
+        println!("EGRESS_BENCH_* or EGRESS_ROUTER_BIN set: BENCHMARKS.md left as it is");
+    } else if !smoke {
         let md = generated_md(
             &ctx,
             &kernel,
