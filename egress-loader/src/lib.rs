@@ -10,5 +10,6 @@ pub mod listener;
 pub mod modes;
 pub mod netsetup;
 pub mod redirect;
+pub mod relay;
 pub mod resolver;
 pub mod upstream;

@@ -5,13 +5,12 @@
 //! - [`names`]: one small task per DNS name keeps its current address set in a watch channel
 //!   (re-resolved as the TTL runs out, within a floor and a ceiling); a [`names::Destination`]
 //!   spreads connections round robin over the current set and holds off addresses that failed.
-//! - [`forward`]: the bytes of one connection: small chunks copied, bulk data spliced through
-//!   pipes lent by a bounded pool, half-close, idle timeout.
+//! - [`crate::relay`]: the bytes of one connection: small chunks copied, bulk data spliced
+//!   through pipes lent by a bounded pool, half-close, idle timeout.
 //! - here: options, listeners, the per-connection task, drain on shutdown.
 //!
 //! A connection is a tokio task; nothing blocks a thread. A name that does not resolve only makes
 //! its own listener reset connections (logged, rate-limited) until it resolves.
-pub mod forward;
 pub mod names;
 
 use std::{
@@ -33,11 +32,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-pub use forward::Engine;
+pub use crate::relay::Engine;
 use names::{Addrs, Destination, Refresh};
 
 use crate::{
     config::{Config, DnsTarget},
+    relay,
     resolver::ResolverOptions,
     upstream,
 };
@@ -230,7 +230,7 @@ struct Shared {
     connect_timeout: Duration,
     idle_timeout: Duration,
     engine: Engine,
-    pipes: forward::PipePool,
+    pipes: relay::PipePool,
     debug: bool,
     /// Turns true when the drain time is over: open connections end.
     stop: watch::Receiver<bool>,
@@ -322,7 +322,7 @@ impl DnsProxy {
                 connect_timeout: opts.connect_timeout,
                 idle_timeout: opts.idle_timeout,
                 engine: opts.engine,
-                pipes: forward::PipePool::new(opts.max_pipes),
+                pipes: relay::PipePool::new(opts.max_pipes),
                 debug: cfg.dns_debug,
                 stop,
                 active: AtomicUsize::new(0),
@@ -539,22 +539,23 @@ async fn handle(
         return;
     };
 
-    let t = forward::forward(
+    let mut stop = shared.stop.clone();
+    let t = relay::forward(
         &client,
         &upstream,
         shared.engine,
         &shared.pipes,
         shared.idle_timeout,
-        shared.stop.clone(),
+        stopped(&mut stop),
     )
     .await;
     // Pass a reset on: the other side sees one too, instead of a clean close.
-    if let forward::End::Error(side, e) = &t.end
+    if let relay::End::Error(side, e) = &t.end
         && e.kind() == std::io::ErrorKind::ConnectionReset
     {
         match side {
-            forward::Side::Client => reset(&upstream),
-            forward::Side::Upstream => reset(&client),
+            relay::Side::Client => reset(&upstream),
+            relay::Side::Upstream => reset(&client),
         }
     }
     log_end(
@@ -566,7 +567,7 @@ async fn handle(
 
 /// Returns once `stop` is true (or its sender is gone). The `Ref` that `wait_for` returns is not
 /// `Send`, so it must not live in a `select!` of a spawned task.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 

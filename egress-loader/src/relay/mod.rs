@@ -1,6 +1,6 @@
-//! Moving the bytes of one proxied connection: both directions in one task, with an idle timeout,
-//! half-close (EOF on one side shuts down the write side of the other, the other direction keeps
-//! going) and byte counts.
+//! Relaying the bytes of one proxied TCP connection (the DNS proxy's connections, the HTTP proxy's
+//! CONNECT tunnels): both directions in one task, with an idle timeout, half-close (EOF on one side
+//! shuts down the write side of the other, the other direction keeps going) and byte counts.
 //!
 //! Bytes move by splice(2) through a pipe (zero-copy) taken from a bounded [`PipePool`] only while
 //! data is in flight, as HAProxy does: an idle connection holds no pipe, and the pipes' capacity,
@@ -8,18 +8,21 @@
 //! process of that uid on the node), stays bounded. When the pool is empty, or with
 //! [`Engine::Copy`], a chunk goes through a user-space buffer allocated on first use. The default,
 //! [`Engine::Auto`], copies small chunks (cheaper than splicing them) and splices bulk data.
+mod pipe;
+
 use std::{
+    future::Future,
     io,
     net::Shutdown,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::watch};
+use tokio::{io::Interest, net::TcpStream};
+
+pub use pipe::PipePool;
+use pipe::{PooledPipe, splice};
 
 /// How the bytes are moved.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -38,17 +41,6 @@ pub enum Engine {
 /// read that fills it switches the direction to splice, and a splice that moves less switches it
 /// back.
 const CHUNK: usize = 32 * 1024;
-/// Pipe capacity asked for. The kernel default (16 slots, 64 KiB of pages) needs twice as many
-/// splice calls per byte and measured no better than copying; a 1 MiB pipe (the unprivileged
-/// maximum) costs its 256-slot ring (about 10 KiB) plus the pages in flight. Measured on loopback:
-/// proxy CPU about 0.3 s per GB with 1 MiB pipes, 0.5 s with 64 KiB pipes, 0.6 s copying.
-pub const PIPE_SIZE: usize = 1024 * 1024;
-/// A pipe smaller than this (the kernel gives 2-slot pipes to a user over
-/// fs.pipe-user-pages-soft) is not worth splicing through.
-const PIPE_MIN: usize = 64 * 1024;
-/// After failing to make a pipe, do not try again for this long.
-const PIPE_RETRY: Duration = Duration::from_secs(1);
-
 /// Which side of the connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -130,14 +122,14 @@ impl Activity {
 }
 
 /// Forwards between `client` and `upstream` until both directions are done, one fails, nothing
-/// moves for `idle`, or `stop` turns true. Splices through pipes of `pipes` as `engine` says.
+/// moves for `idle`, or `stop` completes. Splices through pipes of `pipes` as `engine` says.
 pub async fn forward(
     client: &TcpStream,
     upstream: &TcpStream,
     engine: Engine,
     pipes: &PipePool,
     idle: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: impl Future<Output = ()>,
 ) -> Transfer {
     let activity = Activity {
         start: Instant::now(),
@@ -166,7 +158,7 @@ pub async fn forward(
     };
     let up = up.run();
     let down = down.run();
-    tokio::pin!(up, down);
+    tokio::pin!(up, down, stop);
     let (mut up_done, mut down_done) = (false, false);
     let end = loop {
         tokio::select! {
@@ -179,7 +171,7 @@ pub async fn forward(
                 Err(e) => break End::Error(e.side(Side::Upstream, Side::Client), e.into_inner()),
             },
             _ = activity.idle(idle) => break End::Idle,
-            _ = super::stopped(&mut stop) => break End::Shutdown,
+            () = &mut stop => break End::Shutdown,
         }
         if up_done && down_done {
             break End::Closed;
@@ -343,173 +335,6 @@ fn retry(e: &io::Error) -> bool {
     )
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall on descriptors owned by the caller for the duration of the call; no
-    // offsets (both ends are a socket or a pipe).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// A non-blocking pipe used as a splice buffer.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two descriptors into the array on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // Keep what we have when the kernel refuses to grow it (limits for unprivileged users).
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_SIZE as libc::c_int,
-            )
-        };
-        // SAFETY: as above.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        if size < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let capacity = size as usize;
-        if capacity < PIPE_MIN {
-            return Err(io::Error::other(format!(
-                "pipe of {capacity} bytes only (fs.pipe-user-pages-soft reached)"
-            )));
-        }
-        Ok(Pipe {
-            read,
-            write,
-            capacity,
-        })
-    }
-}
-
-/// At most `max` pipes, shared by every connection, each lent for one chunk's trip.
-pub struct PipePool {
-    state: Mutex<PoolState>,
-    max: usize,
-}
-
-struct PoolState {
-    free: Vec<Pipe>,
-    /// Pipes in existence (free or lent).
-    total: usize,
-    /// No new pipe before this (the last attempt failed).
-    retry_at: Option<Instant>,
-}
-
-impl PipePool {
-    pub fn new(max: usize) -> PipePool {
-        PipePool {
-            state: Mutex::new(PoolState {
-                free: Vec::new(),
-                total: 0,
-                retry_at: None,
-            }),
-            max,
-        }
-    }
-
-    /// A free pipe, a new one if the pool may grow, or None (copy this chunk).
-    fn get(&self) -> Option<PooledPipe<'_>> {
-        let mut st = self.state.lock().unwrap();
-        if let Some(pipe) = st.free.pop() {
-            return Some(PooledPipe {
-                pipe: Some(pipe),
-                pool: self,
-            });
-        }
-        if st.total >= self.max || st.retry_at.is_some_and(|t| Instant::now() < t) {
-            return None;
-        }
-        match Pipe::new() {
-            Ok(pipe) => {
-                st.total += 1;
-                Some(PooledPipe {
-                    pipe: Some(pipe),
-                    pool: self,
-                })
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot make a splice pipe; copying for now");
-                st.retry_at = Some(Instant::now() + PIPE_RETRY);
-                None
-            }
-        }
-    }
-
-    /// Pipes in existence, and how many of them are free (for tests and logs).
-    pub fn counts(&self) -> (usize, usize) {
-        let st = self.state.lock().unwrap();
-        (st.total, st.free.len())
-    }
-}
-
-/// A lent pipe: [`PooledPipe::release`] gives it back empty; dropped otherwise (it may hold data),
-/// it is closed.
-struct PooledPipe<'a> {
-    pipe: Option<Pipe>,
-    pool: &'a PipePool,
-}
-
-impl PooledPipe<'_> {
-    fn pipe(&self) -> &Pipe {
-        self.pipe
-            .as_ref()
-            .expect("pipe present until release or drop")
-    }
-
-    fn read_fd(&self) -> RawFd {
-        self.pipe().read.as_raw_fd()
-    }
-
-    fn write_fd(&self) -> RawFd {
-        self.pipe().write.as_raw_fd()
-    }
-
-    fn capacity(&self) -> usize {
-        self.pipe().capacity
-    }
-
-    /// Back to the pool; only when the pipe is empty.
-    fn release(mut self) {
-        if let Some(pipe) = self.pipe.take() {
-            self.pool.state.lock().unwrap().free.push(pipe);
-        }
-    }
-}
-
-impl Drop for PooledPipe<'_> {
-    fn drop(&mut self) {
-        if self.pipe.take().is_some() {
-            self.pool.state.lock().unwrap().total -= 1;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,7 +356,6 @@ mod tests {
     async fn run(engine: Engine, pipes: Arc<PipePool>) -> u64 {
         let (mut client, proxy_c) = pair().await;
         let (proxy_u, mut server) = pair().await;
-        let (_stop_tx, stop) = watch::channel(false);
         let fwd = tokio::spawn(async move {
             forward(
                 &proxy_c,
@@ -539,7 +363,7 @@ mod tests {
                 engine,
                 &pipes,
                 Duration::from_secs(5),
-                stop,
+                std::future::pending(),
             )
             .await
         });
@@ -616,7 +440,6 @@ mod tests {
     async fn idle_timeout() {
         let (_client, proxy_c) = pair().await;
         let (proxy_u, _server) = pair().await;
-        let (_stop_tx, stop) = watch::channel(false);
         let t0 = Instant::now();
         let pool = PipePool::new(2);
         let t = forward(
@@ -625,7 +448,7 @@ mod tests {
             Engine::Auto,
             &pool,
             Duration::from_millis(200),
-            stop,
+            std::future::pending(),
         )
         .await;
         assert!(matches!(t.end, End::Idle), "{:?}", t.end);
@@ -636,7 +459,7 @@ mod tests {
     async fn stop_ends_it() {
         let (_client, proxy_c) = pair().await;
         let (proxy_u, _server) = pair().await;
-        let (stop_tx, stop) = watch::channel(false);
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
         let h = tokio::spawn(async move {
             let pool = PipePool::new(0);
             forward(
@@ -645,12 +468,14 @@ mod tests {
                 Engine::Copy,
                 &pool,
                 Duration::from_secs(60),
-                stop,
+                async {
+                    let _ = stop.await;
+                },
             )
             .await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        stop_tx.send(true).unwrap();
+        stop_tx.send(()).unwrap();
         let t = h.await.unwrap();
         assert!(matches!(t.end, End::Shutdown), "{:?}", t.end);
     }
