@@ -17,10 +17,17 @@ use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
 };
 
+use super::pool::Lease;
+
 /// What the proxy answers with: the upstream's body, or a short text of its own.
 pub struct ResBody {
     inner: Inner,
     log: Option<Box<RequestLog>>,
+    /// The upstream connection the body comes from: back to the pool if the body ends cleanly.
+    lease: Option<Lease>,
+    /// The body ended (`None` seen) or failed.
+    ended: bool,
+    failed: bool,
 }
 
 enum Inner {
@@ -29,10 +36,13 @@ enum Inner {
 }
 
 impl ResBody {
-    pub fn upstream(body: Incoming, log: Option<Box<RequestLog>>) -> Self {
+    pub fn upstream(body: Incoming, log: Option<Box<RequestLog>>, lease: Option<Lease>) -> Self {
         ResBody {
             inner: Inner::Upstream(body),
             log,
+            lease,
+            ended: false,
+            failed: false,
         }
     }
 
@@ -41,6 +51,22 @@ impl ResBody {
         ResBody {
             inner: Inner::Text((!text.is_empty()).then_some(text)),
             log,
+            lease: None,
+            ended: false,
+            failed: false,
+        }
+    }
+}
+
+impl Drop for ResBody {
+    /// hyper drops the body once it is sent in full (often without polling it to `None`: it asks
+    /// `is_end_stream`), or when the client went away.
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && !self.failed
+            && (self.ended || self.is_end_stream())
+        {
+            lease.release();
         }
     }
 }
@@ -58,10 +84,14 @@ impl Body for ResBody {
             Inner::Upstream(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
             Inner::Text(text) => text.take().map(|t| Ok(Frame::data(t))),
         };
-        if let (Some(log), Some(Ok(frame))) = (&mut this.log, &frame)
-            && let Some(data) = frame.data_ref()
-        {
-            log.down += data.len() as u64;
+        match &frame {
+            None => this.ended = true,
+            Some(Err(_)) => this.failed = true,
+            Some(Ok(frame)) => {
+                if let (Some(log), Some(data)) = (&mut this.log, frame.data_ref()) {
+                    log.down += data.len() as u64;
+                }
+            }
         }
         Poll::Ready(frame)
     }

@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,6 @@ use hickory_resolver::{TokioResolver, net::NetError};
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
     body::Incoming,
-    client::conn::http1::SendRequest,
     header::{CONTENT_TYPE, HOST, HeaderValue},
     http::request::Parts,
     server::conn::http1,
@@ -26,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     body::{ReqBody, RequestLog, ResBody},
     headers::{add_via, passed_through_us, strip_hop_by_hop},
+    pool::{Lease, Upstreams},
     rules::{NameCheck, Rule, RuleSet, Verdict},
     target::{Host, Target, TargetError, connect_target, http_target},
     tunnel,
@@ -42,6 +42,8 @@ pub(super) struct Shared {
     pub debug: bool,
     pub server: http1::Builder,
     pub client: hyper::client::conn::http1::Builder,
+    /// Idle upstream connections, for any client's next request to the same address.
+    pub pool: Arc<Upstreams>,
     /// Fired when shutdown starts: connections finish their request and close.
     pub draining: CancellationToken,
     /// Fired when the grace period is over: everything still running is dropped.
@@ -59,7 +61,6 @@ pub(super) async fn serve_connection(
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         client,
-        upstream: Mutex::new(None),
         _permit: permit,
     });
     let service = service_fn(move |req| {
@@ -89,21 +90,11 @@ pub(super) async fn serve_connection(
     }
 }
 
-/// How long a kept upstream connection may take to become ready for the next request.
-const REUSE_WAIT: Duration = Duration::from_millis(500);
-
-/// A reusable connection to an upstream server, kept per client connection.
-struct Upstream {
-    addr: SocketAddr,
-    sender: SendRequest<ReqBody>,
-}
-
 /// Per client connection state. Kept alive by a running CONNECT tunnel too, so that the
 /// connection-limit permit covers tunnels.
 struct Conn {
     shared: Arc<Shared>,
     client: SocketAddr,
-    upstream: Mutex<Option<Upstream>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -245,10 +236,12 @@ impl Conn {
         let up_count = self.shared.debug.then(|| Arc::new(AtomicU64::new(0)));
         let up = up.map(|()| ReqBody::new(body, up_count.clone()));
 
-        let (res, rule) = self.send(up, &admitted, target.port).await?;
+        let (res, lease, rule) = self.send(up, &admitted, target.port).await?;
         *decided_by = Some(rule);
 
         let (mut rparts, rbody) = res.into_parts();
+        // hyper closes the connection after such a response anyway; not worth a wait for it.
+        let lease = keeps_alive(&rparts).then_some(lease);
         strip_hop_by_hop(&mut rparts.headers);
         add_via(&mut rparts.headers, rparts.version);
         rparts.version = Version::HTTP_11;
@@ -256,34 +249,31 @@ impl Conn {
         if let Some(log) = &mut log {
             log.up = up_count;
         }
-        Ok(Response::from_parts(rparts, ResBody::upstream(rbody, log)))
+        Ok(Response::from_parts(
+            rparts,
+            ResBody::upstream(rbody, log, lease),
+        ))
     }
 
-    /// Sends `req` to one of the admitted addresses, reusing this client's upstream connection
-    /// when it goes to one of them.
+    /// Sends `req` to one of the admitted addresses, on an idle pooled connection to one of
+    /// them if there is one. The lease goes with the response body, back to the pool at its end.
     async fn send<'r>(
         &self,
         req: Request<ReqBody>,
         admitted: &Admitted<'r>,
         port: u16,
-    ) -> Result<(Response<Incoming>, &'r Rule), Reject> {
-        let cached = self.upstream.lock().unwrap().take();
+    ) -> Result<(Response<Incoming>, Lease, &'r Rule), Reject> {
         let mut req = req;
-        if let Some(mut up) = cached
-            && let Some(&(_, rule)) = admitted.iter().find(|(ip, _)| *ip == up.addr.ip())
-            && up.addr.port() == port
-            // Idle by now unless it is closing: the previous response was sent in full before
-            // hyper read this request. The bound only guards against surprises.
-            && matches!(
-                tokio::time::timeout(REUSE_WAIT, up.sender.ready()).await,
-                Ok(Ok(()))
-            )
-        {
-            match self.await_response(&mut up, req).await {
-                Ok(res) => {
-                    *self.upstream.lock().unwrap() = Some(up);
-                    return Ok((res, rule));
-                }
+        let pooled = admitted.iter().find_map(|&(ip, rule)| {
+            let addr = SocketAddr::new(ip, port);
+            let sender = self.shared.pool.take(addr)?;
+            Some((Lease::new(self.shared.pool.clone(), addr, sender), rule))
+        });
+        if let Some((mut lease, rule)) = pooled {
+            match self.await_response(&mut lease, req).await {
+                Ok(res) => return Ok((res, lease, rule)),
+                // Closed by the server meanwhile, before taking the request: once more on a
+                // new connection.
                 Err(SendError::NotSent(back)) => req = *back,
                 Err(SendError::Failed(r)) => return Err(r),
             }
@@ -302,12 +292,9 @@ impl Conn {
                 () = abort.cancelled() => {}
             }
         });
-        let mut up = Upstream { addr, sender };
-        match self.await_response(&mut up, req).await {
-            Ok(res) => {
-                *self.upstream.lock().unwrap() = Some(up);
-                Ok((res, rule))
-            }
+        let mut lease = Lease::new(self.shared.pool.clone(), addr, sender);
+        match self.await_response(&mut lease, req).await {
+            Ok(res) => Ok((res, lease, rule)),
             Err(SendError::NotSent(_)) => Err(Reject::new(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {addr} closed the connection"),
@@ -318,12 +305,12 @@ impl Conn {
 
     async fn await_response(
         &self,
-        up: &mut Upstream,
+        up: &mut Lease,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let idle = self.shared.idle_timeout;
-        let addr = up.addr;
-        match tokio::time::timeout(idle, up.sender.try_send_request(req)).await {
+        let addr = up.addr();
+        match tokio::time::timeout(idle, up.sender().try_send_request(req)).await {
             Ok(Ok(res)) => Ok(res),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(SendError::NotSent(Box::new(req))),
@@ -361,8 +348,6 @@ impl Conn {
         };
         let log = self.log(req.method(), req.uri(), rule, StatusCode::OK, start);
         let on_upgrade = hyper::upgrade::on(&mut req);
-        // The tunnel replaces this HTTP connection: no upstream connection to keep for it.
-        self.upstream.lock().unwrap().take();
         let this = self.clone();
         self.shared.tasks.spawn(async move {
             let idle = this.shared.idle_timeout;
@@ -525,6 +510,24 @@ impl Conn {
                 format!("connecting timed out after {timeout:?}"),
             ),
         })
+    }
+}
+
+/// Whether the upstream keeps the connection open after this response (HTTP/1.1 without
+/// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`).
+fn keeps_alive(res: &hyper::http::response::Parts) -> bool {
+    let has = |token: &str| {
+        res.headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match res.version {
+        Version::HTTP_11 => !has("close"),
+        Version::HTTP_10 => has("keep-alive"),
+        _ => false,
     }
 }
 
