@@ -992,6 +992,103 @@ async fn keep_alive_two_requests_on_one_connection() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_reused_across_client_connections() {
+    let origin = Origin::start("127.0.0.2").await;
+    let (_d, resolv) = no_dns();
+    let proxy = Proxy::start(&["127.0.0.2"], &resolv, opts()).await;
+
+    // Two client connections in turn, the first one still open and idle.
+    let mut first = client(proxy.addr).await;
+    let a = send(
+        &mut first,
+        request(Method::GET, &origin.url("127.0.0.2", "/1"), empty()),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let b = get(proxy.addr, &origin.url("127.0.0.2", "/2")).await;
+    assert_eq!(b.status, 200);
+    // Clients sending `Connection: close` reuse them as well.
+    for path in ["/3", "/4"] {
+        let url = origin.url("127.0.0.2", path);
+        let res = raw(
+            proxy.addr,
+            format!("GET {url} HTTP/1.1\r\nHost: 127.0.0.2\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&res), 200, "{res}");
+    }
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 4);
+    assert!(
+        seen.iter().all(|s| s.peer == seen[0].peer),
+        "one upstream connection for all: {:?}",
+        seen.iter().map(|s| s.peer).collect::<Vec<_>>()
+    );
+
+    // Two requests at the same time need two connections; both are kept afterwards.
+    let slow = origin.url("127.0.0.2", "/slow");
+    let (x, y) = tokio::join!(get(proxy.addr, &slow), get(proxy.addr, &slow));
+    assert_eq!((x.status, y.status), (StatusCode::OK, StatusCode::OK));
+    let (x, y) = tokio::join!(get(proxy.addr, &slow), get(proxy.addr, &slow));
+    assert_eq!((x.status, y.status), (StatusCode::OK, StatusCode::OK));
+    let peers: std::collections::HashSet<_> = origin.seen().iter().map(|s| s.peer).collect();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+}
+
+/// Accepts connections and answers each one's first request with `response`, then closes it
+/// (after a `Connection: close` response, or silently, as a server ending an idle keep-alive
+/// connection does). Returns the number of connections accepted so far.
+async fn one_shot_server(ip: &str, response: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut s = BufReader::new(s);
+                let mut line = String::new();
+                // The request head (the proxy sends no body here).
+                loop {
+                    let n = s.read_line(&mut line).await.unwrap_or(0);
+                    if n == 0 || line.ends_with("\r\n\r\n") {
+                        break;
+                    }
+                }
+                let _ = s.get_mut().write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_closing_its_idle_connection_gets_a_new_one() {
+    let (_d, resolv) = no_dns();
+    let proxy = Proxy::start(&["127.0.0.2"], &resolv, opts()).await;
+    for response in [
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        "HTTP/1.0 200 OK\r\n\r\nok",
+    ] {
+        let (addr, accepted) = one_shot_server("127.0.0.2", response).await;
+        let url = format!("http://{addr}/");
+        for n in 1..=3 {
+            let a = get(proxy.addr, &url).await;
+            assert_eq!(
+                (a.status.as_u16(), a.body.as_str()),
+                (200, "ok"),
+                "{response:?}"
+            );
+            assert_eq!(accepted.load(Ordering::SeqCst), n, "{response:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
 async fn hop_by_hop_fields_removed_and_via_added() {
     let origin = Origin::start("127.0.0.2").await;
     let (_d, resolv) = no_dns();
