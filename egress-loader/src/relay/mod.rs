@@ -6,8 +6,9 @@
 //! data is in flight, as HAProxy does: an idle connection holds no pipe, and the pipes' capacity,
 //! which the kernel counts against the user's `fs.pipe-user-pages-soft` budget (shared by every
 //! process of that uid on the node), stays bounded. When the pool is empty, or with
-//! [`Engine::Copy`], a chunk goes through a user-space buffer allocated on first use. The default,
-//! [`Engine::Auto`], copies small chunks (cheaper than splicing them) and splices bulk data.
+//! [`Engine::Copy`], a chunk goes through a user-space buffer that likewise lives only while that
+//! chunk is in flight: readiness is awaited before it is allocated. The default, [`Engine::Auto`],
+//! copies small chunks (cheaper than splicing them) and splices bulk data.
 mod pipe;
 
 use std::{
@@ -37,10 +38,11 @@ pub enum Engine {
     Copy,
 }
 
-/// Size of a copy buffer (per direction, allocated when first needed). With [`Engine::Auto`], a
-/// read that fills it switches the direction to splice, and a splice that moves less switches it
-/// back.
+/// Size of a copy buffer (allocated per chunk, once the source is readable). With
+/// [`Engine::Auto`], a read that fills it switches the direction to splice, and a splice that moves
+/// less switches it back.
 const CHUNK: usize = 32 * 1024;
+
 /// Which side of the connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -220,7 +222,6 @@ struct Pump<'a> {
 impl Pump<'_> {
     /// `src` to `dst` until EOF on `src`, then shuts down `dst`'s write side.
     async fn run(self) -> Result<(), PumpError> {
-        let mut buf: Vec<u8> = Vec::new();
         let mut bulk = self.engine == Engine::Splice;
         loop {
             self.src.readable().await.map_err(PumpError::Read)?;
@@ -234,8 +235,8 @@ impl Pump<'_> {
                     moved
                 }
                 None => {
-                    let moved = self.copy_chunk(&mut buf).await?;
-                    if self.engine == Engine::Auto && moved == Some(CHUNK) {
+                    let moved = self.copy_chunk().await?;
+                    if self.engine == Engine::Auto && moved.is_some_and(|n| n >= CHUNK) {
                         bulk = true;
                     }
                     moved
@@ -297,12 +298,14 @@ impl Pump<'_> {
         Ok(Some(n))
     }
 
-    /// Moves one buffer's worth from `src` to `dst`. None: nothing to read after all; Some(0): EOF.
-    async fn copy_chunk(&self, buf: &mut Vec<u8>) -> Result<Option<usize>, PumpError> {
-        if buf.is_empty() {
-            buf.resize(CHUNK, 0);
-        }
-        let n = match self.src.try_read(buf) {
+    /// Moves what `src` has, up to [`CHUNK`], to `dst`. None: nothing to read after all; Some(0):
+    /// EOF. The buffer lives for this chunk only (1,000 idle connections holding 32 KiB per
+    /// direction made most of the proxy's memory); while `dst` is blocked, only the unwritten rest
+    /// is kept.
+    async fn copy_chunk(&self) -> Result<Option<usize>, PumpError> {
+        let mut buf = Vec::with_capacity(CHUNK);
+        // Into the spare capacity: no zeroing.
+        let n = match self.src.try_read_buf(&mut buf) {
             Ok(n) => n,
             Err(e) if retry(&e) => return Ok(None),
             Err(e) => return Err(PumpError::Read(e)),
@@ -312,19 +315,31 @@ impl Pump<'_> {
         }
         self.activity.touch();
         let mut off = 0;
-        while off < n {
-            self.dst.writable().await.map_err(PumpError::Write)?;
-            match self.dst.try_write(&buf[off..n]) {
+        while off < buf.len() {
+            match self.dst.try_write(&buf[off..]) {
                 Ok(m) => {
                     off += m;
                     self.count.fetch_add(m as u64, Ordering::Relaxed);
                     self.activity.touch();
                 }
-                Err(e) if retry(&e) => continue,
+                Err(e) if retry(&e) => {
+                    keep_rest(&mut buf, off);
+                    off = 0;
+                    self.dst.writable().await.map_err(PumpError::Write)?;
+                }
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
         Ok(Some(n))
+    }
+}
+
+/// Drops the written part `..off` of `buf`, and hands the spare capacity back to the allocator
+/// when that frees at least half of it.
+fn keep_rest(buf: &mut Vec<u8>, off: usize) {
+    buf.drain(..off);
+    if buf.capacity() >= 2 * buf.len() {
+        buf.shrink_to_fit();
     }
 }
 
@@ -434,6 +449,72 @@ mod tests {
         }
         assert!(spliced > 0);
         assert_eq!(pool.counts(), (1, 1));
+    }
+
+    #[test]
+    fn blocked_writer_keeps_only_the_rest() {
+        let mut buf = Vec::with_capacity(CHUNK);
+        buf.extend((0..CHUNK).map(|i| i as u8));
+        // Most written: the rest moves to the front and the spare memory goes back.
+        keep_rest(&mut buf, CHUNK - 100);
+        assert_eq!(
+            buf,
+            (CHUNK - 100..CHUNK).map(|i| i as u8).collect::<Vec<_>>()
+        );
+        assert!(buf.capacity() < CHUNK / 2, "{}", buf.capacity());
+        // Little written: no reallocation for a small saving.
+        let mut buf = Vec::with_capacity(CHUNK);
+        buf.extend((0..CHUNK).map(|i| i as u8));
+        keep_rest(&mut buf, 100);
+        assert_eq!(buf.len(), CHUNK - 100);
+        assert_eq!(buf[0], 100);
+        assert_eq!(buf.capacity(), CHUNK);
+    }
+
+    /// A reader that starts late makes the copy block mid-chunk, over and over; every byte still
+    /// arrives once and in order.
+    #[tokio::test]
+    async fn copy_with_a_slow_reader() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut server) = pair().await;
+        let fwd = tokio::spawn(async move {
+            let pool = PipePool::new(0);
+            forward(
+                &proxy_c,
+                &proxy_u,
+                Engine::Copy,
+                &pool,
+                Duration::from_secs(5),
+                std::future::pending(),
+            )
+            .await
+        });
+        let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&p2).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        let mut chunk = vec![0; 4096];
+        loop {
+            // Small reads, with pauses, so the proxy's writes keep blocking.
+            let n = server.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() % (512 * 1024) < 4096 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(got == payload, "{} bytes of {}", got.len(), payload.len());
+        drop(server);
+        drop(writer.await.unwrap());
+        let t = fwd.await.unwrap();
+        assert_eq!(t.sent, payload.len() as u64);
     }
 
     #[tokio::test]
