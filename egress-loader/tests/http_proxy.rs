@@ -802,6 +802,59 @@ async fn connect_tunnel_from_egress_source() {
     assert_eq!((status, body.as_str()), (403, "no rule allows 127.0.0.5\n"));
 }
 
+/// Bytes the client sends in the same write as the CONNECT request reach the destination first;
+/// bulk data crosses both ways, and a half-close: the client's EOF reaches the destination, whose
+/// answer after it still reaches the client.
+#[tokio::test]
+async fn connect_tunnel_pipelined_bytes_and_half_close() {
+    let listener = TcpListener::bind(("127.0.0.3", 0)).await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    // Greets, reads to EOF, then sends back all it got.
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"hi\n").await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(&got).await.unwrap();
+        got
+    });
+    let (_d, resolv) = no_dns();
+    let proxy = Proxy::start(&["127.0.0.3"], &resolv, opts()).await;
+
+    let mut s = BufReader::new(TcpStream::connect(proxy.addr).await.unwrap());
+    s.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\nearly ").as_bytes())
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let back = tokio::time::timeout(TIMEOUT, async {
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        assert_eq!(status_of(&line), 200, "{line}");
+        while line != "\r\n" {
+            line.clear();
+            s.read_line(&mut line).await.unwrap();
+        }
+        line.clear();
+        s.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "hi\n");
+        s.write_all(&payload).await.unwrap();
+        s.get_mut().shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        back
+    })
+    .await
+    .expect("tunnel answered in time");
+    let got = server.await.unwrap();
+    assert!(
+        got.starts_with(b"early "),
+        "{:?}",
+        &got[..got.len().min(16)]
+    );
+    assert!(got[6..] == payload[..], "{} bytes arrived", got.len());
+    assert!(back == got, "{} bytes back of {}", back.len(), got.len());
+}
+
 #[tokio::test]
 async fn connect_tls_handshake_through_tunnel() {
     let dir = TempDir::new("tls");

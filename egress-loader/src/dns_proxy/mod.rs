@@ -145,7 +145,7 @@ pub struct DnsProxyOptions {
         long = "dns-proxy-max-pipes",
         env = "EGRESS_DNS_PROXY_MAX_PIPES",
         value_name = "N",
-        default_value_t = 32
+        default_value_t = relay::DEFAULT_MAX_PIPES
     )]
     pub max_pipes: usize,
 }
@@ -162,7 +162,7 @@ impl Default for DnsProxyOptions {
             holdoff: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
             engine: Engine::default(),
-            max_pipes: 32,
+            max_pipes: relay::DEFAULT_MAX_PIPES,
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum Engine {
 /// [`Engine::Auto`], a read that fills it switches the direction to splice, and a splice that moves
 /// less switches it back.
 const CHUNK: usize = 32 * 1024;
+/// Default bound of a [`PipePool`]: 32 pipes of 1 MiB are half of the default
+/// fs.pipe-user-pages-soft (64 MiB).
+pub const DEFAULT_MAX_PIPES: usize = 32;
 
 /// Which side of the connection an error came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
