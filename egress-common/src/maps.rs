@@ -129,7 +129,9 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding: a `[u8; 3]` is zeroed by a memset call in the eBPF program.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 impl FlowKey {
@@ -141,7 +143,8 @@ impl FlowKey {
             sport: self.dport,
             dport: self.sport,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }
@@ -165,7 +168,7 @@ pub struct FlowValue {
     pub direction: u8,
     pub flags: u8,
     pub _pad: u16,
-    /// bpf_ktime_get_ns() of the last packet in this direction.
+    /// CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns) of the last packet in this direction.
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -180,7 +183,8 @@ impl FlowValue {
             sport: self.sport,
             dport: self.dport,
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 }

@@ -49,6 +49,7 @@ pub struct Ipv4Info {
     pub hlen: usize,
     pub total_len: usize,
     pub id: u16,
+    pub ttl: u8,
     pub proto: u8,
     /// Fragment offset in bytes; non-zero means no L4 header in this packet.
     pub frag_off: usize,
@@ -73,6 +74,7 @@ impl Ipv4Info {
             hlen,
             total_len,
             id: u16::from_be_bytes([h[4], h[5]]),
+            ttl: h[IP_TTL_OFF],
             proto: h[IP_PROTO_OFF],
             frag_off: ((frag & 0x1fff) as usize) * 8,
             more_frags: frag & 0x2000 != 0,
@@ -91,6 +93,7 @@ impl Ipv4Info {
             hlen: ((h[0] & 0x0f) as usize) * 4,
             total_len: u16::from_be_bytes([h[2], h[3]]) as usize,
             id: u16::from_be_bytes([h[4], h[5]]),
+            ttl: h[IP_TTL_OFF],
             proto: h[IP_PROTO_OFF],
             frag_off: ((frag & 0x1fff) as usize) * 8,
             more_frags: frag & 0x2000 != 0,
@@ -105,6 +108,21 @@ impl Ipv4Info {
     pub fn has_l4_header(&self) -> bool {
         self.frag_off == 0
     }
+}
+
+/// The 16-bit header word holding TTL and protocol, as it sits in memory (zero-extended):
+/// the unit the header checksum covers them in.
+#[inline(always)]
+pub fn ttl_proto_word(ttl: u8, proto: u8) -> u32 {
+    u16::from_ne_bytes([ttl, proto]) as u32
+}
+
+/// Source and destination port (host order) as the 32-bit word leading a TCP/UDP header, as it
+/// sits in memory.
+#[inline(always)]
+pub fn ports_word(sport: u16, dport: u16) -> u32 {
+    let (s, d) = (sport.to_be_bytes(), dport.to_be_bytes());
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
 /// Length of the L4 header part this dataplane reads and rewrites, or 0 for protocols it
@@ -274,5 +292,17 @@ mod tests {
         c2.port_min = 0;
         c2.port_max = u16::MAX;
         assert_eq!(candidate_port(3, 1, u32::MAX, &c2), u16::MAX);
+    }
+
+    #[test]
+    fn header_words_are_the_bytes_on_the_wire() {
+        let mut h = header(5, 40, 0);
+        h[8] = 64;
+        assert_eq!(Ipv4Info::parse(&h, 40).unwrap().ttl, 64);
+        assert_eq!(
+            ttl_proto_word(64, PROTO_TCP).to_ne_bytes(),
+            [64, PROTO_TCP, 0, 0]
+        );
+        assert_eq!(ports_word(0x1234, 80).to_ne_bytes(), [0x12, 0x34, 0, 80]);
     }
 }

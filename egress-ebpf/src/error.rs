@@ -2,7 +2,7 @@
 //! a tc verdict in one place.
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 
-use crate::maps::with_stats;
+use egress_common::Stats;
 
 #[derive(Clone, Copy)]
 pub enum Error {
@@ -25,35 +25,35 @@ pub enum Error {
 
 impl Error {
     #[inline(always)]
-    pub fn verdict(self) -> i32 {
+    pub fn verdict(self, s: &mut Stats) -> i32 {
         match self {
             Error::NotOurs => TC_ACT_OK,
             Error::NoRule => {
-                with_stats(|s| s.no_rule += 1);
+                s.no_rule += 1;
                 TC_ACT_OK
             }
             Error::Malformed | Error::Helper => {
-                with_stats(|s| s.drop_malformed += 1);
+                s.drop_malformed += 1;
                 TC_ACT_SHOT
             }
             Error::TableFull => {
-                with_stats(|s| s.drop_table_full += 1);
+                s.drop_table_full += 1;
                 TC_ACT_SHOT
             }
             Error::PortExhausted => {
-                with_stats(|s| s.drop_port_exhausted += 1);
+                s.drop_port_exhausted += 1;
                 TC_ACT_SHOT
             }
             Error::Unsolicited => {
-                with_stats(|s| s.drop_unsolicited += 1);
+                s.drop_unsolicited += 1;
                 TC_ACT_SHOT
             }
             Error::Fragment => {
-                with_stats(|s| s.drop_fragment += 1);
+                s.drop_fragment += 1;
                 TC_ACT_SHOT
             }
             Error::TtlExpired => {
-                with_stats(|s| s.drop_ttl += 1);
+                s.drop_ttl += 1;
                 TC_ACT_SHOT
             }
         }

@@ -1,28 +1,33 @@
 //! The connection table: finding a live flow, creating one (with its reply entry and a free
 //! source port), and keeping its timestamps and TCP close state.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use egress_common::{
     DIR_IN, DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, RuleKey,
+    PROTO_TCP, PROTO_UDP, RuleKey, Stats,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, candidate_port, idle_timeout_ns, is_expired},
 };
 
 use crate::{
     error::Error,
-    maps::{FLOWS, RULES, with_stats},
+    maps::{FLOWS, RULES},
+    mem::zero,
     parse::Parsed,
 };
 
 /// Source ports tried for a new flow before giving up (the client's own, then random ones).
 const PORT_TRIES: u32 = 8;
 
+/// CLOCK_MONOTONIC at tick resolution: timeouts are in seconds, and the coarse clock is read
+/// without touching the TSC (`bpf_ktime_get_ns` costs a few percent of a packet).
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The entry for `key` if its flow is still live: idle time is measured from the last packet
@@ -31,17 +36,13 @@ pub fn now_ns() -> u64 {
 pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<*mut FlowValue> {
     let v = FLOWS.get_ptr_mut(key)?;
     // SAFETY: a valid map value pointer.
-    let (last, flags, peer) = unsafe {
-        (
-            (*v).last_seen_ns,
-            (*v).flags,
-            (*v).translated_key(key.proto).reversed(),
-        )
-    };
+    let (last, flags) = unsafe { ((*v).last_seen_ns, (*v).flags) };
     let timeout = idle_timeout_ns(cfg, key.proto, flags);
     if !is_expired(now, last, timeout) {
         return Some(v);
     }
+    // SAFETY: as above.
+    let peer = unsafe { (*v).translated_key(key.proto).reversed() };
     let p = FLOWS.get_ptr(&peer)?;
     // SAFETY: a valid map value pointer.
     if is_expired(now, unsafe { (*p).last_seen_ns }, timeout) {
@@ -73,9 +74,16 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
     Err(Error::NoRule)
 }
 
-/// Creates both entries of a new outbound flow and returns the outbound one.
+/// Creates both entries of a new outbound flow, its first packet (`len` bytes) counted, and
+/// returns the outbound one as written.
 #[inline(always)]
-pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowValue, Error> {
+pub fn create(
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    now: u64,
+    len: u64,
+    stats: &mut Stats,
+) -> Result<FlowValue, Error> {
     if !p.ip.has_l4_header() {
         return Err(Error::Fragment);
     }
@@ -88,17 +96,25 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
     } else {
         1
     };
-    let reply = FlowValue {
-        saddr: p.key.daddr,
-        daddr: p.key.saddr,
-        sport: p.key.dport,
-        dport: p.key.sport,
-        direction: DIR_IN,
-        flags: 0,
-        _pad: 0,
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
+    // A flow may start closing (a lone FIN or RST): it then gets the short timeout at once.
+    let flags = if proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_CLOSING
+    } else {
+        0
+    };
+    // Zeroed in place: a literal's zero counters would become a memset call.
+    let mut slot = MaybeUninit::uninit();
+    let reply: &FlowValue = {
+        // SAFETY: plain data.
+        let r: &mut FlowValue = unsafe { zero(&mut slot) };
+        r.saddr = p.key.daddr;
+        r.daddr = p.key.saddr;
+        r.sport = p.key.dport;
+        r.dport = p.key.sport;
+        r.direction = DIR_IN;
+        r.flags = flags;
+        r.last_seen_ns = now;
+        r
     };
     let mut chosen: Option<(u16, FlowKey)> = None;
     for attempt in 0..PORT_TRIES {
@@ -113,11 +129,12 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
             sport: dport,
             dport: port,
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         };
-        if FLOWS.insert(&rkey, &reply, BPF_NOEXIST as u64).is_ok()
+        if FLOWS.insert(&rkey, reply, BPF_NOEXIST as u64).is_ok()
             || (lookup_live(&rkey, cfg, now).is_none()
-                && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_ok())
+                && FLOWS.insert(&rkey, reply, BPF_ANY as u64).is_ok())
         {
             chosen = Some((port, rkey));
             break;
@@ -130,11 +147,11 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
         sport,
         dport,
         direction: DIR_OUT,
-        flags: 0,
+        flags,
         _pad: 0,
         last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
+        packets: 1,
+        bytes: len,
     };
     if FLOWS.insert(&p.key, &out, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&rkey);
@@ -142,12 +159,12 @@ pub fn create(p: &Parsed, cfg: &DataplaneConfig, now: u64) -> Result<*mut FlowVa
     }
     // A full LRU table evicts in batches, which can take the reply entry just made; without it
     // the flow's replies would be refused as unsolicited.
-    if FLOWS.get_ptr(&rkey).is_none() && FLOWS.insert(&rkey, &reply, BPF_ANY as u64).is_err() {
+    if FLOWS.get_ptr(&rkey).is_none() && FLOWS.insert(&rkey, reply, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&p.key);
         return Err(Error::TableFull);
     }
-    with_stats(|s| s.new_flows += 1);
-    FLOWS.get_ptr_mut(&p.key).ok_or(Error::TableFull)
+    stats.new_flows += 1;
+    Ok(out)
 }
 
 /// Records a packet on a flow entry: timestamp, counters, and TCP close state (FIN or RST

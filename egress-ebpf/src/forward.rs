@@ -1,5 +1,9 @@
-//! Sending a translated packet on: FIB lookup, TTL, MACs, redirect. Anything the FIB cannot
-//! resolve directly goes to the kernel stack, which routes it the same way (forwarding is on).
+//! Sending a translated packet on: the FIB lookup (made before the rewrite, so that the TTL
+//! and MACs are written in the same pass as the addresses), then the redirect. Anything the FIB
+//! cannot resolve directly goes to the kernel stack, which routes it the same way (forwarding
+//! is on) and decrements the TTL itself.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -8,92 +12,110 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
 };
-use egress_common::packet::{ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF};
+use egress_common::{FlowValue, Stats};
 
-use crate::{error::Error, maps::with_stats, skb::Skb};
+use crate::{error::Error, mem::zero, skb::Skb};
 
 const AF_INET: u8 = 2;
 
-/// Fails with `TtlExpired` before anything is rewritten if the packet cannot be forwarded.
-#[inline(always)]
-pub fn check_ttl(skb: &Skb) -> Result<(), Error> {
-    let ttl: u8 = skb.load(ETH_HLEN + IP_TTL_OFF)?;
-    if ttl <= 1 {
-        Err(Error::TtlExpired)
-    } else {
-        Ok(())
+/// Where a translated packet goes.
+pub enum Route {
+    /// Out of `ifindex` with these MACs.
+    Direct {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// Out of `ifindex` to next hop `nh`, whose MAC the kernel resolves.
+    Neigh { ifindex: u32, nh: u32 },
+    /// Handed to the kernel stack (no direct path: a local route, an MTU to enforce...).
+    Stack,
+}
+
+impl Route {
+    /// Whether this program forwards the packet (and so decrements its TTL).
+    #[inline(always)]
+    pub fn forwards(&self) -> bool {
+        !matches!(self, Route::Stack)
     }
 }
 
+/// Looks up the route of a packet translated to `v` that arrived on `in_ifindex`.
 #[inline(always)]
-fn decrement_ttl(skb: &Skb) -> Result<(), Error> {
-    let off = ETH_HLEN + IP_TTL_OFF;
-    // TTL and protocol form one 16-bit word of the header checksum.
-    let old: u16 = skb.load(off)?;
-    let bytes = old.to_ne_bytes();
-    let new = u16::from_ne_bytes([bytes[0].wrapping_sub(1), bytes[1]]);
-    skb.ctx
-        .l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2)
-        .map_err(|_| Error::Helper)?;
-    skb.store(off, &new)
-}
-
-/// Forwards a packet already rewritten to (saddr -> daddr). `in_ifindex` is the interface it
-/// arrived on.
-#[inline(always)]
-pub fn forward(
+pub fn route(
     skb: &Skb,
-    saddr: u32,
-    daddr: u32,
+    v: &FlowValue,
     proto: u8,
     tot_len: u16,
     in_ifindex: u32,
-) -> Result<i32, Error> {
-    // SAFETY: bpf_fib_lookup is plain data; zero is a valid value for every field.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    stats: &mut Stats,
+) -> Route {
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: bpf_fib_lookup is plain data; zero is valid for every field.
+    let params: &mut bpf_fib_lookup = unsafe { zero(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = in_ifindex;
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v.saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v.daddr);
     // SAFETY: params lives on the stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(
             skb.ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            decrement_ttl(skb)?;
-            skb.store(0, &params.dmac)?;
-            skb.store(6, &params.smac)?;
-            // SAFETY: no preconditions.
-            Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32)
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            decrement_ttl(skb)?;
-            // SAFETY: plain data.
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = AF_INET as u32;
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Direct {
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Neigh {
+            ifindex: params.ifindex,
             // SAFETY: the lookup filled ipv4_dst with the next hop.
-            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-            // SAFETY: nh lives on the stack for the duration of the call.
+            nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
+        },
+        _ => {
+            stats.fib_pass += 1;
+            Route::Stack
+        }
+    }
+}
+
+/// Sends a rewritten packet along `route`.
+#[inline(always)]
+pub fn send(skb: &Skb, route: Route) -> Result<i32, Error> {
+    match route {
+        Route::Direct {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            skb.write(0, dmac)?;
+            skb.write(6, smac)?;
+            // SAFETY: no preconditions.
+            Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+        }
+        Route::Neigh { ifindex, nh } => {
+            let mut slot = MaybeUninit::uninit();
+            // SAFETY: plain data.
+            let p: &mut bpf_redir_neigh = unsafe { zero(&mut slot) };
+            p.nh_family = AF_INET as u32;
+            p.__bindgen_anon_1.ipv4_nh = nh;
+            // SAFETY: p lives on the stack for the duration of the call.
             Ok(unsafe {
                 bpf_redirect_neigh(
-                    params.ifindex,
-                    &mut nh,
+                    ifindex,
+                    p,
                     core::mem::size_of::<bpf_redir_neigh>() as i32,
                     0,
                 )
             } as i32)
         }
-        _ => {
-            with_stats(|s| s.fib_pass += 1);
-            Ok(TC_ACT_OK)
-        }
+        Route::Stack => Ok(TC_ACT_OK),
     }
 }

@@ -12,18 +12,21 @@ mod error;
 mod flows;
 mod forward;
 mod maps;
+mod mem;
 mod parse;
 mod rewrite;
 mod skb;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
-    DataplaneConfig, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, packet::ICMP_ECHO_REQUEST,
+    DataplaneConfig, FlowValue, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
+    packet::ICMP_ECHO_REQUEST,
 };
 
 use crate::{
     error::Error,
     flows::{create, lookup_live, now_ns, touch},
+    forward::Route,
     parse::{Kind, Parsed, parse},
     skb::Skb,
 };
@@ -38,26 +41,26 @@ enum Side {
 
 #[classifier]
 pub fn eth0_ingress(ctx: TcContext) -> i32 {
-    let len = ctx.len() as u64;
-    maps::with_stats(|s| {
-        s.eth0_rx_packets += 1;
-        s.eth0_rx_bytes += len;
-    });
-    handle(&ctx, Side::Cluster).unwrap_or_else(Error::verdict)
+    let Some(stats) = maps::stats() else {
+        return TC_ACT_OK; // cannot happen: a one-slot per-CPU array
+    };
+    stats.eth0_rx_packets += 1;
+    stats.eth0_rx_bytes += ctx.len() as u64;
+    handle(&ctx, Side::Cluster, stats).unwrap_or_else(|e| e.verdict(stats))
 }
 
 #[classifier]
 pub fn macvlan_ingress(ctx: TcContext) -> i32 {
-    let len = ctx.len() as u64;
-    maps::with_stats(|s| {
-        s.macvlan_rx_packets += 1;
-        s.macvlan_rx_bytes += len;
-    });
-    handle(&ctx, Side::Outside).unwrap_or_else(Error::verdict)
+    let Some(stats) = maps::stats() else {
+        return TC_ACT_OK;
+    };
+    stats.macvlan_rx_packets += 1;
+    stats.macvlan_rx_bytes += ctx.len() as u64;
+    handle(&ctx, Side::Outside, stats).unwrap_or_else(|e| e.verdict(stats))
 }
 
 #[inline(always)]
-fn handle(ctx: &TcContext, side: Side) -> Result<i32, Error> {
+fn handle(ctx: &TcContext, side: Side, stats: &mut Stats) -> Result<i32, Error> {
     let cfg = maps::config().ok_or(Error::NotOurs)?;
     if cfg.eth0_ifindex == 0 {
         return Err(Error::NotOurs); // not configured yet
@@ -77,16 +80,33 @@ fn handle(ctx: &TcContext, side: Side) -> Result<i32, Error> {
     }
     match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),
-        Kind::IcmpError => icmp_error(&skb, &p, cfg, side),
-        Kind::Flow => flow(&skb, &p, cfg, side, now),
+        Kind::IcmpError => icmp_error(&skb, &p, cfg, side, now, stats),
+        Kind::Flow => flow(&skb, &p, cfg, side, now, stats),
     }
 }
 
 #[inline(always)]
-fn flow(skb: &Skb, p: &Parsed, cfg: &DataplaneConfig, side: Side, now: u64) -> Result<i32, Error> {
-    let v = match (lookup_live(&p.key, cfg, now), side) {
-        (Some(v), _) => v,
-        (None, Side::Cluster) => create(p, cfg, now)?,
+fn flow(
+    skb: &Skb,
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    side: Side,
+    now: u64,
+    stats: &mut Stats,
+) -> Result<i32, Error> {
+    let len = skb.len() as u64;
+    let val = match (lookup_live(&p.key, cfg, now), side) {
+        (Some(v), _) => {
+            check_ttl(p)?;
+            touch(v, p, now, len);
+            // SAFETY: a valid map value pointer; copied so a concurrent update cannot tear the
+            // rewrite.
+            unsafe { *v }
+        }
+        (None, Side::Cluster) => {
+            check_ttl(p)?;
+            create(p, cfg, now, len, stats)?
+        }
         // Pings to EGRESS_SOURCE are answered by the router itself.
         (None, Side::Outside) if p.key.proto == PROTO_ICMP && p.icmp_type == ICMP_ECHO_REQUEST => {
             return Err(Error::NotOurs);
@@ -98,77 +118,71 @@ fn flow(skb: &Skb, p: &Parsed, cfg: &DataplaneConfig, side: Side, now: u64) -> R
             });
         }
     };
-    forward::check_ttl(skb)?;
-    let len = skb.len() as u64;
-    touch(v, p, now, len);
-    // SAFETY: a valid map value pointer; copied so a concurrent update cannot tear the rewrite.
-    let val = unsafe { *v };
-    rewrite::flow(skb, p, &val)?;
-    out(
-        skb,
-        &val,
-        p.key.proto,
-        p.ip.total_len as u16,
-        cfg,
-        side,
-        len,
-    )
+    let route = route(skb, &val, p, cfg, side, stats);
+    rewrite::flow(skb, p, &val, route.forwards())?;
+    count_out(side, len, stats);
+    forward::send(skb, route)
 }
 
 #[inline(always)]
-fn icmp_error(skb: &Skb, p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Result<i32, Error> {
-    let q = rewrite::quoted(skb, p)?;
-    // Errors about anything but a translated flow are the stack's (the router's own traffic).
-    let v = lookup_live(&q.reply_key, cfg, now_ns()).ok_or(Error::NotOurs)?;
-    forward::check_ttl(skb)?;
-    // SAFETY: a valid map value pointer.
-    let val = unsafe { *v };
-    rewrite::icmp_error(skb, p, &q, &val)?;
-    out(
-        skb,
-        &val,
-        PROTO_ICMP,
-        p.ip.total_len as u16,
-        cfg,
-        side,
-        skb.len() as u64,
-    )
-}
-
-#[inline(always)]
-fn out(
+fn icmp_error(
     skb: &Skb,
-    v: &egress_common::FlowValue,
-    proto: u8,
-    tot_len: u16,
+    p: &Parsed,
     cfg: &DataplaneConfig,
     side: Side,
-    len: u64,
+    now: u64,
+    stats: &mut Stats,
 ) -> Result<i32, Error> {
+    let q = rewrite::quoted(skb, p)?;
+    // Errors about anything but a translated flow are the stack's (the router's own traffic).
+    let v = lookup_live(&q.reply_key, cfg, now).ok_or(Error::NotOurs)?;
+    check_ttl(p)?;
+    // SAFETY: a valid map value pointer.
+    let val = unsafe { *v };
+    let route = route(skb, &val, p, cfg, side, stats);
+    rewrite::icmp_error(skb, p, &q, &val, route.forwards())?;
+    count_out(side, skb.len() as u64, stats);
+    forward::send(skb, route)
+}
+
+/// Fails before anything is rewritten if the packet cannot be forwarded.
+#[inline(always)]
+fn check_ttl(p: &Parsed) -> Result<(), Error> {
+    if p.ip.ttl <= 1 {
+        Err(Error::TtlExpired)
+    } else {
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn route(
+    skb: &Skb,
+    v: &FlowValue,
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    side: Side,
+    stats: &mut Stats,
+) -> Route {
     let in_ifindex = match side {
+        Side::Cluster => cfg.eth0_ifindex,
+        Side::Outside => cfg.macvlan_ifindex,
+    };
+    forward::route(skb, v, p.ip.proto, p.ip.total_len as u16, in_ifindex, stats)
+}
+
+#[inline(always)]
+fn count_out(side: Side, len: u64, s: &mut Stats) {
+    match side {
         Side::Cluster => {
-            maps::with_stats(|s| {
-                s.out_packets += 1;
-                s.out_bytes += len;
-            });
-            cfg.eth0_ifindex
+            s.out_packets += 1;
+            s.out_bytes += len;
         }
         Side::Outside => {
-            maps::with_stats(|s| {
-                s.in_packets += 1;
-                s.in_bytes += len;
-            });
-            cfg.macvlan_ifindex
+            s.in_packets += 1;
+            s.in_bytes += len;
         }
-    };
-    forward::forward(
-        skb,
-        u32::from_ne_bytes(v.saddr),
-        u32::from_ne_bytes(v.daddr),
-        proto,
-        tot_len,
-        in_ifindex,
-    )
+    }
 }
 
 #[cfg(not(test))]

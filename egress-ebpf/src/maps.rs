@@ -25,13 +25,12 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS_MAX as usize }>
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHashMap::new();
 
-/// Runs `f` on this CPU's counters.
+/// This CPU's counters, looked up once per packet and passed down.
 #[inline(always)]
-pub fn with_stats(f: impl FnOnce(&mut Stats)) {
-    if let Some(p) = STATS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, only this program on this CPU touches it now.
-        f(unsafe { &mut *p })
-    }
+pub fn stats() -> Option<&'static mut Stats> {
+    // SAFETY: a per-CPU slot: only this program run, on this CPU, touches it until it returns
+    // (tc programs run with preemption disabled); the reference does not outlive the run.
+    STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

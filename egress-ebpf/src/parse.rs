@@ -2,8 +2,7 @@
 use egress_common::{
     FlowKey, FragKey, FragValue, PROTO_ICMP, PROTO_TCP,
     packet::{
-        ETH_HLEN, ETH_P_IP, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, Ipv4Info, icmp_echo_ports,
-        is_icmp_error, l4_min_len,
+        ETH_HLEN, ETH_P_IP, IPV4_MIN_HLEN, Ipv4Info, icmp_echo_ports, is_icmp_error, l4_min_len,
     },
 };
 
@@ -41,8 +40,8 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
     let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ETH_HLEN)?;
     let ip =
         Ipv4Info::parse(&hdr, skb.len().saturating_sub(ETH_HLEN)).map_err(|_| Error::Malformed)?;
-    let saddr: u32 = skb.load(ETH_HLEN + IP_SADDR_OFF)?;
-    let daddr: u32 = skb.load(ETH_HLEN + IP_DADDR_OFF)?;
+    let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
     let l4 = ETH_HLEN + ip.hlen;
     let mut p = Parsed {
         ip,
@@ -55,7 +54,8 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
             sport: 0,
             dport: 0,
             proto: ip.proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         },
         kind: Kind::Flow,
         tcp_flags: 0,

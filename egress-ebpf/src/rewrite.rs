@@ -1,13 +1,19 @@
-//! Header rewrites, all through the checksum helpers (see skb.rs).
+//! Header rewrites: fields written directly, checksums through the helpers (see skb.rs), one
+//! checksum update per header for the addresses and TTL together.
 use egress_common::{
     FlowKey, FlowValue, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
     packet::{
-        ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
-        IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, icmp_echo_ports,
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_SADDR_OFF, IP_TTL_OFF,
+        IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, icmp_echo_ports, ports_word,
+        ttl_proto_word,
     },
 };
 
-use crate::{error::Error, parse::Parsed, skb::Skb};
+use crate::{
+    error::Error,
+    parse::Parsed,
+    skb::{Skb, csum_diff},
+};
 
 #[inline(always)]
 fn raw(a: [u8; 4]) -> u32 {
@@ -15,20 +21,25 @@ fn raw(a: [u8; 4]) -> u32 {
 }
 
 /// Rewrites a packet of a flow to the entry's tuple: L4 first (ports, ids and the pseudo-header
-/// part of the checksum), then the IP addresses and header checksum. Later fragments carry no
-/// L4 header; their datagram's checksum was fixed in the first fragment.
+/// part of the checksum), then the IP header. `forwarding`: this program sends the packet on,
+/// so it decrements the TTL (the stack does that for packets it is handed). Later fragments
+/// carry no L4 header; their datagram's checksum was fixed in the first fragment.
 #[inline(always)]
-pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue) -> Result<(), Error> {
-    let (new_s, new_d) = (raw(v.saddr), raw(v.daddr));
+pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue, forwarding: bool) -> Result<(), Error> {
+    let old = [p.saddr, p.daddr];
+    let new = [raw(v.saddr), raw(v.daddr)];
+    let addr_diff = csum_diff(&old, &new, 0);
     if p.ip.has_l4_header() {
         match p.key.proto {
             PROTO_TCP | PROTO_UDP => {
                 let udp = p.key.proto == PROTO_UDP;
                 let csum = p.l4 + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
-                skb.l4_addr_changed(csum, p.saddr, new_s, udp)?;
-                skb.l4_addr_changed(csum, p.daddr, new_d, udp)?;
-                skb.set_l4_u16(p.l4, csum, p.key.sport, v.sport, udp)?;
-                skb.set_l4_u16(p.l4 + 2, csum, p.key.dport, v.dport, udp)?;
+                skb.l4_pseudo_csum_add(csum, addr_diff, udp)?;
+                let (old_ports, new_ports) = (
+                    ports_word(p.key.sport, p.key.dport),
+                    ports_word(v.sport, v.dport),
+                );
+                skb.set_l4_u32(p.l4, csum, old_ports, new_ports, udp)?;
             }
             PROTO_ICMP => {
                 // Echo: the identifier is the sport of requests and the dport of replies.
@@ -37,26 +48,39 @@ pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue) -> Result<(), Error> {
                 } else {
                     (p.key.dport, v.dport)
                 };
-                skb.set_l4_u16(p.l4 + 4, p.l4 + ICMP_CSUM_OFF, old, new, false)?;
+                skb.set_l4_u16(p.l4 + 4, p.l4 + ICMP_CSUM_OFF, old, new)?;
             }
             // SCTP: CRC32c covers no addresses and ports are kept. Others: addresses only.
             _ => {}
         }
     }
-    addresses(skb, ETH_HLEN, p.saddr, p.daddr, new_s, new_d)
+    outer_ip(skb, p, new, addr_diff, forwarding)
 }
 
+/// The outer IPv4 header: new addresses (`addr_diff` being their checksum change) and, when
+/// forwarding, the decremented TTL, under one header checksum update.
 #[inline(always)]
-fn addresses(
+fn outer_ip(
     skb: &Skb,
-    ip: usize,
-    old_s: u32,
-    old_d: u32,
-    new_s: u32,
-    new_d: u32,
+    p: &Parsed,
+    new: [u32; 2],
+    addr_diff: u32,
+    forwarding: bool,
 ) -> Result<(), Error> {
-    skb.set_addr(ip + IP_SADDR_OFF, ip + IP_CSUM_OFF, old_s, new_s)?;
-    skb.set_addr(ip + IP_DADDR_OFF, ip + IP_CSUM_OFF, old_d, new_d)
+    let diff = if forwarding {
+        let ttl = p.ip.ttl;
+        let old_word = ttl_proto_word(ttl, p.ip.proto);
+        let new_word = ttl_proto_word(ttl.wrapping_sub(1), p.ip.proto);
+        csum_diff(&[old_word], &[new_word], addr_diff)
+    } else {
+        addr_diff
+    };
+    skb.l3_csum_add(ETH_HLEN + IP_CSUM_OFF, diff)?;
+    skb.write(ETH_HLEN + IP_SADDR_OFF, new)?;
+    if forwarding {
+        skb.write(ETH_HLEN + IP_TTL_OFF, p.ip.ttl.wrapping_sub(1))?;
+    }
+    Ok(())
 }
 
 /// The packet an ICMP error quotes, and the flow key of the direction that would answer it.
@@ -112,7 +136,8 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
         sport: q.dport,
         dport: q.sport,
         proto: info.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     Ok(q)
 }
@@ -122,7 +147,13 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
 /// the one the other side sent, (v.daddr:v.dport -> v.saddr:v.sport). The quoted IP header
 /// keeps a valid checksum, so the ICMP checksum only follows the quoted ports.
 #[inline(always)]
-pub fn icmp_error(skb: &Skb, p: &Parsed, q: &Quoted, v: &FlowValue) -> Result<(), Error> {
+pub fn icmp_error(
+    skb: &Skb,
+    p: &Parsed,
+    q: &Quoted,
+    v: &FlowValue,
+    forwarding: bool,
+) -> Result<(), Error> {
     let icmp_csum = p.l4 + ICMP_CSUM_OFF;
     match q.proto {
         PROTO_ICMP => {
@@ -131,14 +162,25 @@ pub fn icmp_error(skb: &Skb, p: &Parsed, q: &Quoted, v: &FlowValue) -> Result<()
             } else {
                 (q.dport, v.sport)
             };
-            skb.set_quoted_u16(q.l4 + 4, icmp_csum, old, new)?;
+            skb.set_l4_u16(q.l4 + 4, icmp_csum, old, new)?;
         }
         PROTO_TCP | PROTO_UDP => {
-            skb.set_quoted_u16(q.l4, icmp_csum, q.sport, v.dport)?;
-            skb.set_quoted_u16(q.l4 + 2, icmp_csum, q.dport, v.sport)?;
+            skb.set_l4_u16(q.l4, icmp_csum, q.sport, v.dport)?;
+            skb.set_l4_u16(q.l4 + 2, icmp_csum, q.dport, v.sport)?;
         }
         _ => {}
     }
-    addresses(skb, q.ip, q.saddr, q.daddr, raw(v.daddr), raw(v.saddr))?;
-    addresses(skb, ETH_HLEN, p.saddr, p.daddr, raw(v.saddr), raw(v.daddr))
+    // The quoted header: its own checksum follows its addresses.
+    let quoted_new = [raw(v.daddr), raw(v.saddr)];
+    let quoted_diff = csum_diff(&[q.saddr, q.daddr], &quoted_new, 0);
+    skb.l3_csum_add(q.ip + IP_CSUM_OFF, quoted_diff)?;
+    skb.write(q.ip + IP_SADDR_OFF, quoted_new)?;
+    let new = [raw(v.saddr), raw(v.daddr)];
+    outer_ip(
+        skb,
+        p,
+        new,
+        csum_diff(&[p.saddr, p.daddr], &new, 0),
+        forwarding,
+    )
 }

@@ -1,9 +1,18 @@
-//! The one packet accessor. Reads are direct, bounds-checked against data_end (headers outside
-//! the linear part are pulled in on demand); every write goes through the kernel helpers, which keep the
-//! checksum state of the skb right (also for partially checksummed packets from pods on the
-//! same node). Each read takes fresh data pointers, so writes in between cannot stale them.
+//! The one packet accessor. Reads and writes are direct, bounds-checked against data_end
+//! (headers outside the linear part are pulled in on demand). Checksums change only through
+//! the kernel helpers: `bpf_csum_diff` computes a change once, `bpf_l3/l4_csum_replace` apply
+//! it, and they keep the checksum state of the skb right (CHECKSUM_PARTIAL packets from pods on
+//! the same node, CHECKSUM_COMPLETE from NICs). Every access takes fresh data pointers, so a
+//! helper that moves the data in between cannot stale them.
+//!
+//! Direct writes are safe to mix with the helpers: the verifier makes a program that writes
+//! packet data unclone the head before it runs, and every byte changed here is covered by a
+//! checksum update of equal and opposite weight (so skb->csum of CHECKSUM_COMPLETE packets
+//! stays right), except the pseudo-header addresses, which the helpers' BPF_F_PSEUDO_HDR path
+//! accounts for.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 
@@ -29,8 +38,9 @@ impl<'a> Skb<'a> {
     /// and the read retried, so the common case costs no helper call.
     #[inline(always)]
     pub fn load<T: Copy>(&self, off: usize) -> Result<T, Error> {
-        if let Some(v) = self.read(off) {
-            return Ok(v);
+        if let Some(p) = self.ptr::<T>(off) {
+            // SAFETY: bounds checked against the current data_end.
+            return Ok(unsafe { p.read_unaligned() });
         }
         let need = off + core::mem::size_of::<T>().max(2);
         if need > self.len() {
@@ -39,46 +49,57 @@ impl<'a> Skb<'a> {
         self.ctx
             .pull_data(need as u32)
             .map_err(|_| Error::Malformed)?;
-        self.read(off).ok_or(Error::Malformed)
+        let p = self.ptr::<T>(off).ok_or(Error::Malformed)?;
+        // SAFETY: as above.
+        Ok(unsafe { p.read_unaligned() })
+    }
+
+    /// Writes a `T` at `off`. Only header fields already read (hence linear) are written.
+    #[inline(always)]
+    pub fn write<T: Copy>(&self, off: usize, v: T) -> Result<(), Error> {
+        let p = self.ptr::<T>(off).ok_or(Error::Helper)?;
+        // SAFETY: bounds checked against the current data_end; the head is writable (above).
+        unsafe { p.write_unaligned(v) };
+        Ok(())
     }
 
     #[inline(always)]
-    fn read<T: Copy>(&self, off: usize) -> Option<T> {
-        // The check must be on the very pointer that is read, for the verifier to see it. For
-        // one-byte reads LLVM turns `p + 1 > end` into `p >= end`, which the verifier does not
-        // credit with a range; checking two bytes keeps the `p + n > end` form. Every one-byte
-        // field we read has more header after it, so this rejects nothing valid.
+    fn ptr<T>(&self, off: usize) -> Option<*mut T> {
+        // The check must be on the very pointer that is used, for the verifier to see it. For
+        // one-byte accesses LLVM turns `p + 1 > end` into `p >= end`, which the verifier does
+        // not credit with a range; checking two bytes keeps the `p + n > end` form. Every
+        // one-byte field we touch has more header after it, so this rejects nothing valid.
         let p = self.ctx.data() + off;
         if p + core::mem::size_of::<T>().max(2) > self.ctx.data_end() {
             return None;
         }
-        // SAFETY: bounds checked just above against the current data_end.
-        Some(unsafe { (p as *const T).read_unaligned() })
+        Some(p as *mut T)
     }
 
+    /// Applies a checksum difference (from `csum_diff`) to the IPv4 header checksum at `off`.
     #[inline(always)]
-    pub fn store<T>(&self, off: usize, v: &T) -> Result<(), Error> {
-        self.ctx.store(off, v, 0).map_err(|_| Error::Helper)
-    }
-
-    /// Rewrites a 4-byte address field (raw network order) and fixes the IPv4 header checksum
-    /// at `csum_off`.
-    #[inline(always)]
-    pub fn set_addr(&self, off: usize, csum_off: usize, old: u32, new: u32) -> Result<(), Error> {
-        if old == new {
-            return Ok(());
-        }
+    pub fn l3_csum_add(&self, off: usize, diff: u32) -> Result<(), Error> {
         self.ctx
-            .l3_csum_replace(csum_off, old as u64, new as u64, 4)
-            .map_err(|_| Error::Helper)?;
-        self.store(off, &new)
+            .l3_csum_replace(off, 0, diff as u64, 0)
+            .map_err(|_| Error::Helper)
     }
 
-    /// Adjusts an L4 checksum for a changed address (part of the pseudo header).
-    /// `udp`: a zero UDP checksum means "none" and stays zero.
+    /// Applies a difference of pseudo-header fields (the addresses) to the L4 checksum at
+    /// `off`. `udp`: a zero UDP checksum means "none" and stays zero.
     #[inline(always)]
-    pub fn l4_addr_changed(
+    pub fn l4_pseudo_csum_add(&self, off: usize, diff: u32, udp: bool) -> Result<(), Error> {
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
+        self.ctx
+            .l4_csum_replace(off, 0, diff as u64, flags)
+            .map_err(|_| Error::Helper)
+    }
+
+    /// Rewrites a 4-byte field covered by the L4 checksum at `csum_off` (both ports at once).
+    /// `old`/`new` are raw (network order).
+    #[inline(always)]
+    pub fn set_l4_u32(
         &self,
+        off: usize,
         csum_off: usize,
         old: u32,
         new: u32,
@@ -87,44 +108,46 @@ impl<'a> Skb<'a> {
         if old == new {
             return Ok(());
         }
-        let flags = BPF_F_PSEUDO_HDR as u64 | 4 | if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         self.ctx
-            .l4_csum_replace(csum_off, old as u64, new as u64, flags)
-            .map_err(|_| Error::Helper)
+            .l4_csum_replace(csum_off, old as u64, new as u64, 4 | mangled_0(udp))
+            .map_err(|_| Error::Helper)?;
+        self.write(off, new)
     }
 
-    /// Rewrites a 16-bit field covered by the L4 checksum at `csum_off` (a port or ICMP id).
+    /// Rewrites a 16-bit field covered by the L4 checksum at `csum_off` (an ICMP id, or a port
+    /// inside an ICMP error's quoted packet, which only the outer ICMP checksum covers).
     /// `old`/`new` are host order.
     #[inline(always)]
-    pub fn set_l4_u16(
-        &self,
-        off: usize,
-        csum_off: usize,
-        old: u16,
-        new: u16,
-        udp: bool,
-    ) -> Result<(), Error> {
+    pub fn set_l4_u16(&self, off: usize, csum_off: usize, old: u16, new: u16) -> Result<(), Error> {
         if old == new {
             return Ok(());
         }
         let (old, new) = (old.to_be(), new.to_be());
-        let flags = 2 | if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         self.ctx
-            .l4_csum_replace(csum_off, old as u64, new as u64, flags)
+            .l4_csum_replace(csum_off, old as u64, new as u64, 2)
             .map_err(|_| Error::Helper)?;
-        self.store(off, &new)
+        self.write(off, new)
     }
+}
 
-    /// Rewrites a 16-bit field inside an ICMP error's quoted packet: only the outer ICMP
-    /// checksum covers it (no pseudo header).
-    #[inline(always)]
-    pub fn set_quoted_u16(
-        &self,
-        off: usize,
-        icmp_csum_off: usize,
-        old: u16,
-        new: u16,
-    ) -> Result<(), Error> {
-        self.set_l4_u16(off, icmp_csum_off, old, new, false)
+#[inline(always)]
+fn mangled_0(udp: bool) -> u64 {
+    if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+}
+
+/// The checksum difference of replacing the 32-bit words `from` by `to`, added to `seed`
+/// (`bpf_csum_diff`, as Cilium's NAT computes it).
+#[inline(always)]
+pub fn csum_diff<const N: usize>(from: &[u32; N], to: &[u32; N], seed: u32) -> u32 {
+    let size = (N * 4) as u32;
+    // SAFETY: both arrays live on the stack for the call; sizes are multiples of 4.
+    unsafe {
+        bpf_csum_diff(
+            from.as_ptr() as *mut u32,
+            size,
+            to.as_ptr() as *mut u32,
+            size,
+            seed,
+        ) as u32
     }
 }

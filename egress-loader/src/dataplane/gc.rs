@@ -62,7 +62,8 @@ mod tests {
             sport: 1000,
             dport: 53,
             proto: PROTO_UDP,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         };
         let v = FlowValue {
             saddr: [1, 1, 1, 1],

@@ -16,6 +16,7 @@ pub struct KernelFeatures {
     pub lru_hash: bool,
     pub fib_lookup: bool,
     pub redirect_neigh: bool,
+    pub coarse_clock: bool,
     pub tcx: bool,
 }
 
@@ -27,6 +28,7 @@ pub fn probe() -> KernelFeatures {
         lru_hash: is_map_supported(aya::maps::MapType::LruHash).unwrap_or(false),
         fib_lookup: helper(BpfHelper::BPF_FUNC_fib_lookup),
         redirect_neigh: helper(BpfHelper::BPF_FUNC_redirect_neigh),
+        coarse_clock: helper(BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
         tcx: tcx_supported(),
     }
 }
@@ -49,6 +51,9 @@ impl KernelFeatures {
         }
         if !self.redirect_neigh {
             missing.push("the bpf_redirect_neigh helper (Linux 5.10)");
+        }
+        if !self.coarse_clock {
+            missing.push("the bpf_ktime_get_coarse_ns helper (Linux 5.11)");
         }
         if missing.is_empty() {
             return Ok(());
