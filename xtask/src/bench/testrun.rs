@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use egress_tests::{
     DEST_IP, EGRESS_SOURCE, GATEWAY_IP, LAN_IF, MACVLAN, POD_IP, ROUTER_ETH0, Topology,
 };
+use etherparse::PacketBuilder;
 
 use super::{servers::TESTRUN_PORT, sys};
 
@@ -340,19 +341,6 @@ pub fn measure(topo: &Topology, bpffs: &Path, runs: usize) -> Result<Costs> {
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-fn csum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for p in parts {
-        for c in p.chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An Ethernet + IPv4 + TCP frame with valid checksums.
 #[allow(clippy::too_many_arguments)]
 fn tcp_frame(
@@ -365,40 +353,21 @@ fn tcp_frame(
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let tcp_len = 20 + payload.len();
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = csum(&[&ip]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut tcp = Vec::with_capacity(tcp_len);
-    tcp.extend_from_slice(&sport.to_be_bytes());
-    tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&1u32.to_be_bytes());
-    tcp.extend_from_slice(&(if flags & TCP_ACK != 0 { 1u32 } else { 0 }).to_be_bytes());
-    tcp.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    tcp.extend_from_slice(payload);
-    let pseudo = [
-        &src.octets()[..],
-        &dst.octets()[..],
-        &[0, 6],
-        &(tcp_len as u16).to_be_bytes(),
-    ]
-    .concat();
-    let c = csum(&[&pseudo, &tcp]);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::with_capacity(14 + 20 + tcp_len);
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&tcp);
+    let mut b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 0xffff);
+    if flags & TCP_SYN != 0 {
+        b = b.syn();
+    }
+    if flags & TCP_ACK != 0 {
+        b = b.ack(1);
+    }
+    let mut f = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut f, payload).expect("writing to a Vec");
     f
 }
 
 /// An Ethernet + IPv4 + UDP frame with valid checksums (the UDP flood's packets).
-#[allow(clippy::too_many_arguments)]
 pub fn udp_frame(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
@@ -408,36 +377,10 @@ pub fn udp_frame(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = csum(&[&ip]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut udp = Vec::with_capacity(udp_len);
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    let pseudo = [
-        &src.octets()[..],
-        &dst.octets()[..],
-        &[0, 17],
-        &(udp_len as u16).to_be_bytes(),
-    ]
-    .concat();
-    let c = match csum(&[&pseudo, &udp]) {
-        0 => 0xffff,
-        c => c,
-    };
-    udp[6..8].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::with_capacity(14 + 20 + udp_len);
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&udp);
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport);
+    let mut f = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut f, payload).expect("writing to a Vec");
     f
 }
