@@ -31,6 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
+    relay::{self, PipePool},
     resolver::{self, ResolverOptions},
 };
 
@@ -169,6 +170,7 @@ pub async fn serve(
         server,
         client: hyper::client::conn::http1::Builder::new(),
         pool: pool.clone(),
+        pipes: PipePool::new(relay::DEFAULT_MAX_PIPES),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
         tasks: TaskTracker::new(),

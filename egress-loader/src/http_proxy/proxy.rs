@@ -30,7 +30,7 @@ use super::{
     target::{Host, Target, TargetError, connect_target, http_target},
     tunnel,
 };
-use crate::upstream;
+use crate::{relay::PipePool, upstream};
 
 /// Everything the connections share; built once by `serve`.
 pub(super) struct Shared {
@@ -44,6 +44,8 @@ pub(super) struct Shared {
     pub client: hyper::client::conn::http1::Builder,
     /// Idle upstream connections, for any client's next request to the same address.
     pub pool: Arc<Upstreams>,
+    /// Splice pipes lent to CONNECT tunnels.
+    pub pipes: PipePool,
     /// Fired when shutdown starts: connections finish their request and close.
     pub draining: CancellationToken,
     /// Fired when the grace period is over: everything still running is dropped.
@@ -353,7 +355,9 @@ impl Conn {
             let idle = this.shared.idle_timeout;
             let tunnel = async {
                 match on_upgrade.await {
-                    Ok(client) => tunnel::run(TokioIo::new(client), stream, idle).await,
+                    Ok(client) => {
+                        tunnel::run(TokioIo::new(client), stream, idle, &this.shared.pipes).await
+                    }
                     Err(e) => tunnel::TunnelEnd {
                         up: 0,
                         down: 0,

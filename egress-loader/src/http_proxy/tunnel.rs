@@ -5,7 +5,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc, LazyLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -23,10 +23,6 @@ use tokio::{
 
 use crate::relay::{self, Engine, PipePool};
 
-/// Splice pipes for all tunnels, as many as the DNS proxy's default (the two modes never run in
-/// one process).
-static PIPES: LazyLock<PipePool> = LazyLock::new(|| PipePool::new(relay::DEFAULT_MAX_PIPES));
-
 /// Buffer per direction when copying through hyper's upgraded stream (the fallback): tokio's
 /// default of 8 KiB costs four times the system calls per byte.
 const COPY_BUF: usize = 64 * 1024;
@@ -42,10 +38,16 @@ pub struct TunnelEnd {
 }
 
 /// Carries the tunnel between the upgraded client connection and `upstream` until both
-/// directions are done; gives up when no byte has moved either way for `idle`.
-pub async fn run(client: TokioIo<Upgraded>, upstream: TcpStream, idle: Duration) -> TunnelEnd {
+/// directions are done; gives up when no byte has moved either way for `idle`. `pipes` lends
+/// the splice pipes.
+pub async fn run(
+    client: TokioIo<Upgraded>,
+    upstream: TcpStream,
+    idle: Duration,
+    pipes: &PipePool,
+) -> TunnelEnd {
     match client_socket(client.into_inner()) {
-        Ok((client, early)) => relay(client, early, upstream, idle).await,
+        Ok((client, early)) => relay(client, early, upstream, idle, pipes).await,
         Err(upgraded) => {
             tracing::debug!(
                 "CONNECT: the upgraded connection is not a TcpStream; copying through hyper"
@@ -67,6 +69,7 @@ async fn relay(
     early: Bytes,
     mut upstream: TcpStream,
     idle: Duration,
+    pipes: &PipePool,
 ) -> TunnelEnd {
     // What hyper read along with the request head, no more than its read buffer (8 KiB unless the
     // head was larger): the upstream socket's send buffer normally takes it at once.
@@ -88,7 +91,7 @@ async fn relay(
         &client,
         &upstream,
         Engine::Auto,
-        &PIPES,
+        pipes,
         idle,
         std::future::pending(),
     )
@@ -282,7 +285,8 @@ mod tests {
                     let (client, early) = client_socket(upgraded).expect("hyper's TcpStream");
                     assert_eq!(&early[..], b"early ");
                     let upstream = TcpStream::connect(up_addr).await.unwrap();
-                    let end = relay(client, early, upstream, Duration::from_secs(5)).await;
+                    let pipes = PipePool::new(2);
+                    let end = relay(client, early, upstream, Duration::from_secs(5), &pipes).await;
                     let _ = end_tx.send(end);
                 });
                 async { Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new())) }
