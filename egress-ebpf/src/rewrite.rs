@@ -4,16 +4,12 @@ use egress_common::{
     FlowKey, FlowValue, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
     packet::{
         ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_SADDR_OFF, IP_TTL_OFF,
-        IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, icmp_echo_ports, ports_word,
-        ttl_proto_word,
+        IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, csum_diff, icmp_echo_ports,
+        ports_word, ttl_proto_word,
     },
 };
 
-use crate::{
-    error::Error,
-    parse::Parsed,
-    skb::{Skb, csum_diff},
-};
+use crate::{error::Error, parse::Parsed, skb::Skb};
 
 #[inline(always)]
 fn raw(a: [u8; 4]) -> u32 {

@@ -1,8 +1,8 @@
 //! The one packet accessor. Reads and writes are direct, bounds-checked against data_end
 //! (headers outside the linear part are pulled in on demand). Checksums change only through
-//! the kernel helpers: `bpf_csum_diff` computes a change once, `bpf_l3/l4_csum_replace` apply
-//! it, and they keep the checksum state of the skb right (CHECKSUM_PARTIAL packets from pods on
-//! the same node, CHECKSUM_COMPLETE from NICs). Every access takes fresh data pointers, so a
+//! the kernel helpers: a change is computed once (`packet::csum_diff`), and
+//! `bpf_l3/l4_csum_replace` apply it and keep the checksum state of the skb right
+//! (CHECKSUM_PARTIAL packets from pods on the same node, CHECKSUM_COMPLETE from NICs). Every access takes fresh data pointers, so a
 //! helper that moves the data in between cannot stale them.
 //!
 //! Direct writes are safe to mix with the helpers: the verifier makes a program that writes
@@ -12,7 +12,6 @@
 //! accounts for.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 
@@ -133,21 +132,4 @@ impl<'a> Skb<'a> {
 #[inline(always)]
 fn mangled_0(udp: bool) -> u64 {
     if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
-}
-
-/// The checksum difference of replacing the 32-bit words `from` by `to`, added to `seed`
-/// (`bpf_csum_diff`, as Cilium's NAT computes it).
-#[inline(always)]
-pub fn csum_diff<const N: usize>(from: &[u32; N], to: &[u32; N], seed: u32) -> u32 {
-    let size = (N * 4) as u32;
-    // SAFETY: both arrays live on the stack for the call; sizes are multiples of 4.
-    unsafe {
-        bpf_csum_diff(
-            from.as_ptr() as *mut u32,
-            size,
-            to.as_ptr() as *mut u32,
-            size,
-            seed,
-        ) as u32
-    }
 }
