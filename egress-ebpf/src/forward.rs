@@ -42,20 +42,16 @@ impl Route {
 
 /// Looks up the route of a packet translated to `v` that arrived on `in_ifindex`.
 #[inline(always)]
-pub fn route(
-    skb: &Skb,
-    v: &FlowValue,
-    proto: u8,
-    tot_len: u16,
-    in_ifindex: u32,
-    stats: &mut Stats,
-) -> Route {
+pub fn route(skb: &Skb, v: &FlowValue, proto: u8, in_ifindex: u32, stats: &mut Stats) -> Route {
     let mut slot = MaybeUninit::uninit();
     // SAFETY: bpf_fib_lookup is plain data; zero is valid for every field.
     let params: &mut bpf_fib_lookup = unsafe { zero(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
+    // tot_len stays 0: the kernel then checks the skb itself against the egress device's MTU
+    // (is_skb_forwardable), which knows GSO. Given the IP total length, a GSO packet (up to
+    // 64 KB) would fail the MTU check and every TCP segment in bulk would take the slow path
+    // through the stack.
     params.ifindex = in_ifindex;
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v.saddr);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v.daddr);

@@ -168,7 +168,7 @@ fn route(
         Side::Cluster => cfg.eth0_ifindex,
         Side::Outside => cfg.macvlan_ifindex,
     };
-    forward::route(skb, v, p.ip.proto, p.ip.total_len as u16, in_ifindex, stats)
+    forward::route(skb, v, p.ip.proto, in_ifindex, stats)
 }
 
 #[inline(always)]
