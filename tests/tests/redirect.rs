@@ -288,6 +288,16 @@ fn sink(lab: &Lab, port: u16) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// Sends `len` bytes through a `9000 tcp` rule to a sink and returns the router's status after.
+fn bulk_transfer(lab: &Lab, len: usize) -> serde_json::Value {
+    let srv = sink(lab, 9000);
+    lab.init("9000 tcp 203.0.113.25", &[]);
+    let c = lab.client_tcp(9000).unwrap();
+    assert_eq!(send_all(c, len), len.to_string());
+    srv.join().unwrap();
+    lab.status()
+}
+
 fn send_all(mut c: TcpStream, len: usize) -> String {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -304,12 +314,7 @@ fn path_mtu_discovery_works_through_the_translation() {
     // The link into the destination network takes only 1400 bytes: lan answers bigger DF packets
     // with "fragmentation needed" to EGRESS_SOURCE, which must reach the client translated.
     set_mtu(&lab.topo.lan, egress_tests::LAN_DEST_IF, 1400);
-    let srv = sink(&lab, 9000);
-    lab.init("9000 tcp 203.0.113.25", &[]);
-    let c = lab.client_tcp(9000).unwrap();
-    assert_eq!(send_all(c, 300_000), "300000");
-    srv.join().unwrap();
-    let status = lab.status();
+    let status = bulk_transfer(&lab, 300_000);
     assert!(
         status["counters"]["in_packets"].as_u64().unwrap() > 0,
         "{status}"
@@ -319,12 +324,7 @@ fn path_mtu_discovery_works_through_the_translation() {
 #[test]
 fn bulk_tcp_is_forwarded_by_the_program_gso_packets_included() {
     let lab = Lab::new();
-    let srv = sink(&lab, 9000);
-    lab.init("9000 tcp 203.0.113.25", &[]);
-    let c = lab.client_tcp(9000).unwrap();
-    assert_eq!(send_all(c, 4_000_000), "4000000");
-    srv.join().unwrap();
-    let status = lab.status();
+    let status = bulk_transfer(&lab, 4_000_000);
     let n = |k: &str| status["counters"][k].as_u64().unwrap();
     // The client's TCP stack hands veth segments of up to 64 KB (GSO): an average above the
     // 1500-byte MTU shows the program saw them whole, and no FIB pass to the stack shows it
