@@ -44,20 +44,6 @@ pub fn destination() -> String {
     )
 }
 
-/// The table and chains OpenShift's egress-router.sh declares and flushes before its rules
-/// (setup_nft); the rules themselves come from `egress-router` in unit-test mode.
-const OPENSHIFT_NFT_TABLE: &str = "\
-table ip nat {
-  chain prerouting {
-    type nat hook prerouting priority dstnat; policy accept;
-  }
-  chain postrouting {
-    type nat hook postrouting priority srcnat; policy accept;
-  }
-}
-flush table ip nat
-";
-
 struct Lab {
     // Drop order: servers, then the bpffs directory, then the namespaces.
     servers: Servers,
@@ -169,7 +155,7 @@ fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
         Who::Base => {
             topo.configure_macvlan()?;
             topo.router.set_sysctl("net.ipv4.ip_forward", "1")?;
-            let script = format!("{OPENSHIFT_NFT_TABLE}{}", nft_rules(ctx)?);
+            let script = openshift_nft_script()?;
             let file = ctx.dir.join("openshift-nat.nft");
             std::fs::write(&file, &script)?;
             let mut nft = Command::new("nft");
@@ -209,26 +195,30 @@ fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
     Ok(lab)
 }
 
-/// OpenShift's rules for the bench's EGRESS_DESTINATION, as egress-router's unit-test mode
-/// prints them.
-fn nft_rules(ctx: &Ctx) -> Result<String> {
-    let mut cmd = ctx.router_cmd("unit-test", "unit-test.log")?;
-    cmd.env("EGRESS_DESTINATION", destination())
-        .stdout(std::process::Stdio::piped());
-    let out = cmd
-        .output()
-        .context("running egress-router in unit-test mode")?;
+/// The `nft -f` input OpenShift's egress-router.sh applies (setup_nft) for the bench's
+/// EGRESS_DESTINATION: its table and chains, a flush, then the rules. egress-router renders it,
+/// the same text its unit-test mode prints the rules of.
+fn openshift_nft_script() -> Result<String> {
+    let vars = [
+        ("EGRESS_ROUTER_MODE", "unit-test".to_string()),
+        (
+            "EGRESS_SOURCE",
+            format!("{EGRESS_SOURCE}/{}", egress_tests::EGRESS_PREFIX),
+        ),
+        ("EGRESS_GATEWAY", egress_tests::GATEWAY_IP.to_string()),
+        ("EGRESS_DESTINATION", destination()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let cfg = egress_router::config::parse(&vars)
+        .map_err(|e| anyhow::anyhow!("the bench's configuration: {e}"))?;
+    let script = egress_router::config::nft_script(&cfg);
     ensure!(
-        out.status.success(),
-        "egress-router unit-test failed: {}",
-        ctx.log_tail("unit-test.log")
+        script.contains("dnat to") && script.contains("snat to"),
+        "unexpected nftables script: {script}"
     );
-    let rules = String::from_utf8(out.stdout)?;
-    ensure!(
-        rules.contains("dnat to") && rules.contains("snat to"),
-        "unexpected unit-test output: {rules}"
-    );
-    Ok(rules)
+    Ok(script)
 }
 
 /// Distinct UDP flows (source ports) of the flood.
