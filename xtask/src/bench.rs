@@ -151,6 +151,23 @@ impl Ctx {
         }
     }
 
+    /// Runs `contender` for each of `order` in `section`; a contender that fails is reported
+    /// and the next one runs.
+    pub fn contenders(
+        &mut self,
+        section: Section,
+        order: &[Who],
+        contender: fn(&mut Ctx, Who) -> Result<()>,
+    ) {
+        for &who in order {
+            println!("  {}, {}", section.name(), who.label(section));
+            self.who = who.label(section).to_string();
+            if let Err(e) = contender(self, who) {
+                self.fail(section, who, &format!("{e:#}"));
+            }
+        }
+    }
+
     pub fn fail(&mut self, section: Section, who: Who, msg: &str) {
         let msg = format!(
             "round {}, {} {}: {msg}",
@@ -280,13 +297,13 @@ pub fn run(smoke: bool) -> Result<()> {
         println!("\n== round {}/{}", round + 1, ctx.p.rounds);
         let two: Vec<Who> = order.into_iter().filter(|w| *w != Who::Ceiling).collect();
         if ctx.p.runs("redirect") {
-            redirect::round(&mut ctx, order);
+            ctx.contenders(Section::Redirect, &order, redirect::contender);
         }
         if ctx.p.runs("http") {
-            proxies::http_round(&mut ctx, &two);
+            ctx.contenders(Section::Http, &two, proxies::http);
         }
         if ctx.p.runs("dns") {
-            proxies::dns_round(&mut ctx, &two);
+            ctx.contenders(Section::Dns, &two, proxies::dns);
         }
     }
     let elapsed = started.elapsed();

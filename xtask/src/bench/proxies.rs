@@ -122,16 +122,7 @@ fn rss_mib(p: &Proc) -> Result<f64> {
     Ok(sys::tree_rss_kib(p.pid())? as f64 / 1024.0)
 }
 
-pub fn http_round(ctx: &mut Ctx, order: &[Who]) {
-    for &who in order {
-        println!("  HTTP proxy, {}", who.label(Section::Http));
-        if let Err(e) = http(ctx, who) {
-            ctx.fail(Section::Http, who, &format!("{e:#}"));
-        }
-    }
-}
-
-fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
+pub fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
     let s = Section::Http;
     let lab = start(ctx, who, s)?;
     let proxy = SocketAddr::from((POD_IP, PROXY_PORT));
@@ -197,16 +188,7 @@ fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
     Ok(())
 }
 
-pub fn dns_round(ctx: &mut Ctx, order: &[Who]) {
-    for &who in order {
-        println!("  DNS proxy, {}", who.label(Section::Dns));
-        if let Err(e) = dns(ctx, who) {
-            ctx.fail(Section::Dns, who, &format!("{e:#}"));
-        }
-    }
-}
-
-fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
+pub fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
     let s = Section::Dns;
     let lab = start(ctx, who, s)?;
     let echo = SocketAddr::from((POD_IP, ECHO_PORT));

@@ -53,17 +53,7 @@ struct Lab {
     target: Ipv4Addr,
 }
 
-pub fn round(ctx: &mut Ctx, order: [Who; 3]) {
-    for who in order {
-        println!("  redirect, {}", who.label(Section::Redirect));
-        ctx.who = who.label(Section::Redirect).to_string();
-        if let Err(e) = contender(ctx, who) {
-            ctx.fail(Section::Redirect, who, &format!("{e:#}"));
-        }
-    }
-}
-
-fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
+pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
     let lab = setup(ctx, who)?;
     let s = Section::Redirect;
     if let Some(bpffs) = &lab.bpffs {
