@@ -52,6 +52,8 @@ pub struct Stats {
     pub drop_ttl: u64,
     /// Translated packets handed to the kernel stack because the FIB lookup gave no direct path.
     pub fib_pass: u64,
+    /// FIB lookups made; the other translated packets used their flow's cached route.
+    pub fib_lookups: u64,
 }
 
 impl Stats {
@@ -74,6 +76,7 @@ impl Stats {
         self.drop_fragment += o.drop_fragment;
         self.drop_ttl += o.drop_ttl;
         self.fib_pass += o.fib_pass;
+        self.fib_lookups += o.fib_lookups;
     }
 }
 
@@ -172,6 +175,46 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// The FIB's answer for this direction, reused for a short while.
+    pub route: RouteCache,
+}
+
+/// How long a flow entry's cached route stands in for a FIB lookup: a route, neighbour or MTU
+/// change reaches an established flow within this time. The lookup is the largest cost of an
+/// established packet; per packet, reading the cache is a few loads.
+pub const ROUTE_CACHE_NS: u64 = 100_000_000;
+
+/// Ethernet header plus one VLAN tag: what the kernel allows over the MTU when it checks that
+/// a frame can be forwarded (is_skb_forwardable).
+const FRAME_OVERHEAD: u32 = 14 + 4;
+
+/// A direct FIB answer (egress device, MACs, device MTU) kept in a flow entry. Only direct
+/// answers are kept: a missing neighbour or a route to the stack is asked again each packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteCache {
+    /// bpf_ktime_get_coarse_ns of the lookup; 0: nothing cached.
+    pub at_ns: u64,
+    pub ifindex: u32,
+    /// The egress device's MTU as the lookup reports it (0 where the kernel does not report
+    /// it, and then the cache is never used).
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: u32,
+}
+
+impl RouteCache {
+    /// Whether this answer stands for a lookup of a `frame_len`-byte frame at `now`: it is
+    /// fresh and the frame fits the MTU with the kernel's own margin. Bigger frames (GSO ones)
+    /// take the lookup, which checks them the way the kernel forwards them.
+    pub const fn usable(&self, now: u64, frame_len: u32) -> bool {
+        self.ifindex != 0
+            && self.at_ns != 0
+            && now >= self.at_ns
+            && now - self.at_ns < ROUTE_CACHE_NS
+            && frame_len <= self.mtu + FRAME_OVERHEAD
+    }
 }
 
 impl FlowValue {
@@ -220,6 +263,64 @@ mod pod {
     unsafe impl aya::Pod for RuleTarget {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RouteCache {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(at_ns: u64, mtu: u32) -> RouteCache {
+        RouteCache {
+            at_ns,
+            ifindex: 3,
+            mtu,
+            smac: [2, 0, 0, 0, 0, 1],
+            dmac: [2, 0, 0, 0, 0, 2],
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_cached_route_is_used_while_fresh_and_never_when_empty() {
+        let c = cached(1_000, 1500);
+        assert!(c.usable(1_000, 64));
+        assert!(c.usable(1_000 + ROUTE_CACHE_NS - 1, 64));
+        assert!(!c.usable(1_000 + ROUTE_CACHE_NS, 64), "stale");
+        assert!(
+            !c.usable(999, 64),
+            "a lookup from the future is not trusted"
+        );
+        assert!(!RouteCache::default().usable(1_000, 64), "empty");
+        assert!(
+            !RouteCache {
+                ifindex: 0,
+                ..cached(1_000, 1500)
+            }
+            .usable(1_000, 64)
+        );
+    }
+
+    #[test]
+    fn a_cached_route_takes_only_frames_that_fit_the_mtu() {
+        let c = cached(1_000, 1500);
+        assert!(c.usable(1_000, 1500 + 14 + 4));
+        assert!(
+            !c.usable(1_000, 1500 + 14 + 5),
+            "the lookup checks bigger frames"
+        );
+        assert!(
+            !cached(1_000, 0).usable(1_000, 60),
+            "an MTU the kernel did not report"
+        );
+    }
+
+    #[test]
+    fn flow_value_layout_is_what_the_pinned_map_holds() {
+        // The loader compares sizes with pinned maps; padding must be explicit (no holes).
+        assert_eq!(core::mem::size_of::<RouteCache>(), 32);
+        assert_eq!(core::mem::size_of::<FlowValue>(), 72);
+    }
 }

@@ -141,19 +141,22 @@ pub fn create(
         }
     }
     let (sport, rkey) = chosen.ok_or(Error::PortExhausted)?;
-    let out = FlowValue {
-        saddr: cfg.egress_source,
-        daddr,
-        sport,
-        dport,
-        direction: DIR_OUT,
-        flags,
-        _pad: 0,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: len,
+    let mut slot = MaybeUninit::uninit();
+    let out: &FlowValue = {
+        // SAFETY: plain data.
+        let o: &mut FlowValue = unsafe { zero(&mut slot) };
+        o.saddr = cfg.egress_source;
+        o.daddr = daddr;
+        o.sport = sport;
+        o.dport = dport;
+        o.direction = DIR_OUT;
+        o.flags = flags;
+        o.last_seen_ns = now;
+        o.packets = 1;
+        o.bytes = len;
+        o
     };
-    if FLOWS.insert(&p.key, &out, BPF_ANY as u64).is_err() {
+    if FLOWS.insert(&p.key, out, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&rkey);
         return Err(Error::TableFull);
     }
@@ -164,7 +167,7 @@ pub fn create(
         return Err(Error::TableFull);
     }
     stats.new_flows += 1;
-    Ok(out)
+    Ok(*out)
 }
 
 /// Records a packet on a flow entry: timestamp, counters, and TCP close state (FIN or RST

@@ -1,7 +1,8 @@
 //! Sending a translated packet on: the FIB lookup (made before the rewrite, so that the TTL
 //! and MACs are written in the same pass as the addresses), then the redirect. Anything the FIB
 //! cannot resolve directly goes to the kernel stack, which routes it the same way (forwarding
-//! is on) and decrements the TTL itself.
+//! is on) and decrements the TTL itself. A direct answer is kept in the flow entry for
+//! ROUTE_CACHE_NS, and the flow's next packets that fit the MTU use it instead of a lookup.
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
@@ -12,7 +13,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
 };
-use egress_common::{FlowValue, Stats};
+use egress_common::{FlowValue, RouteCache, Stats};
 
 use crate::{error::Error, mem::zero, skb::Skb};
 
@@ -40,9 +41,28 @@ impl Route {
     }
 }
 
-/// Looks up the route of a packet translated to `v` that arrived on `in_ifindex`.
+/// The route of a packet translated to `v` (a copy of the flow entry `entry`, if it has one)
+/// that arrived on `in_ifindex`: the entry's cached answer while usable, else a FIB lookup,
+/// whose direct answer is then cached in the entry.
 #[inline(always)]
-pub fn route(skb: &Skb, v: &FlowValue, proto: u8, in_ifindex: u32, stats: &mut Stats) -> Route {
+pub fn route(
+    skb: &Skb,
+    v: &FlowValue,
+    entry: Option<*mut FlowValue>,
+    proto: u8,
+    in_ifindex: u32,
+    now: u64,
+    stats: &mut Stats,
+) -> Route {
+    let c = &v.route;
+    if c.usable(now, skb.len() as u32) {
+        return Route::Direct {
+            ifindex: c.ifindex,
+            smac: c.smac,
+            dmac: c.dmac,
+        };
+    }
+    stats.fib_lookups += 1;
     let mut slot = MaybeUninit::uninit();
     // SAFETY: bpf_fib_lookup is plain data; zero is valid for every field.
     let params: &mut bpf_fib_lookup = unsafe { zero(&mut slot) };
@@ -65,11 +85,32 @@ pub fn route(skb: &Skb, v: &FlowValue, proto: u8, in_ifindex: u32, stats: &mut S
         )
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Direct {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        },
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if let Some(e) = entry {
+                // SAFETY: a valid map value pointer. Two CPUs caching at once write the same
+                // answer; `at_ns` goes last, so a reader never takes a half-written entry as
+                // fresh on a strongly ordered CPU, and elsewhere at worst uses another moment's
+                // answer of the same lookup.
+                unsafe {
+                    (*e).route = RouteCache {
+                        at_ns: 0,
+                        ifindex: params.ifindex,
+                        // With tot_len 0 the lookup reports the egress device's MTU here
+                        // (Linux 5.12 and later; 0 before, which disables the cache).
+                        mtu: params.__bindgen_anon_1.mtu_result as u32,
+                        smac: params.smac,
+                        dmac: params.dmac,
+                        _pad: 0,
+                    };
+                    core::ptr::write_volatile(&mut (*e).route.at_ns, now);
+                }
+            }
+            Route::Direct {
+                ifindex: params.ifindex,
+                smac: params.smac,
+                dmac: params.dmac,
+            }
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::Neigh {
             ifindex: params.ifindex,
             // SAFETY: the lookup filled ipv4_dst with the next hop.

@@ -95,17 +95,18 @@ fn flow(
     stats: &mut Stats,
 ) -> Result<i32, Error> {
     let len = skb.len() as u64;
-    let val = match (lookup_live(&p.key, cfg, now), side) {
+    let (val, entry) = match (lookup_live(&p.key, cfg, now), side) {
         (Some(v), _) => {
             check_ttl(p)?;
             touch(v, p, now, len);
             // SAFETY: a valid map value pointer; copied so a concurrent update cannot tear the
             // rewrite.
-            unsafe { *v }
+            (unsafe { *v }, Some(v))
         }
+        // A new flow's first packet is looked up, not cached: its entry is written already.
         (None, Side::Cluster) => {
             check_ttl(p)?;
-            create(p, cfg, now, len, stats)?
+            (create(p, cfg, now, len, stats)?, None)
         }
         // Pings to EGRESS_SOURCE are answered by the router itself.
         (None, Side::Outside) if p.key.proto == PROTO_ICMP && p.icmp_type == ICMP_ECHO_REQUEST => {
@@ -118,7 +119,7 @@ fn flow(
             });
         }
     };
-    let route = route(skb, &val, p, cfg, side, stats);
+    let route = route(skb, &val, entry, p, cfg, side, now, stats);
     rewrite::flow(skb, p, &val, route.forwards())?;
     count_out(side, len, stats);
     forward::send(skb, route)
@@ -139,7 +140,7 @@ fn icmp_error(
     check_ttl(p)?;
     // SAFETY: a valid map value pointer.
     let val = unsafe { *v };
-    let route = route(skb, &val, p, cfg, side, stats);
+    let route = route(skb, &val, Some(v), p, cfg, side, now, stats);
     rewrite::icmp_error(skb, p, &q, &val, route.forwards())?;
     count_out(side, skb.len() as u64, stats);
     forward::send(skb, route)
@@ -156,19 +157,22 @@ fn check_ttl(p: &Parsed) -> Result<(), Error> {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn route(
     skb: &Skb,
     v: &FlowValue,
+    entry: Option<*mut FlowValue>,
     p: &Parsed,
     cfg: &DataplaneConfig,
     side: Side,
+    now: u64,
     stats: &mut Stats,
 ) -> Route {
     let in_ifindex = match side {
         Side::Cluster => cfg.eth0_ifindex,
         Side::Outside => cfg.macvlan_ifindex,
     };
-    forward::route(skb, v, p.ip.proto, in_ifindex, stats)
+    forward::route(skb, v, entry, p.ip.proto, in_ifindex, now, stats)
 }
 
 #[inline(always)]

@@ -336,6 +336,109 @@ fn bulk_tcp_is_forwarded_by_the_program_gso_packets_included() {
     assert_eq!(n("fib_pass"), 0, "{status}");
 }
 
+/// Runs `ip args` in `ns`.
+fn ip(ns: &egress_tests::Netns, args: &[&str]) {
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    let out = ns.spawn(cmd).unwrap().output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `n` 64-byte ping-pongs on one connection, as fast as they go.
+fn ping_pong(c: &mut TcpStream, n: usize) {
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..n {
+        c.write_all(&[i as u8; 64]).unwrap();
+        c.read_exact(&mut buf).expect("echo through the router");
+        assert_eq!(buf, [i as u8; 64]);
+    }
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The cached route of the flow entry in `direction` ("out" or "in").
+fn cached_route(status: &serde_json::Value, direction: &str) -> serde_json::Value {
+    let flows = status["flows"].as_array().unwrap();
+    let f = flows
+        .iter()
+        .find(|f| f["proto"] == "tcp" && f["direction"] == direction)
+        .unwrap_or_else(|| panic!("no {direction} flow: {status}"));
+    f["route"].clone()
+}
+
+#[test]
+fn established_flows_reuse_their_route_and_follow_a_neighbour_change() {
+    let lab = Lab::new();
+    let _echo = lab.dest_tcp_echo(7000);
+    lab.init("7000 tcp 203.0.113.25", &[]);
+    let mut c = lab.client_tcp(7000).unwrap();
+    ping_pong(&mut c, 100);
+    let status = lab.status();
+    let n = |s: &serde_json::Value, k: &str| s["counters"][k].as_u64().unwrap();
+    let translated = n(&status, "out_packets") + n(&status, "in_packets");
+    // 200-odd packets in a few milliseconds: all but a handful use the cached route.
+    assert!(
+        n(&status, "fib_lookups") * 4 < translated,
+        "the route cache is not used: {status}"
+    );
+    let gw_mac = lab.topo.lan.mac(egress_tests::LAN_IF).unwrap();
+    let out = cached_route(&status, "out");
+    assert_eq!(out["next_hop_mac"], mac_text(gw_mac), "{status}");
+    assert_eq!(
+        out["ifindex"],
+        lab.topo.router.ifindex(egress_tests::MACVLAN).unwrap()
+    );
+    assert_eq!(out["mtu"], 1500);
+    let back = cached_route(&status, "in");
+    assert_eq!(
+        back["next_hop_mac"],
+        mac_text(lab.topo.client.mac(egress_tests::CLIENT_IF).unwrap())
+    );
+
+    // The gateway moves to another MAC (a failover), and the router learns it. Frames still
+    // sent to the old MAC are dropped by lan, so the connection only goes on if the cached
+    // route is given up.
+    let new_mac = [0x02, 0xee, 0, 0, 0, 0x01];
+    ip(
+        &lab.topo.lan,
+        &[
+            "link",
+            "set",
+            egress_tests::LAN_IF,
+            "address",
+            &mac_text(new_mac),
+        ],
+    );
+    let gw = egress_tests::GATEWAY_IP.to_string();
+    ip(
+        &lab.topo.router,
+        &[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac_text(new_mac),
+            "dev",
+            egress_tests::MACVLAN,
+        ],
+    );
+    std::thread::sleep(Duration::from_nanos(2 * egress_common::ROUTE_CACHE_NS));
+    ping_pong(&mut c, 20);
+    let status = lab.status();
+    assert_eq!(
+        cached_route(&status, "out")["next_hop_mac"],
+        mac_text(new_mac),
+        "{status}"
+    );
+}
+
 #[test]
 fn fragmented_udp_datagrams_cross_both_ways() {
     let lab = Lab::new();

@@ -60,6 +60,17 @@ struct FlowJson {
     idle_seconds: f64,
     packets: u64,
     bytes: u64,
+    /// The FIB answer last cached in the entry (the program reuses it for ROUTE_CACHE_NS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<RouteJson>,
+}
+
+#[derive(Serialize)]
+struct RouteJson {
+    ifindex: u32,
+    next_hop_mac: String,
+    mtu: u32,
+    age_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -88,11 +99,17 @@ fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
         idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
         packets: v.packets,
         bytes: v.bytes,
+        route: (v.route.at_ns != 0).then(|| RouteJson {
+            ifindex: v.route.ifindex,
+            next_hop_mac: v.route.dmac.map(|b| format!("{b:02x}")).join(":"),
+            mtu: v.route.mtu,
+            age_seconds: now.saturating_sub(v.route.at_ns) as f64 / 1e9,
+        }),
     }
 }
 
 /// The counters in the order they are shown, with the names bpftool shows.
-pub fn counters(s: &Stats) -> [(&'static str, u64); 17] {
+pub fn counters(s: &Stats) -> [(&'static str, u64); 18] {
     [
         ("eth0_rx_packets", s.eth0_rx_packets),
         ("eth0_rx_bytes", s.eth0_rx_bytes),
@@ -105,6 +122,7 @@ pub fn counters(s: &Stats) -> [(&'static str, u64); 17] {
         ("new_flows", s.new_flows),
         ("no_rule", s.no_rule),
         ("fib_pass", s.fib_pass),
+        ("fib_lookups", s.fib_lookups),
         ("drop_table_full", s.drop_table_full),
         ("drop_port_exhausted", s.drop_port_exhausted),
         ("drop_malformed", s.drop_malformed),
