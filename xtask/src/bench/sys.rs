@@ -11,27 +11,71 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use egress_tests::Netns;
 
-/// Kernel time of one CPU (system, irq and softirq: where packet forwarding runs; user time of
-/// unrelated processes sharing the CPU is left out), from /proc/stat.
-pub fn cpu_kernel(cpu: usize) -> Result<Duration> {
-    let text = fs::read_to_string("/proc/stat")?;
-    let tag = format!("cpu{cpu} ");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&tag))
-        .with_context(|| format!("no {tag}in /proc/stat"))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal guest guest_nice
-    let kernel: u64 = [2, 5, 6]
-        .iter()
-        .map(|&i| f.get(i).copied().unwrap_or(0))
-        .sum();
-    let hz = 100; // USER_HZ on every Linux architecture this runs on
-    Ok(Duration::from_nanos(kernel * 1_000_000_000 / hz))
+/// Time one CPU spent in the kernel (system, irq and softirq: where packet forwarding runs;
+/// user time of unrelated processes sharing the CPU is left out) and in all, idle included,
+/// from /proc/stat.
+#[derive(Clone, Copy)]
+pub struct CpuTimes {
+    pub kernel: Duration,
+    pub total: Duration,
+    pub idle: Duration,
+}
+
+impl CpuTimes {
+    pub fn read(cpu: usize) -> Result<CpuTimes> {
+        let text = fs::read_to_string("/proc/stat")?;
+        let tag = format!("cpu{cpu} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&tag))
+            .with_context(|| format!("no {tag}in /proc/stat"))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user)
+        let sum = |idx: &[usize]| {
+            let ticks: u64 = idx.iter().map(|&i| f.get(i).copied().unwrap_or(0)).sum();
+            let hz = 100; // USER_HZ on every Linux architecture this runs on
+            Duration::from_nanos(ticks * 1_000_000_000 / hz)
+        };
+        Ok(CpuTimes {
+            kernel: sum(&[2, 5, 6]),
+            total: sum(&[0, 1, 2, 3, 4, 5, 6, 7]),
+            idle: sum(&[3, 4]),
+        })
+    }
+
+    /// Share of the time from `self` to `later` the CPU was not idle, in percent.
+    pub fn busy_percent(&self, later: &CpuTimes) -> f64 {
+        let total = (later.total - self.total).as_secs_f64();
+        let idle = (later.idle - self.idle).as_secs_f64();
+        if total > 0.0 {
+            100.0 * (total - idle) / total
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Keeps every CPU out of idle states with an exit latency (the cpuidle governor picks its
+/// polling state) for as long as it lives: a PM QoS request through /dev/cpu_dma_latency, as
+/// tuned's latency-performance profile makes. A polling CPU takes remote wake-ups (RPS's
+/// inter-processor interrupts) as a memory write instead of a halt exit.
+pub struct PollIdle(#[allow(dead_code)] fs::File);
+
+impl PollIdle {
+    pub fn hold() -> Result<PollIdle> {
+        use std::io::Write as _;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .context("opening /dev/cpu_dma_latency")?;
+        f.write_all(&0i32.to_ne_bytes())
+            .context("writing 0 to /dev/cpu_dma_latency")?;
+        Ok(PollIdle(f))
+    }
 }
 
 pub fn online_cpus() -> usize {
