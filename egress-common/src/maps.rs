@@ -54,6 +54,8 @@ pub struct Stats {
     pub fib_pass: u64,
     /// FIB lookups made; the other translated packets used their flow's cached route.
     pub fib_lookups: u64,
+    /// Entries put back because the LRU had evicted one direction of a live flow alone.
+    pub flows_restored: u64,
 }
 
 impl Stats {
@@ -77,6 +79,7 @@ impl Stats {
         self.drop_ttl += o.drop_ttl;
         self.fib_pass += o.fib_pass;
         self.fib_lookups += o.fib_lookups;
+        self.flows_restored += o.flows_restored;
     }
 }
 
@@ -218,6 +221,15 @@ impl RouteCache {
 }
 
 impl FlowValue {
+    /// Whether this entry rewrites packets to exactly `key`'s tuple: it is the other direction
+    /// of the flow whose packets arrive with `key`.
+    pub fn answers(&self, key: &FlowKey) -> bool {
+        self.saddr == key.daddr
+            && self.daddr == key.saddr
+            && self.sport == key.dport
+            && self.dport == key.sport
+    }
+
     /// The translated tuple as a key: for an outbound entry, the key its replies arrive with.
     pub const fn translated_key(&self, proto: u8) -> FlowKey {
         FlowKey {
@@ -315,6 +327,33 @@ mod tests {
             !cached(1_000, 0).usable(1_000, 60),
             "an MTU the kernel did not report"
         );
+    }
+
+    #[test]
+    fn an_entry_answers_the_tuple_it_rewrites_back_to() {
+        let client = FlowKey {
+            saddr: [10, 128, 0, 10],
+            daddr: [10, 128, 0, 5],
+            sport: 40000,
+            dport: 80,
+            proto: 6,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let reply = FlowValue {
+            saddr: [10, 128, 0, 5],
+            daddr: [10, 128, 0, 10],
+            sport: 80,
+            dport: 40000,
+            ..Default::default()
+        };
+        assert!(reply.answers(&client));
+        let other = FlowKey {
+            sport: 40001,
+            ..client
+        };
+        assert!(!reply.answers(&other), "another client port");
+        assert!(!reply.answers(&client.reversed()), "the wrong way round");
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! The connection table: finding a live flow, creating one (with its reply entry and a free
 //! source port), and keeping its timestamps and TCP close state.
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
@@ -14,8 +12,8 @@ use egress_common::{
 
 use crate::{
     error::Error,
-    maps::{FLOWS, RULES},
-    mem::zero,
+    maps::{FLOWS, NewEntries, RULES, scratch},
+    mem::clear,
     parse::Parsed,
 };
 
@@ -75,7 +73,7 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
 }
 
 /// Creates both entries of a new outbound flow, its first packet (`len` bytes) counted, and
-/// returns the outbound one as written.
+/// returns the outbound one as written (in this CPU's scratch slot, valid for this run).
 #[inline(always)]
 pub fn create(
     p: &Parsed,
@@ -83,7 +81,7 @@ pub fn create(
     now: u64,
     len: u64,
     stats: &mut Stats,
-) -> Result<FlowValue, Error> {
+) -> Result<&'static FlowValue, Error> {
     if !p.ip.has_l4_header() {
         return Err(Error::Fragment);
     }
@@ -102,20 +100,9 @@ pub fn create(
     } else {
         0
     };
-    // Zeroed in place: a literal's zero counters would become a memset call.
-    let mut slot = MaybeUninit::uninit();
-    let reply: &FlowValue = {
-        // SAFETY: plain data.
-        let r: &mut FlowValue = unsafe { zero(&mut slot) };
-        r.saddr = p.key.daddr;
-        r.daddr = p.key.saddr;
-        r.sport = p.key.dport;
-        r.dport = p.key.sport;
-        r.direction = DIR_IN;
-        r.flags = flags;
-        r.last_seen_ns = now;
-        r
-    };
+    let NewEntries { a: reply, b: out } = scratch().ok_or(Error::TableFull)?; // cannot fail
+    peer_value(reply, &p.key, DIR_IN, flags, now);
+    let reply = &*reply;
     let mut chosen: Option<(u16, FlowKey)> = None;
     for attempt in 0..PORT_TRIES {
         if attempt >= tries {
@@ -133,7 +120,7 @@ pub fn create(
             _pad1: 0,
         };
         if FLOWS.insert(&rkey, reply, BPF_NOEXIST as u64).is_ok()
-            || (lookup_live(&rkey, cfg, now).is_none()
+            || (reusable(&rkey, &p.key, cfg, now)
                 && FLOWS.insert(&rkey, reply, BPF_ANY as u64).is_ok())
         {
             chosen = Some((port, rkey));
@@ -141,10 +128,9 @@ pub fn create(
         }
     }
     let (sport, rkey) = chosen.ok_or(Error::PortExhausted)?;
-    let mut slot = MaybeUninit::uninit();
     let out: &FlowValue = {
         // SAFETY: plain data.
-        let o: &mut FlowValue = unsafe { zero(&mut slot) };
+        let o = unsafe { clear(out) };
         o.saddr = cfg.egress_source;
         o.daddr = daddr;
         o.sport = sport;
@@ -167,7 +153,59 @@ pub fn create(
         return Err(Error::TableFull);
     }
     stats.new_flows += 1;
-    Ok(*out)
+    Ok(out)
+}
+
+/// The entry for the other direction of the flow whose packets arrive with `key`: it rewrites
+/// back to `key`'s tuple, written into `slot` (zeroed in place: a literal's zero fields would
+/// become a memset call).
+#[inline(always)]
+fn peer_value(slot: &mut FlowValue, key: &FlowKey, direction: u8, flags: u8, now: u64) {
+    // SAFETY: plain data.
+    let r = unsafe { clear(slot) };
+    r.saddr = key.daddr;
+    r.daddr = key.saddr;
+    r.sport = key.dport;
+    r.dport = key.sport;
+    r.direction = direction;
+    r.flags = flags;
+    r.last_seen_ns = now;
+}
+
+/// Whether a new flow from `key` may take reply key `rkey`: it is free, expired, or the
+/// surviving reply entry of this very flow (whose outbound entry the LRU evicted alone;
+/// taking another port would change the flow's source port mid-connection).
+#[inline(always)]
+fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> bool {
+    // SAFETY: a valid map value pointer.
+    FLOWS
+        .get_ptr(rkey)
+        .is_none_or(|e| unsafe { (*e).answers(key) })
+        || lookup_live(rkey, cfg, now).is_none()
+}
+
+/// Puts back the other direction's entry of the live flow `v` (found under `key`) if it is
+/// gone: the LRU evicts entries, not flows, and without it one direction would be dropped
+/// until the remaining entry expired. Called when the flow's route is looked up again, so at
+/// most once per ROUTE_CACHE_NS and direction.
+#[inline(always)]
+pub fn restore_peer(key: &FlowKey, v: &FlowValue, now: u64, stats: &mut Stats) {
+    let peer = v.translated_key(key.proto).reversed();
+    if FLOWS.get_ptr(&peer).is_some() {
+        return;
+    }
+    let direction = if v.direction == DIR_OUT {
+        DIR_IN
+    } else {
+        DIR_OUT
+    };
+    let Some(NewEntries { a: r, .. }) = scratch() else {
+        return; // cannot happen: a one-slot per-CPU array
+    };
+    peer_value(r, key, direction, v.flags, now);
+    if FLOWS.insert(&peer, r, BPF_NOEXIST as u64).is_ok() {
+        stats.flows_restored += 1;
+    }
 }
 
 /// Records a packet on a flow entry: timestamp, counters, and TCP close state (FIN or RST

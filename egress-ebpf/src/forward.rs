@@ -41,11 +41,22 @@ impl Route {
     }
 }
 
-/// The route of a packet translated to `v` (a copy of the flow entry `entry`, if it has one)
-/// that arrived on `in_ifindex`: the entry's cached answer while usable, else a FIB lookup,
-/// whose direct answer is then cached in the entry.
+/// The entry's cached route, if it stands for a lookup of a `frame_len`-byte frame at `now`.
 #[inline(always)]
-pub fn route(
+pub fn cached(v: &FlowValue, frame_len: u32, now: u64) -> Option<Route> {
+    let c = &v.route;
+    c.usable(now, frame_len).then_some(Route::Direct {
+        ifindex: c.ifindex,
+        smac: c.smac,
+        dmac: c.dmac,
+    })
+}
+
+/// Looks up the route of a packet translated to `v` that arrived on `in_ifindex`; a direct
+/// answer is cached in `entry`, the flow's entry (`v` itself; none for a new flow's first
+/// packet, which `v` then describes from scratch space).
+#[inline(always)]
+pub fn lookup(
     skb: &Skb,
     v: &FlowValue,
     entry: Option<*mut FlowValue>,
@@ -54,14 +65,6 @@ pub fn route(
     now: u64,
     stats: &mut Stats,
 ) -> Route {
-    let c = &v.route;
-    if c.usable(now, skb.len() as u32) {
-        return Route::Direct {
-            ifindex: c.ifindex,
-            smac: c.smac,
-            dmac: c.dmac,
-        };
-    }
     stats.fib_lookups += 1;
     let mut slot = MaybeUninit::uninit();
     // SAFETY: bpf_fib_lookup is plain data; zero is valid for every field.
@@ -92,17 +95,15 @@ pub fn route(
                 // fresh on a strongly ordered CPU, and elsewhere at worst uses another moment's
                 // answer of the same lookup.
                 unsafe {
-                    (*e).route = RouteCache {
-                        at_ns: 0,
-                        ifindex: params.ifindex,
-                        // With tot_len 0 the lookup reports the egress device's MTU here
-                        // (Linux 5.12 and later; 0 before, which disables the cache).
-                        mtu: params.__bindgen_anon_1.mtu_result as u32,
-                        smac: params.smac,
-                        dmac: params.dmac,
-                        _pad: 0,
-                    };
-                    core::ptr::write_volatile(&mut (*e).route.at_ns, now);
+                    let c: &mut RouteCache = &mut (*e).route;
+                    c.ifindex = params.ifindex;
+                    // With tot_len 0 the lookup reports the egress device's MTU here (Linux
+                    // 5.12 and later; 0 before, which disables the cache).
+                    c.mtu = params.__bindgen_anon_1.mtu_result as u32;
+                    // Not `c.smac = params.smac`: that is a memmove call on this target.
+                    core::ptr::copy_nonoverlapping(&params.smac, &mut c.smac, 1);
+                    core::ptr::copy_nonoverlapping(&params.dmac, &mut c.dmac, 1);
+                    core::ptr::write_volatile(&mut c.at_ns, now);
                 }
             }
             Route::Direct {

@@ -25,7 +25,7 @@ use egress_common::{
 
 use crate::{
     error::Error,
-    flows::{create, lookup_live, now_ns, touch},
+    flows::{create, lookup_live, now_ns, restore_peer, touch},
     forward::Route,
     parse::{Kind, Parsed, parse},
     skb::Skb,
@@ -99,9 +99,9 @@ fn flow(
         (Some(v), _) => {
             check_ttl(p)?;
             touch(v, p, now, len);
-            // SAFETY: a valid map value pointer; copied so a concurrent update cannot tear the
-            // rewrite.
-            (unsafe { *v }, Some(v))
+            // SAFETY: a valid map value pointer. Read in place: a copy costs stack and, at
+            // this size, a memmove call, and would not make the read atomic either.
+            (unsafe { &*v }, Some(v))
         }
         // A new flow's first packet is looked up, not cached: its entry is written already.
         (None, Side::Cluster) => {
@@ -119,8 +119,18 @@ fn flow(
             });
         }
     };
-    let route = route(skb, &val, entry, p, cfg, side, now, stats);
-    rewrite::flow(skb, p, &val, route.forwards())?;
+    let route = match forward::cached(val, skb.len() as u32, now) {
+        Some(r) => r,
+        None => {
+            // At most once per ROUTE_CACHE_NS and direction, check the flow's other entry too.
+            if let Some(e) = entry {
+                // SAFETY: a valid map value pointer.
+                restore_peer(&p.key, unsafe { &*e }, now, stats);
+            }
+            lookup_route(skb, val, entry, p, cfg, side, now, stats)
+        }
+    };
+    rewrite::flow(skb, p, val, route.forwards())?;
     count_out(side, len, stats);
     forward::send(skb, route)
 }
@@ -139,9 +149,12 @@ fn icmp_error(
     let v = lookup_live(&q.reply_key, cfg, now).ok_or(Error::NotOurs)?;
     check_ttl(p)?;
     // SAFETY: a valid map value pointer.
-    let val = unsafe { *v };
-    let route = route(skb, &val, Some(v), p, cfg, side, now, stats);
-    rewrite::icmp_error(skb, p, &q, &val, route.forwards())?;
+    let val = unsafe { &*v };
+    let route = match forward::cached(val, skb.len() as u32, now) {
+        Some(r) => r,
+        None => lookup_route(skb, val, Some(v), p, cfg, side, now, stats),
+    };
+    rewrite::icmp_error(skb, p, &q, val, route.forwards())?;
     count_out(side, skb.len() as u64, stats);
     forward::send(skb, route)
 }
@@ -156,9 +169,10 @@ fn check_ttl(p: &Parsed) -> Result<(), Error> {
     }
 }
 
+/// A FIB lookup from the interface the packet arrived on.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn route(
+fn lookup_route(
     skb: &Skb,
     v: &FlowValue,
     entry: Option<*mut FlowValue>,
@@ -172,7 +186,7 @@ fn route(
         Side::Cluster => cfg.eth0_ifindex,
         Side::Outside => cfg.macvlan_ifindex,
     };
-    forward::route(skb, v, entry, p.ip.proto, in_ifindex, now, stats)
+    forward::lookup(skb, v, entry, p.ip.proto, in_ifindex, now, stats)
 }
 
 #[inline(always)]

@@ -25,12 +25,31 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS_MAX as usize }>
 #[btf_map]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHashMap::new();
 
+/// Where a new flow's two entries (or a restored one) are built before they are inserted: on
+/// the stack they would not fit the 512 bytes beside the packet path's own state. Not pinned:
+/// nothing lives in it between packets.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<NewEntries, 1> = PerCpuArray::new();
+
+#[repr(C)]
+pub struct NewEntries {
+    pub a: FlowValue,
+    pub b: FlowValue,
+}
+
 /// This CPU's counters, looked up once per packet and passed down.
 #[inline(always)]
 pub fn stats() -> Option<&'static mut Stats> {
     // SAFETY: a per-CPU slot: only this program run, on this CPU, touches it until it returns
     // (tc programs run with preemption disabled); the reference does not outlive the run.
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// This CPU's scratch entries (same reasoning as `stats`).
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut NewEntries> {
+    // SAFETY: as in `stats`.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

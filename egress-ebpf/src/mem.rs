@@ -19,3 +19,13 @@ pub unsafe fn zero<T>(v: &mut MaybeUninit<T>) -> &mut T {
     // SAFETY: every byte written above; zero is valid per the contract.
     unsafe { v.assume_init_mut() }
 }
+
+/// Zeroes `v` in place, as `zero` does.
+///
+/// # Safety
+/// As `zero`.
+#[inline(always)]
+pub unsafe fn clear<T>(v: &mut T) -> &mut T {
+    // SAFETY: MaybeUninit<T> has T's layout; the caller vouches for zero being a valid T.
+    unsafe { zero(&mut *(v as *mut T as *mut MaybeUninit<T>)) }
+}

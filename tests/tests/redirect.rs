@@ -439,6 +439,77 @@ fn established_flows_reuse_their_route_and_follow_a_neighbour_change() {
     );
 }
 
+/// Deletes the flow entry of the TCP flow in `direction` from the pinned table, as an LRU
+/// eviction of that entry alone would.
+fn evict_entry(lab: &Lab, direction: &str) {
+    let status = lab.status();
+    let f = status["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["proto"] == "tcp" && f["direction"] == direction)
+        .unwrap_or_else(|| panic!("no {direction} flow: {status}"))
+        .clone();
+    let ep = |k: &str| -> SocketAddrV4 { f[k].as_str().unwrap().parse().unwrap() };
+    let (from, to) = (ep("from"), ep("to"));
+    // FlowKey: addresses as on the wire, ports in host (little-endian) order, proto, padding.
+    let mut key = Vec::new();
+    key.extend(from.ip().octets());
+    key.extend(to.ip().octets());
+    key.extend(from.port().to_le_bytes());
+    key.extend(to.port().to_le_bytes());
+    key.extend([6, 0, 0, 0]);
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "delete", "pinned"])
+        .arg(lab.bpffs.join("FLOWS"))
+        .arg("key")
+        .args(key.iter().map(|b| b.to_string()));
+    let out = cmd
+        .output()
+        .expect("bpftool must be installed (cargo xtask setup)");
+    assert!(
+        out.status.success(),
+        "bpftool map delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_flow_survives_the_eviction_of_either_of_its_entries() {
+    let lab = Lab::new();
+    let echo = lab.dest_tcp_echo(7000);
+    lab.init("7000 tcp 203.0.113.25", &[]);
+    let mut c = lab.client_tcp(7000).unwrap();
+    ping_pong(&mut c, 10);
+    // Without its reply entry, the flow's replies would be refused as unsolicited until the
+    // outbound entry expired (hours for TCP): the next outbound packet that looks its route
+    // up again (at most ROUTE_CACHE_NS later) puts it back.
+    evict_entry(&lab, "in");
+    std::thread::sleep(Duration::from_nanos(2 * egress_common::ROUTE_CACHE_NS));
+    ping_pong(&mut c, 10);
+    assert_eq!(lab.counter("flows_restored"), 1);
+    assert_eq!(lab.counter("drop_unsolicited"), 0);
+    // Without its outbound entry, the client's next packet makes a new one; it must take the
+    // same source port (the surviving reply entry is this flow's own), or the destination
+    // would see the connection jump ports.
+    let source_port = |s: &serde_json::Value| {
+        s["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["direction"] == "out")
+            .map(|f| f["translated_from"].clone())
+    };
+    let before = source_port(&lab.status());
+    evict_entry(&lab, "out");
+    ping_pong(&mut c, 10);
+    let status = lab.status();
+    assert_eq!(source_port(&status), before, "{status}");
+    assert_eq!(status["flows"].as_array().unwrap().len(), 2, "{status}");
+    assert_eq!(lab.counter("drop_unsolicited"), 0);
+    assert_eq!(echo.peers().len(), 1, "one connection");
+}
+
 #[test]
 fn fragmented_udp_datagrams_cross_both_ways() {
     let lab = Lab::new();

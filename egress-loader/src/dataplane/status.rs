@@ -109,7 +109,7 @@ fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
 }
 
 /// The counters in the order they are shown, with the names bpftool shows.
-pub fn counters(s: &Stats) -> [(&'static str, u64); 18] {
+pub fn counters(s: &Stats) -> [(&'static str, u64); 19] {
     [
         ("eth0_rx_packets", s.eth0_rx_packets),
         ("eth0_rx_bytes", s.eth0_rx_bytes),
@@ -123,6 +123,7 @@ pub fn counters(s: &Stats) -> [(&'static str, u64); 18] {
         ("no_rule", s.no_rule),
         ("fib_pass", s.fib_pass),
         ("fib_lookups", s.fib_lookups),
+        ("flows_restored", s.flows_restored),
         ("drop_table_full", s.drop_table_full),
         ("drop_port_exhausted", s.drop_port_exhausted),
         ("drop_malformed", s.drop_malformed),
