@@ -103,12 +103,14 @@ fn demo(topo: &Topology, bin: &Path, bpffs: &Path) -> Result<()> {
         .collect();
     names.sort();
     println!("   {}", names.join("  "));
-    println!("\n== bpftool map dump pinned {}/CONFIG", bpffs.display());
-    let mut bpftool = Command::new("bpftool");
-    bpftool
-        .args(["map", "dump", "pinned"])
-        .arg(bpffs.join("CONFIG"));
-    show(&topo.router, &mut bpftool)
+    // The maps as bpftool shows them: flows have one entry per direction, with a cached route.
+    for map in ["CONFIG", "FLOWS", "STATS"] {
+        println!("\n== bpftool map dump pinned {}/{map}", bpffs.display());
+        let mut bpftool = Command::new("bpftool");
+        bpftool.args(["map", "dump", "pinned"]).arg(bpffs.join(map));
+        show(&topo.router, &mut bpftool)?;
+    }
+    Ok(())
 }
 
 fn router(bin: &Path, bpffs: &Path) -> Command {
