@@ -376,51 +376,60 @@ end
     })
 }
 
-/// A UDP flood from the client namespace: prebuilt Ethernet frames written to an AF_PACKET
-/// socket on `dev` in batches with sendmmsg(2), bypassing the qdisc, from one thread pinned to
-/// one CPU. Blocking, with a forced 16 MiB send buffer: frames waiting in the receiving CPU's
-/// backlog throttle it instead of failing it; frames the backlog drops are counted as offered.
+/// A UDP flood from the client namespace: prebuilt Ethernet frames written to AF_PACKET sockets
+/// on `dev` in batches with sendmmsg(2), bypassing the qdisc, by one thread pinned to each of
+/// the given CPUs. Blocking, with a forced 16 MiB send buffer: frames waiting in the receiving
+/// CPU's backlog throttle it instead of failing it; frames the backlog drops are counted as
+/// offered.
 pub struct Flood {
     stop: Arc<AtomicBool>,
     sent: Arc<std::sync::atomic::AtomicU64>,
-    handle: Option<std::thread::JoinHandle<Result<()>>>,
+    handles: Vec<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Flood {
-    pub fn start(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, cpu: usize) -> Result<Flood> {
+    pub fn start(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, cpus: &[usize]) -> Result<Flood> {
         let ifindex = ns.ifindex(dev)?;
-        let fd = ns.fd().try_clone_to_owned()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, n) = (Arc::clone(&stop), Arc::clone(&sent));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("bench-flood".into())
-            .spawn(move || {
-                let r = flood_setup(&fd, ifindex, cpu);
-                drop(fd);
-                let sock = match r {
-                    Ok(sock) => {
-                        let _ = ready_tx.send(Ok(()));
-                        sock
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("{e:#}")));
-                        return Err(e);
-                    }
-                };
-                flood_loop(&sock, &frames, &s, &n)
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("UDP flood: {e}"),
-            Err(_) => bail!("UDP flood thread died"),
+        let frames = Arc::new(frames);
+        let mut flood = Flood {
+            stop: Arc::new(AtomicBool::new(false)),
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            handles: Vec::new(),
+        };
+        for &cpu in cpus {
+            let fd = ns.fd().try_clone_to_owned()?;
+            let (s, n, f) = (
+                Arc::clone(&flood.stop),
+                Arc::clone(&flood.sent),
+                Arc::clone(&frames),
+            );
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("bench-flood-{cpu}"))
+                .spawn(move || {
+                    let r = flood_setup(&fd, ifindex, cpu);
+                    drop(fd);
+                    let sock = match r {
+                        Ok(sock) => {
+                            let _ = ready_tx.send(Ok(()));
+                            sock
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("{e:#}")));
+                            return Err(e);
+                        }
+                    };
+                    flood_loop(&sock, &f, &s, &n)
+                })?;
+            flood.handles.push(handle);
+            // On failure, dropping `flood` stops the threads already started.
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("UDP flood on CPU {cpu}: {e}"),
+                Err(_) => bail!("UDP flood thread for CPU {cpu} died"),
+            }
         }
-        Ok(Flood {
-            stop,
-            sent,
-            handle: Some(handle),
-        })
+        Ok(flood)
     }
 
     /// Frames handed to the interface so far (including those its peer's backlog dropped).
@@ -430,7 +439,7 @@ impl Flood {
 
     pub fn stop(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
+        for h in std::mem::take(&mut self.handles) {
             h.join()
                 .map_err(|_| anyhow::anyhow!("UDP flood thread panicked"))??;
         }
@@ -441,7 +450,7 @@ impl Flood {
 impl Drop for Flood {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
+        for h in std::mem::take(&mut self.handles) {
             let _ = h.join();
         }
     }
