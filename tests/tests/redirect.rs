@@ -363,23 +363,35 @@ fn mac_text(m: [u8; 6]) -> String {
     m.map(|b| format!("{b:02x}")).join(":")
 }
 
-/// The cached route of the flow entry in `direction` ("out" or "in").
-fn cached_route(status: &serde_json::Value, direction: &str) -> serde_json::Value {
-    let flows = status["flows"].as_array().unwrap();
-    let f = flows
+/// The status entry of the (only) TCP flow in `direction` ("out" or "in").
+fn tcp_entry(status: &serde_json::Value, direction: &str) -> serde_json::Value {
+    status["flows"]
+        .as_array()
+        .unwrap()
         .iter()
         .find(|f| f["proto"] == "tcp" && f["direction"] == direction)
-        .unwrap_or_else(|| panic!("no {direction} flow: {status}"));
-    f["route"].clone()
+        .unwrap_or_else(|| panic!("no {direction} flow: {status}"))
+        .clone()
+}
+
+/// The cached route of the flow entry in `direction`.
+fn cached_route(status: &serde_json::Value, direction: &str) -> serde_json::Value {
+    tcp_entry(status, direction)["route"].clone()
+}
+
+/// One TCP connection through a `7000 tcp` rule to an echo server, after `n` ping-pongs.
+fn live_connection(lab: &Lab, n: usize) -> (EchoServer, TcpStream) {
+    let echo = lab.dest_tcp_echo(7000);
+    lab.init("7000 tcp 203.0.113.25", &[]);
+    let mut c = lab.client_tcp(7000).unwrap();
+    ping_pong(&mut c, n);
+    (echo, c)
 }
 
 #[test]
 fn established_flows_reuse_their_route_and_follow_a_neighbour_change() {
     let lab = Lab::new();
-    let _echo = lab.dest_tcp_echo(7000);
-    lab.init("7000 tcp 203.0.113.25", &[]);
-    let mut c = lab.client_tcp(7000).unwrap();
-    ping_pong(&mut c, 100);
+    let (_echo, mut c) = live_connection(&lab, 100);
     let status = lab.status();
     let n = |s: &serde_json::Value, k: &str| s["counters"][k].as_u64().unwrap();
     let translated = n(&status, "out_packets") + n(&status, "in_packets");
@@ -442,14 +454,7 @@ fn established_flows_reuse_their_route_and_follow_a_neighbour_change() {
 /// Deletes the flow entry of the TCP flow in `direction` from the pinned table, as an LRU
 /// eviction of that entry alone would.
 fn evict_entry(lab: &Lab, direction: &str) {
-    let status = lab.status();
-    let f = status["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["proto"] == "tcp" && f["direction"] == direction)
-        .unwrap_or_else(|| panic!("no {direction} flow: {status}"))
-        .clone();
+    let f = tcp_entry(&lab.status(), direction);
     let ep = |k: &str| -> SocketAddrV4 { f[k].as_str().unwrap().parse().unwrap() };
     let (from, to) = (ep("from"), ep("to"));
     // FlowKey: addresses as on the wire, ports in host (little-endian) order, proto, padding.
@@ -477,10 +482,7 @@ fn evict_entry(lab: &Lab, direction: &str) {
 #[test]
 fn a_flow_survives_the_eviction_of_either_of_its_entries() {
     let lab = Lab::new();
-    let echo = lab.dest_tcp_echo(7000);
-    lab.init("7000 tcp 203.0.113.25", &[]);
-    let mut c = lab.client_tcp(7000).unwrap();
-    ping_pong(&mut c, 10);
+    let (echo, mut c) = live_connection(&lab, 10);
     // Without its reply entry, the flow's replies would be refused as unsolicited until the
     // outbound entry expired (hours for TCP): the next outbound packet that looks its route
     // up again (at most ROUTE_CACHE_NS later) puts it back.
@@ -492,19 +494,15 @@ fn a_flow_survives_the_eviction_of_either_of_its_entries() {
     // Without its outbound entry, the client's next packet makes a new one; it must take the
     // same source port (the surviving reply entry is this flow's own), or the destination
     // would see the connection jump ports.
-    let source_port = |s: &serde_json::Value| {
-        s["flows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["direction"] == "out")
-            .map(|f| f["translated_from"].clone())
-    };
-    let before = source_port(&lab.status());
+    let before = tcp_entry(&lab.status(), "out")["translated_from"].clone();
     evict_entry(&lab, "out");
     ping_pong(&mut c, 10);
     let status = lab.status();
-    assert_eq!(source_port(&status), before, "{status}");
+    assert_eq!(
+        tcp_entry(&status, "out")["translated_from"],
+        before,
+        "{status}"
+    );
     assert_eq!(status["flows"].as_array().unwrap().len(), 2, "{status}");
     assert_eq!(lab.counter("drop_unsolicited"), 0);
     assert_eq!(echo.peers().len(), 1, "one connection");
