@@ -186,8 +186,9 @@ fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> b
 
 /// Puts back the other direction's entry of the live flow `v` (found under `key`) if it is
 /// gone: the LRU evicts entries, not flows, and without it one direction would be dropped
-/// until the remaining entry expired. Called when the flow's route is looked up again, so at
-/// most once per ROUTE_CACHE_NS and direction.
+/// until the remaining entry expired. Called whenever the flow's route is looked up: once per
+/// ROUTE_CACHE_NS and direction for frames the cache takes, and for every bigger (GSO) frame,
+/// so that a direction carrying only those keeps its peer too.
 #[inline(always)]
 pub fn restore_peer(key: &FlowKey, v: &FlowValue, now: u64, stats: &mut Stats) {
     let peer = v.translated_key(key.proto).reversed();

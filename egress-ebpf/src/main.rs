@@ -119,10 +119,10 @@ fn flow(
             });
         }
     };
-    let route = match forward::cached(val, skb.len() as u32, now) {
+    let route = match forward::cached(val, len as u32, now) {
         Some(r) => r,
         None => {
-            // At most once per ROUTE_CACHE_NS and direction, check the flow's other entry too.
+            // With each lookup (see restore_peer), check the flow's other entry too.
             if let Some(e) = entry {
                 // SAFETY: a valid map value pointer.
                 restore_peer(&p.key, unsafe { &*e }, now, stats);

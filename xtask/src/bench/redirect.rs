@@ -99,7 +99,7 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
     ctx.measure(s, CRR, Better::Higher, who, || {
         // Connection loops wait on each other; with CPUs halting in between, each wake-up is a
         // VM exit and the figure measures those (the CPUs were half idle), not the path.
-        let _poll = sys::PollIdle::hold()?;
+        let _poll = sys::PollIdle::hold("the connection loops");
         load::tcp_crr(
             &lab.topo.client,
             SocketAddr::from((target, ECHO_PORT)),
@@ -334,9 +334,7 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
     // machine is an exit, and the generator falls below what the router could forward (this
     // made the figure bimodal: with CPU 1 partly idle, ~0.85 Mpps were offered instead of
     // ~1.2). Polling idle turns the wake-up into a memory write, for every contender alike.
-    let _poll = sys::PollIdle::hold()
-        .map_err(|e| println!("    note: CPUs may halt when idle during the flood: {e:#}"))
-        .ok();
+    let _poll = sys::PollIdle::hold("the flood");
     let flood = load::Flood::start(
         &lab.topo.client,
         CLIENT_IF,
