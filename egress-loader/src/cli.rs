@@ -61,7 +61,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate the configuration and print it as parsed; needs no root, changes nothing.
-    Check,
+    Check {
+        /// Print instead the whole `nft -f` input OpenShift's image applies for the redirect
+        /// rules (its table, chains and rules), e.g. to compare with or fall back to nftables.
+        #[arg(long)]
+        nft: bool,
+    },
     /// Print the redirect dataplane's counters and connection table.
     Status {
         /// Print JSON instead of text.
@@ -162,8 +167,12 @@ pub fn main() -> ExitCode {
     };
     init_logging(cfg.debug);
     match cli.command {
-        Some(Command::Check) => {
-            print!("{}", config::describe(&cfg));
+        Some(Command::Check { nft }) => {
+            if nft {
+                print!("{}", config::nft_script(&cfg));
+            } else {
+                print!("{}", config::describe(&cfg));
+            }
             ExitCode::SUCCESS
         }
         _ => report(modes::run(&cfg, &cli)),

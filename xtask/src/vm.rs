@@ -56,6 +56,8 @@ const BOOT_ATTEMPTS: u32 = 3;
 
 pub fn run(kernels: &[String]) -> Result<()> {
     let started = Instant::now();
+    // The host builds the executables the guests run: the eBPF toolchain first.
+    crate::setup::run()?;
     let root = util::root();
     let cache = target_dir(&root)?.join("vm");
     let vm_timeout = env_secs("EGRESS_VM_TIMEOUT", 2400)?;

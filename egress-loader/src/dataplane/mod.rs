@@ -19,8 +19,15 @@ use egress_common::{
 
 pub use attach::AttachMode;
 
-/// The compiled eBPF object (egress-ebpf), built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+/// The compiled eBPF object (egress-ebpf), built by build.rs with the `ebpf` feature.
+#[cfg(feature = "ebpf")]
+static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/egress"
+)));
+/// Without the `ebpf` feature the library has no programs to load (the binary requires it).
+#[cfg(not(feature = "ebpf"))]
+static EBPF_OBJECT: Option<&[u8]> = None;
 
 /// Every map of the object, pinned by these names under the bpffs directory.
 pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS, MAP_FRAGS];
@@ -109,6 +116,9 @@ impl Dataplane {
     }
 
     pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+        let object = EBPF_OBJECT.context(
+            "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
+        )?;
         Self::preflight(opts)?;
         pins::drop_incompatible(&opts.bpffs_dir)?;
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
@@ -120,7 +130,7 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(explain_load_error)?;
+        let mut ebpf = loader.load(object).map_err(explain_load_error)?;
         for name in [PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

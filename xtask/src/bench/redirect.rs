@@ -150,7 +150,7 @@ fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
         Who::Base => {
             topo.configure_macvlan()?;
             topo.router.set_sysctl("net.ipv4.ip_forward", "1")?;
-            let script = openshift_nft_script()?;
+            let script = openshift_nft_script(ctx)?;
             let file = ctx.dir.join("openshift-nat.nft");
             std::fs::write(&file, &script)?;
             let mut nft = Command::new("nft");
@@ -191,24 +191,22 @@ fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
 }
 
 /// The `nft -f` input OpenShift's egress-router.sh applies (setup_nft) for the bench's
-/// EGRESS_DESTINATION: its table and chains, a flush, then the rules. egress-router renders it,
-/// the same text its unit-test mode prints the rules of.
-fn openshift_nft_script() -> Result<String> {
-    let vars = [
-        ("EGRESS_ROUTER_MODE", "unit-test".to_string()),
-        (
-            "EGRESS_SOURCE",
-            format!("{EGRESS_SOURCE}/{}", egress_tests::EGRESS_PREFIX),
-        ),
-        ("EGRESS_GATEWAY", egress_tests::GATEWAY_IP.to_string()),
-        ("EGRESS_DESTINATION", destination()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let cfg = egress_router::config::parse(&vars)
-        .map_err(|e| anyhow::anyhow!("the bench's configuration: {e}"))?;
-    let script = egress_router::config::nft_script(&cfg);
+/// EGRESS_DESTINATION: its table and chains, a flush, then the rules, as `egress-router check
+/// --nft` renders it (the same rules its unit-test mode prints).
+fn openshift_nft_script(ctx: &Ctx) -> Result<String> {
+    let log = "openshift-nat.check.log";
+    let mut cmd = ctx.router_cmd("unit-test", log)?;
+    cmd.env("EGRESS_DESTINATION", destination())
+        .args(["check", "--nft"])
+        .stdout(std::process::Stdio::piped());
+    let out = cmd.output().context("running egress-router check --nft")?;
+    ensure!(
+        out.status.success(),
+        "egress-router check --nft failed ({}):\n{}",
+        out.status,
+        ctx.log_tail(log)
+    );
+    let script = String::from_utf8(out.stdout)?;
     ensure!(
         script.contains("dnat to") && script.contains("snat to"),
         "unexpected nftables script: {script}"

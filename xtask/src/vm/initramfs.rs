@@ -1,7 +1,9 @@
 //! The guest's initramfs: busybox-static and the init script, the test executables and
-//! egress-router at the same absolute paths as on the host (so paths compiled into them, and
-//! paths derived from their own location, still work), host tools the tests run, the glibc
-//! libraries all of these link (found with ldd), and one kernel's modules.
+//! egress-router under a fixed guest directory ([`GUEST_DIR`]), host tools the tests run, the
+//! glibc libraries all of these link (found with ldd), and one kernel's modules.
+//!
+//! Not at their host paths: a checkout under /tmp would put them where the guest's init mounts
+//! a tmpfs, hiding them. The tests find the router through EGRESS_ROUTER_BIN, which init sets.
 //!
 //! The executables stay dynamically linked, as cargo built them for the host's glibc: the
 //! guest gets the same libraries, so nothing is rebuilt for the VM (a static build would need
@@ -20,6 +22,10 @@ use super::{artifacts::Artifacts, cpio::Archive, kernel::Kernel, kernel::module_
 use crate::util;
 
 const INIT: &str = include_str!("init.sh");
+
+/// Where the guest finds egress-router (`bin/`) and the test executables (`tests/`): a path
+/// on the initramfs itself, which init mounts nothing over.
+const GUEST_DIR: &str = "opt/vm-test";
 
 /// Host programs the tests and the init script run, copied when the host has them: bpftool
 /// (a packet test dumps pinned maps with it), iproute2 for the attach check, and what the
@@ -76,12 +82,16 @@ pub fn common(
         elves.push(src.to_path_buf());
         Ok(())
     };
-    let router = canonical(&art.router)?;
+    let router = format!("/{GUEST_DIR}/bin/egress-router");
     add_elf(&mut a, &art.router, &router)?;
     a.symlink("usr/local/bin/egress-router", &router);
     let mut tests = String::new();
     for t in &art.tests {
-        let p = canonical(&t.path)?;
+        let file = t
+            .path
+            .file_name()
+            .context("test executable without a name")?;
+        let p = format!("/{GUEST_DIR}/tests/{}", file.to_string_lossy());
         add_elf(&mut a, &t.path, &p)?;
         tests.push_str(&format!("{} {p}\n", t.name));
     }
