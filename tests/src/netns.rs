@@ -22,7 +22,7 @@ use nix::{
 use crate::{
     capture::Capture,
     netlink,
-    proc::{self, Proc},
+    proc::{self, Isolation, Proc},
     servers::EchoServer,
 };
 
@@ -162,8 +162,19 @@ impl Netns {
     /// Starts `cmd` inside the namespace. The process is killed when this namespace is dropped
     /// (or when the test process dies).
     pub fn spawn(&self, cmd: Command) -> Result<Proc> {
+        self.spawn_with(cmd, Isolation::NetOnly)
+    }
+
+    /// Starts `cmd` in the namespace as a container runtime starts a container's process (and
+    /// as `ip netns exec` does): in its own mount namespace with a fresh /sys, so /sys/fs/bpf
+    /// holds no bpffs and anything the process mounts or pins there goes with it.
+    pub fn spawn_container(&self, cmd: Command) -> Result<Proc> {
+        self.spawn_with(cmd, Isolation::Container)
+    }
+
+    fn spawn_with(&self, cmd: Command, isolation: Isolation) -> Result<Proc> {
         let desc = format!("{cmd:?}");
-        let p = proc::spawn_in(cmd, self.fd.as_raw_fd())
+        let p = proc::spawn_in(cmd, self.fd.as_raw_fd(), isolation)
             .with_context(|| format!("starting {desc} in {}", self.name))?;
         self.procs.lock().unwrap().push(p.clone());
         Ok(p)

@@ -15,7 +15,48 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
 
-type Request = (Command, RawFd, mpsc::Sender<io::Result<Child>>);
+/// How a child is isolated beyond its network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    /// Only the network namespace: the child shares the harness's mounts (its /sys/fs/bpf).
+    NetOnly,
+    /// As a container runtime (or `ip netns exec`) starts a process: its own mount namespace,
+    /// nothing propagated back, and a fresh sysfs on /sys, so /sys/fs/bpf is an empty directory
+    /// without bpffs, and whatever the child mounts dies with it.
+    Container,
+}
+
+type Request = (Command, RawFd, Isolation, mpsc::Sender<io::Result<Child>>);
+
+/// The Container isolation, between fork and exec (raw system calls only).
+fn enter_container_mounts() -> io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r != 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: unshare, mount and umount2 with static C strings are async-signal-safe.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ))?;
+        check(libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH))?;
+        check(libc::mount(
+            c"sysfs".as_ptr(),
+            c"/sys".as_ptr(),
+            c"sysfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        ))
+    }
+}
 
 fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
@@ -24,12 +65,15 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
         std::thread::Builder::new()
             .name("egress-tests-spawner".into())
             .spawn(move || {
-                for (mut cmd, ns, reply) in rx {
+                for (mut cmd, ns, isolation, reply) in rx {
                     // SAFETY: the closure only makes async-signal-safe system calls.
                     unsafe {
                         cmd.pre_exec(move || {
                             if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
                                 return Err(io::Error::last_os_error());
+                            }
+                            if isolation == Isolation::Container {
+                                enter_container_mounts()?;
                             }
                             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                                 return Err(io::Error::last_os_error());
@@ -46,12 +90,12 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
 }
 
 /// Starts `cmd` in the network namespace open as `ns` (which must stay open until this returns).
-pub(crate) fn spawn_in(cmd: Command, ns: RawFd) -> Result<Proc> {
+pub(crate) fn spawn_in(cmd: Command, ns: RawFd, isolation: Isolation) -> Result<Proc> {
     let (tx, rx) = mpsc::channel();
     spawner()
         .lock()
         .unwrap()
-        .send((cmd, ns, tx))
+        .send((cmd, ns, isolation, tx))
         .ok()
         .context("the spawner thread is gone")?;
     let child = rx.recv().context("the spawner thread is gone")??;

@@ -41,3 +41,23 @@ pub fn router_command(mode: &str, bpffs: &std::path::Path) -> Command {
         .stderr(Stdio::piped());
     cmd
 }
+
+/// A command for `program` as an unprivileged container runs it: user and group `uid`, no
+/// supplementary groups, no capabilities (bounding, inheritable and ambient sets cleared) and
+/// no privilege escalation (no_new_privs, so file capabilities do not apply either), through
+/// util-linux's setpriv.
+pub fn unprivileged_command(program: impl AsRef<std::ffi::OsStr>, uid: u32) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args([
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(program);
+    cmd
+}

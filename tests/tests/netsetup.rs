@@ -258,6 +258,13 @@ fn missing_privilege_is_a_clear_error_and_changes_nothing() {
 fn forwarding_sysctls() {
     let topo = Topology::new().unwrap();
     let r = &topo.router;
+    // A new namespace inherits the host's IPv4 settings, and the host may forward already
+    // (podman turns it on): start from forwarding off, so that turning it on is what is tested.
+    r.set_sysctl("net.ipv4.ip_forward", "0").unwrap();
+    assert_eq!(
+        r.sysctl("net.ipv4.conf.eth0.forwarding").unwrap().trim(),
+        "0"
+    );
     r.set_sysctl("net.ipv4.conf.all.rp_filter", "1").unwrap();
     r.set_sysctl("net.ipv4.conf.eth0.rp_filter", "1").unwrap();
     r.set_sysctl("net.ipv4.conf.macvlan0.rp_filter", "0")

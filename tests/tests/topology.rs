@@ -264,3 +264,47 @@ fn fails_loudly_without_root() {
     );
     assert!(stdout.contains("must run as root"), "{stdout}");
 }
+
+/// `spawn_container` gives a process what a container runtime gives it: the namespace's
+/// network, its own mounts, and a /sys whose fs/bpf is not the host's bpffs; `unprivileged_command`
+/// drops the user, the groups and every capability.
+#[test]
+fn container_processes_get_their_own_mounts_and_no_privileges() {
+    let topo = Topology::new().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "stat -f -c %T /sys/fs/bpf; ls -A /sys/fs/bpf | wc -l; ip -o addr show eth0",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = topo.router.spawn_container(cmd).unwrap().output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(lines[0], "sysfs", "/sys/fs/bpf must not be a bpffs: {text}");
+    assert_eq!(lines[1], "0", "/sys/fs/bpf must be empty: {text}");
+    assert!(
+        lines[2].contains(&POD_IP.to_string()),
+        "not in the router namespace: {text}"
+    );
+
+    let mut cmd = egress_tests::unprivileged_command("sh", 1000);
+    cmd.args([
+        "-c",
+        "id -u; id -g; grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = topo.router.spawn_container(cmd).unwrap().output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(&lines[..2], ["1000", "1000"], "{text}");
+    for cap in &lines[2..] {
+        assert!(
+            cap.ends_with("0000000000000000"),
+            "a capability is left: {text}"
+        );
+    }
+}
