@@ -14,6 +14,29 @@ const ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
 Reads the same environment variables as the OpenShift egress-router images; every variable can also
 be given as the flag shown below.";
 
+const LONG_ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
+
+Reads the same environment variables as the OpenShift egress-router images; every variable can also
+be given as the flag shown below. Run with no arguments, it is whichever container of OpenShift's
+pod specs its environment describes (one image for all of them):
+
+  EGRESS_ROUTER_MODE=init                the redirect pod's init container: set up macvlan0,
+                                         attach the eBPF dataplane, exit 0 (it keeps working)
+  EGRESS_ROUTER_MODE unset or legacy     the one container of the legacy redirect pod: the same,
+                                         then stay until SIGTERM
+  EGRESS_ROUTER_MODE=http-proxy          the HTTP proxy pod's init container: set up macvlan0, exit 0
+  EGRESS_HTTP_PROXY_DESTINATION only     its proxy container: serve port 8080 (any non-root user,
+                                         no capabilities), through the route the init container set
+  EGRESS_ROUTER_MODE=dns-proxy           the DNS proxy pod's init container: set up macvlan0, let
+                                         the pod listen below port 1024 unprivileged, exit 0
+  EGRESS_DNS_PROXY_DESTINATION only      its proxy container: one TCP listener per line
+  EGRESS_ROUTER_MODE=unit-test, EGRESS_HTTP_PROXY_MODE=unit-test, EGRESS_DNS_PROXY_MODE=unit-test
+                                         print what OpenShift's image would generate (nftables
+                                         rules, squid ACLs, haproxy.cfg), change nothing
+
+One process for both roles of a proxy pod (set up macvlan0, then serve) is an extension, asked for
+explicitly: EGRESS_ROUTER_MODE=http-proxy or dns-proxy with EGRESS_ONE_PROCESS=true.";
+
 const RULES_HELP: &str = "\
 EGRESS_DESTINATION (redirect modes), one rule a line, '#' comments and blank lines skipped:
   <localport> <proto> <ip>               80 tcp 203.0.113.25
@@ -42,7 +65,7 @@ Examples:
   egress-router status       counters and connection table of the redirect dataplane";
 
 #[derive(Parser, Debug)]
-#[command(name = "egress-router", version, about = ABOUT, after_long_help = RULES_HELP)]
+#[command(name = "egress-router", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = RULES_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -62,10 +85,11 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and print it as parsed; needs no root, changes nothing.
     Check {
-        /// Print instead the whole `nft -f` input OpenShift's image applies for the redirect
-        /// rules (its table, chains and rules), e.g. to compare with or fall back to nftables.
+        /// Print instead the file OpenShift's image writes for this configuration: the `nft -f`
+        /// input (table, chains, rules) in the redirect modes, squid.conf for the HTTP proxy,
+        /// haproxy.cfg for the DNS proxy (with this machine's /etc/resolv.conf nameservers).
         #[arg(long)]
-        nft: bool,
+        openshift: bool,
     },
     /// Print the redirect dataplane's counters and connection table.
     Status {
@@ -108,6 +132,14 @@ pub struct EnvSettings {
     /// Non-empty: log every proxied connection.
     #[arg(long, env = "EGRESS_DNS_PROXY_DEBUG")]
     pub egress_dns_proxy_debug: Option<String>,
+    /// `name:count;...`: how many addresses each DNS proxy name has, for the haproxy.cfg the
+    /// DNS proxy unit-test mode prints (OpenShift's image looks them up).
+    #[arg(long, env = "EGRESS_DNS_SERVERS")]
+    pub egress_dns_servers: Option<String>,
+    /// true: with EGRESS_ROUTER_MODE http-proxy or dns-proxy, set up macvlan0 and then serve the
+    /// proxy in this process (one container for both roles) instead of exiting.
+    #[arg(long, env = "EGRESS_ONE_PROCESS")]
+    pub egress_one_process: Option<String>,
 }
 
 impl EnvSettings {
@@ -130,6 +162,8 @@ impl EnvSettings {
             ),
             ("EGRESS_DNS_PROXY_MODE", &self.egress_dns_proxy_mode),
             ("EGRESS_DNS_PROXY_DEBUG", &self.egress_dns_proxy_debug),
+            ("EGRESS_DNS_SERVERS", &self.egress_dns_servers),
+            ("EGRESS_ONE_PROCESS", &self.egress_one_process),
         ];
         pairs
             .into_iter()
@@ -167,9 +201,12 @@ pub fn main() -> ExitCode {
     };
     init_logging(cfg.debug);
     match cli.command {
-        Some(Command::Check { nft }) => {
-            if nft {
-                print!("{}", config::nft_script(&cfg));
+        Some(Command::Check { openshift }) => {
+            if openshift {
+                print!(
+                    "{}",
+                    config::openshift_config(&cfg, &modes::pod_nameservers(&cli.resolver))
+                );
             } else {
                 print!("{}", config::describe(&cfg));
             }

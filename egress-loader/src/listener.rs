@@ -11,7 +11,22 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
+    socket.bind(addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}: port {} is below 1024, which needs CAP_NET_BIND_SERVICE or \
+                     net.ipv4.ip_unprivileged_port_start at most {} in this network namespace \
+                     (the pod's init container, EGRESS_ROUTER_MODE=dns-proxy, sets it to 0)",
+                    addr.port(),
+                    addr.port()
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
     socket.listen(backlog)
 }
 

@@ -160,9 +160,15 @@ fn invalid_input_exits_1_with_every_error() {
     for w in want {
         assert!(err.contains(w), "{err}\ndoes not contain\n{w}");
     }
+    // Then OpenShift's own line for the first problem, last, as its runbooks and tests read it.
     assert_eq!(
         err.lines().filter(|l| !l.is_empty()).count(),
-        want.len(),
+        want.len() + 1,
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().last(),
+        Some("EGRESS_DESTINATION value '80 tcp 10.0.0.300' is invalid"),
         "{err}"
     );
 }
@@ -215,10 +221,12 @@ fn missing_and_invalid_variables() {
     assert_eq!(stdout(&o), "");
 }
 
+/// `check` describes the rules in words (unit-test mode prints squid's ACLs instead, as
+/// OpenShift's image does: tests/openshift_images.rs).
 #[test]
-fn http_proxy_unit_test_prints_the_rules() {
+fn check_describes_the_http_proxy_rules() {
     let o = run(
-        &[],
+        &["check"],
         &[
             ("EGRESS_ROUTER_MODE", "http-proxy"),
             ("EGRESS_HTTP_PROXY_MODE", "unit-test"),
@@ -279,9 +287,9 @@ fn http_proxy_unit_test_errors() {
 }
 
 #[test]
-fn dns_proxy_unit_test_prints_the_rules() {
+fn check_describes_the_dns_proxy_rules() {
     let o = run(
-        &[],
+        &["check"],
         &[
             ("EGRESS_ROUTER_MODE", "dns-proxy"),
             ("EGRESS_DNS_PROXY_MODE", "unit-test"),

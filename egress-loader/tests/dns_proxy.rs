@@ -21,7 +21,7 @@ use std::{
 };
 
 use egress_router::{
-    config::{Config, DnsRule, DnsTarget, EgressSource, Mode},
+    config::{Config, DnsRule, DnsTarget, EgressSource, Mode, Role},
     dns_proxy::{DnsProxy, DnsProxyOptions, Engine},
     resolver::ResolverOptions,
 };
@@ -357,6 +357,7 @@ async fn assert_refused(to: SocketAddr) {
 
 fn config(rules: Vec<DnsRule>) -> Config {
     Config {
+        role: Role::Proxy,
         mode: Mode::DnsProxy,
         source: EgressSource {
             addr: SOURCE,
@@ -367,6 +368,7 @@ fn config(rules: Vec<DnsRule>) -> Config {
         redirect: None,
         http: None,
         dns: Some(rules),
+        dns_server_counts: Default::default(),
         proxy_unit_test: false,
         dns_debug: true,
     }

@@ -22,7 +22,7 @@ use std::{
 
 use bytes::Bytes;
 use egress_router::{
-    config::{Config, EgressSource, HttpMatch, HttpRule, Mode},
+    config::{Config, EgressSource, HttpMatch, HttpRule, Mode, Role},
     http_proxy::{self, HttpProxyOptions},
     resolver::ResolverOptions,
 };
@@ -86,6 +86,7 @@ fn rules(lines: &[&str]) -> Vec<HttpRule> {
 
 fn config(lines: &[&str], debug: bool) -> Config {
     Config {
+        role: Role::Proxy,
         mode: Mode::HttpProxy,
         source: EgressSource {
             addr: SOURCE,
@@ -96,6 +97,7 @@ fn config(lines: &[&str], debug: bool) -> Config {
         redirect: None,
         http: Some(rules(lines)),
         dns: None,
+        dns_server_counts: Default::default(),
         proxy_unit_test: false,
         dns_debug: false,
     }

@@ -169,7 +169,21 @@ impl Netns {
     /// as `ip netns exec` does): in its own mount namespace with a fresh /sys, so /sys/fs/bpf
     /// holds no bpffs and anything the process mounts or pins there goes with it.
     pub fn spawn_container(&self, cmd: Command) -> Result<Proc> {
-        self.spawn_with(cmd, Isolation::Container)
+        self.spawn_container_with(cmd, &[])
+    }
+
+    /// [`Netns::spawn_container`] with host paths bind-mounted into the container's mount
+    /// namespace (`(host path, container path)`), as a runtime mounts volumes or resolv.conf.
+    pub fn spawn_container_with(&self, cmd: Command, binds: &[(&Path, &Path)]) -> Result<Proc> {
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                .with_context(|| format!("{} has a NUL byte", p.display()))
+        };
+        let binds = binds
+            .iter()
+            .map(|(s, t)| Ok((c(s)?, c(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.spawn_with(cmd, Isolation::Container { binds })
     }
 
     fn spawn_with(&self, cmd: Command, isolation: Isolation) -> Result<Proc> {

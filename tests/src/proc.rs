@@ -5,6 +5,7 @@
 //! early, while the spawner thread lives as long as the test process (a crashed or killed test
 //! binary takes its children with it).
 use std::{
+    ffi::CString,
     io::{self, Read},
     os::{fd::RawFd, unix::process::CommandExt as _},
     process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Output},
@@ -16,20 +17,21 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
 
 /// How a child is isolated beyond its network namespace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Isolation {
     /// Only the network namespace: the child shares the harness's mounts (its /sys/fs/bpf).
     NetOnly,
     /// As a container runtime (or `ip netns exec`) starts a process: its own mount namespace,
     /// nothing propagated back, and a fresh sysfs on /sys, so /sys/fs/bpf is an empty directory
-    /// without bpffs, and whatever the child mounts dies with it.
-    Container,
+    /// without bpffs, and whatever the child mounts dies with it. Then each (source, target)
+    /// is bind-mounted, as a runtime mounts a pod's volumes and its resolv.conf.
+    Container { binds: Vec<(CString, CString)> },
 }
 
 type Request = (Command, RawFd, Isolation, mpsc::Sender<io::Result<Child>>);
 
 /// The Container isolation, between fork and exec (raw system calls only).
-fn enter_container_mounts() -> io::Result<()> {
+fn enter_container_mounts(binds: &[(CString, CString)]) -> io::Result<()> {
     let check = |r: libc::c_int| {
         if r != 0 {
             Err(io::Error::last_os_error())
@@ -54,7 +56,17 @@ fn enter_container_mounts() -> io::Result<()> {
             c"sysfs".as_ptr(),
             0,
             std::ptr::null(),
-        ))
+        ))?;
+        for (source, target) in binds {
+            check(libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+        }
+        Ok(())
     }
 }
 
@@ -72,8 +84,8 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
                             if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
                                 return Err(io::Error::last_os_error());
                             }
-                            if isolation == Isolation::Container {
-                                enter_container_mounts()?;
+                            if let Isolation::Container { binds } = &isolation {
+                                enter_container_mounts(binds)?;
                             }
                             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                                 return Err(io::Error::last_os_error());

@@ -202,6 +202,28 @@ impl Ctx {
         Ok(cmd)
     }
 
+    /// The file OpenShift's image writes for this mode and these variables (nft script,
+    /// squid.conf or haproxy.cfg), as `egress-router check --openshift` renders it: the
+    /// baselines run exactly what OpenShift would.
+    pub fn openshift_config(&self, mode: &str, vars: &[(&str, String)]) -> Result<String> {
+        let log = format!("openshift-config-{mode}.log");
+        let mut cmd = self.router_cmd(mode, &log)?;
+        cmd.envs(vars.iter().map(|(k, v)| (k, v)))
+            .args(["check", "--openshift"])
+            .stdout(std::process::Stdio::piped());
+        let out = cmd
+            .output()
+            .context("running egress-router check --openshift")?;
+        if !out.status.success() {
+            bail!(
+                "egress-router check --openshift failed ({}):\n{}",
+                out.status,
+                self.log_tail(&log)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
     /// `<contender>-<round>` for file names; set while a contender runs.
     pub fn tag(&self) -> String {
         format!("{}-{}", self.who.replace(' ', "-"), self.round)

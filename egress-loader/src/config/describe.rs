@@ -1,7 +1,7 @@
 //! The configuration in words: what `egress-router check` and the proxy unit-test modes print.
 use std::{fmt::Write as _, net::IpAddr};
 
-use super::types::{Config, DnsTarget, HttpMatch, Mode};
+use super::types::{Config, DnsTarget, HttpMatch, Mode, Role};
 
 fn addr_port(ip: IpAddr, port: u16) -> String {
     match ip {
@@ -11,18 +11,36 @@ fn addr_port(ip: IpAddr, port: u16) -> String {
 }
 
 fn mode_meaning(cfg: &Config) -> &'static str {
-    match cfg.mode {
-        Mode::Init => "set up the network and the eBPF redirect, then exit",
-        Mode::Legacy => "set up the network and the eBPF redirect, then stay until SIGTERM",
-        Mode::HttpProxy if cfg.proxy_unit_test => {
-            "EGRESS_HTTP_PROXY_MODE=unit-test: print the rules, change nothing"
+    match (cfg.role, cfg.mode) {
+        (_, Mode::HttpProxy) if cfg.proxy_unit_test => {
+            "EGRESS_HTTP_PROXY_MODE=unit-test: print the squid ACLs OpenShift's image generates, \
+             change nothing"
         }
-        Mode::DnsProxy if cfg.proxy_unit_test => {
-            "EGRESS_DNS_PROXY_MODE=unit-test: print the rules, change nothing"
+        (_, Mode::DnsProxy) if cfg.proxy_unit_test => {
+            "EGRESS_DNS_PROXY_MODE=unit-test: print the haproxy.cfg OpenShift's image generates, \
+             change nothing"
         }
-        Mode::HttpProxy => "set up the network, then run the HTTP proxy on port 8080",
-        Mode::DnsProxy => "set up the network, then run the DNS proxy listeners",
-        Mode::UnitTest => "print the equivalent nftables rules, change nothing",
+        (_, Mode::Init) => "set up the network and the eBPF redirect, then exit",
+        (_, Mode::Legacy) => "set up the network and the eBPF redirect, then stay until SIGTERM",
+        (_, Mode::UnitTest) => "print the equivalent nftables rules, change nothing",
+        (Role::Router, Mode::HttpProxy) => {
+            "the HTTP proxy pod's init container: set up the network, then exit"
+        }
+        (Role::Router, Mode::DnsProxy) => {
+            "the DNS proxy pod's init container: set up the network, then exit"
+        }
+        (Role::Proxy, Mode::HttpProxy) => {
+            "the HTTP proxy container: run the proxy on port 8080 through the pod's route"
+        }
+        (Role::Proxy, Mode::DnsProxy) => {
+            "the DNS proxy container: run the listeners through the pod's route"
+        }
+        (Role::RouterAndProxy, Mode::HttpProxy) => {
+            "one process: set up the network, then run the HTTP proxy on port 8080"
+        }
+        (Role::RouterAndProxy, Mode::DnsProxy) => {
+            "one process: set up the network, then run the DNS proxy listeners"
+        }
     }
 }
 
@@ -43,10 +61,13 @@ pub fn describe(cfg: &Config) -> String {
             cfg.source.addr, cfg.source.net
         );
     } else {
-        let _ = writeln!(o, "source: not set (not needed to print the rules)");
+        let _ = writeln!(
+            o,
+            "source: not set (a proxy container leaves from the address on macvlan0)"
+        );
     }
     if cfg.gateway.is_unspecified() {
-        let _ = writeln!(o, "gateway: not set (not needed to print the rules)");
+        let _ = writeln!(o, "gateway: not set (the init container's route is used)");
     } else {
         let _ = writeln!(o, "gateway: {} (default route via macvlan0)", cfg.gateway);
     }

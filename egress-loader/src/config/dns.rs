@@ -2,6 +2,7 @@
 use std::collections::BTreeMap;
 
 use super::{
+    ConfigError,
     lines::{
         PortError, invalid_port_message, parse_host_name, parse_ip, parse_port, rule_lines, show,
         unusable_target,
@@ -58,10 +59,11 @@ fn target(text: &str) -> Result<DnsTarget, String> {
 
 /// Parses EGRESS_DNS_PROXY_DESTINATION (`None` or empty: unset). On error, one message per
 /// problem, for every line.
-pub fn parse_dns(value: Option<&str>) -> Result<Vec<DnsRule>, Vec<String>> {
+pub fn parse_dns(value: Option<&str>) -> Result<Vec<DnsRule>, Vec<ConfigError>> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
-        return Err(vec![format!(
-            "Must specify {VAR}: not set ({EXPECTED}, one listener a line)"
+        return Err(vec![ConfigError::new(
+            format!("Must specify {VAR}: not set ({EXPECTED}, one listener a line)"),
+            format!("Must specify {VAR}"),
         )]);
     };
     let mut errors = Vec::new();
@@ -71,14 +73,20 @@ pub fn parse_dns(value: Option<&str>) -> Result<Vec<DnsRule>, Vec<String>> {
         let n = line.number;
         let text = show(line.text);
         let prefix = format!("{VAR} line {n}: '{text}': ");
-        let bad = |why: String| format!("{prefix}Bad destination '{text}': {why} ({EXPECTED})");
+        let bad = |why: String| {
+            ConfigError::new(
+                format!("{prefix}Bad destination '{text}': {why} ({EXPECTED})"),
+                format!("Bad destination '{text}'"),
+            )
+        };
         let mut line_errors = Vec::new();
-        let port = |field: &str, errs: &mut Vec<String>| match parse_port(field) {
+        let port = |field: &str, errs: &mut Vec<ConfigError>| match parse_port(field) {
             Ok(p) => Some(p),
             Err(PortError::Range) => {
-                errs.push(format!(
-                    "{prefix}{} ({EXPECTED})",
-                    invalid_port_message(field)
+                let openshift = invalid_port_message(field);
+                errs.push(ConfigError::new(
+                    format!("{prefix}{openshift} ({EXPECTED})"),
+                    openshift,
                 ));
                 None
             }
@@ -106,9 +114,11 @@ pub fn parse_dns(value: Option<&str>) -> Result<Vec<DnsRule>, Vec<String>> {
         };
         if let Some(lp) = local_port {
             if let Some(first) = used.get(&lp) {
-                line_errors.push(format!(
-                    "{prefix}Proxy port {lp} already used, must be unique for each destination \
-                     (port {lp} is on line {first})"
+                let openshift =
+                    format!("Proxy port {lp} already used, must be unique for each destination");
+                line_errors.push(ConfigError::new(
+                    format!("{prefix}{openshift} (port {lp} is on line {first})"),
+                    openshift,
                 ));
             } else {
                 used.insert(lp, n);

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{
+    ConfigError,
     lines::{looks_like_ipv4, parse_host_name, parse_ip, parse_prefix_len, rule_lines, show},
     types::{HttpMatch, HttpRule},
 };
@@ -87,10 +88,11 @@ fn matcher(text: &str) -> Result<HttpMatch, String> {
 
 /// Parses EGRESS_HTTP_PROXY_DESTINATION (`None` or empty: unset). On error, one message per
 /// problem, for every line.
-pub fn parse_http(value: Option<&str>) -> Result<Vec<HttpRule>, Vec<String>> {
+pub fn parse_http(value: Option<&str>) -> Result<Vec<HttpRule>, Vec<ConfigError>> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
-        return Err(vec![format!(
-            "No {VAR} specified: not set ({EXPECTED}; one rule a line)"
+        return Err(vec![ConfigError::new(
+            format!("No {VAR} specified: not set ({EXPECTED}; one rule a line)"),
+            format!("No {VAR} specified"),
         )]);
     };
     let mut errors = Vec::new();
@@ -100,8 +102,9 @@ pub fn parse_http(value: Option<&str>) -> Result<Vec<HttpRule>, Vec<String>> {
         let n = line.number;
         let prefix = format!("{VAR} line {n}: '{}': ", show(line.text));
         if let Some(at) = wildcard_line {
-            errors.push(format!(
-                "{prefix}Wildcard must be last rule, if present (the * is on line {at})"
+            errors.push(ConfigError::new(
+                format!("{prefix}Wildcard must be last rule, if present (the * is on line {at})"),
+                "Wildcard must be last rule, if present",
             ));
         }
         let (allow, rest) = match line.text.strip_prefix('!') {
@@ -120,10 +123,13 @@ pub fn parse_http(value: Option<&str>) -> Result<Vec<HttpRule>, Vec<String>> {
                     line: n,
                 });
             }
-            Err(why) => errors.push(format!(
-                "{prefix}Bad destination '{}': {why} ({EXPECTED})",
-                show(rest)
-            )),
+            Err(why) => {
+                let openshift = format!("Bad destination '{}'", show(rest));
+                errors.push(ConfigError::new(
+                    format!("{prefix}{openshift}: {why} ({EXPECTED})"),
+                    openshift,
+                ))
+            }
         }
     }
     if errors.is_empty() {

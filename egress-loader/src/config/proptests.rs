@@ -153,33 +153,55 @@ fn config() -> impl Strategy<Value = Config> {
         Just(Mode::HttpProxy),
         Just(Mode::DnsProxy),
     ];
+    let counts = prop::collection::btree_map("[a-z]{1,8}\\.com", 0u32..5, 0..3);
     (
-        mode,
+        (mode, 0usize..3),
         source(),
         target_v4(),
-        any::<(bool, bool, bool)>(),
+        any::<(bool, bool, bool, bool)>(),
         redirect_config(),
         http_rules(),
         dns_rules(),
+        counts,
     )
         .prop_filter("gateway is not the source", |(_, s, g, ..)| s.addr != *g)
+        .prop_filter(
+            "unit-test mode has no SCTP",
+            |((mode, _), _, _, _, r, ..)| {
+                *mode != Mode::UnitTest || r.rules.iter().all(|r| r.protocol != Protocol::Sctp)
+            },
+        )
         .prop_map(
-            |(mode, source, gateway, (debug, dns_debug, unit), r, h, d)| {
-                let proxy_unit_test = unit && matches!(mode, Mode::HttpProxy | Mode::DnsProxy);
-                // A proxy unit test may leave source and gateway unset.
-                let (source, gateway) = if proxy_unit_test && debug {
+            |((mode, pick), source, gateway, (debug, dns_debug, unit, given), r, h, d, counts)| {
+                let proxy = matches!(mode, Mode::HttpProxy | Mode::DnsProxy);
+                let proxy_unit_test = unit && proxy;
+                let role = match (proxy, proxy_unit_test) {
+                    (false, _) => Role::Router,
+                    (true, true) => Role::Proxy,
+                    (true, false) => [Role::Router, Role::Proxy, Role::RouterAndProxy][pick],
+                };
+                // A proxy container may leave source and gateway unset.
+                let (source, gateway) = if role == Role::Proxy && debug {
                     (EgressSource::UNSET, Ipv4Addr::UNSPECIFIED)
                 } else {
                     (source, gateway)
                 };
+                // The router's init container has the proxy rules only when they are given.
+                let rules = role != Role::Router || given;
                 Config {
+                    role,
                     mode,
                     source,
                     gateway,
                     debug,
                     redirect: mode.is_redirect().then_some(r),
-                    http: (mode == Mode::HttpProxy).then_some(h),
-                    dns: (mode == Mode::DnsProxy).then_some(d),
+                    http: (mode == Mode::HttpProxy && rules).then_some(h),
+                    dns: (mode == Mode::DnsProxy && rules).then_some(d),
+                    dns_server_counts: if mode == Mode::DnsProxy {
+                        counts
+                    } else {
+                        Default::default()
+                    },
                     proxy_unit_test,
                     dns_debug,
                 }

@@ -5,6 +5,7 @@ use std::{
 };
 
 use super::{
+    ConfigError,
     lines::{
         PortError, invalid_port_message, parse_ip, parse_port, rule_lines, show, unusable_target,
     },
@@ -73,10 +74,11 @@ enum Parsed {
 
 /// Parses EGRESS_DESTINATION (`None` or empty: unset). On error, one message per problem, for
 /// every line.
-pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<String>> {
+pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<ConfigError>> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
-        return Err(vec![format!(
-            "{VAR} unspecified: not set ({EXPECTED}, one rule a line)"
+        return Err(vec![ConfigError::new(
+            format!("{VAR} unspecified: not set ({EXPECTED}, one rule a line)"),
+            format!("{VAR} unspecified"),
         )]);
     };
     let mut errors = Vec::new();
@@ -88,23 +90,26 @@ pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<String>
         let n = line.number;
         let text = show(line.text);
         let prefix = format!("{VAR} line {n}: '{text}': ");
+        let openshift_invalid = format!("{VAR} value '{text}' is invalid");
         let invalid = |detail: String| {
-            format!("{prefix}{VAR} value '{text}' is invalid: {detail} ({EXPECTED})")
+            ConfigError::new(
+                format!("{prefix}{openshift_invalid}: {detail} ({EXPECTED})"),
+                openshift_invalid.clone(),
+            )
         };
         let mut line_errors = Vec::new();
-        let port = |field: &str, errs: &mut Vec<String>| match parse_port(field) {
+        let port = |field: &str, errs: &mut Vec<ConfigError>| match parse_port(field) {
             Ok(p) => Some(p),
             Err(PortError::Range) => {
-                errs.push(format!(
-                    "{prefix}{} ({EXPECTED})",
-                    invalid_port_message(field)
+                let openshift = invalid_port_message(field);
+                errs.push(ConfigError::new(
+                    format!("{prefix}{openshift} ({EXPECTED})"),
+                    openshift,
                 ));
                 None
             }
             Err(PortError::Syntax(why)) => {
-                errs.push(format!(
-                    "{prefix}{VAR} value '{text}' is invalid: {why} ({EXPECTED})"
-                ));
+                errs.push(invalid(why));
                 None
             }
         };
@@ -188,8 +193,10 @@ pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<String>
             } else {
                 format!("the fallback {ip} is on line {at}")
             };
-            line_errors.push(format!(
-                "{prefix}{VAR} fallback IP must be the last line ({what})"
+            let openshift = format!("{VAR} fallback IP must be the last line");
+            line_errors.push(ConfigError::new(
+                format!("{prefix}{openshift} ({what})"),
+                openshift,
             ));
         }
 
@@ -208,10 +215,16 @@ pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<String>
             } => {
                 if let (Some(lp), Some(proto)) = (local_port, protocol) {
                     if let Some(first) = used.get(&(lp, proto)) {
-                        line_errors.push(format!(
-                            "{prefix}{VAR} localport {lp} is already used, must be unique for each \
-                             destination ({proto} port {lp} is on line {first}; the same port with \
-                             another protocol is allowed)"
+                        let openshift = format!(
+                            "{VAR} localport {lp} is already used, must be unique for each \
+                             destination"
+                        );
+                        line_errors.push(ConfigError::new(
+                            format!(
+                                "{prefix}{openshift} ({proto} port {lp} is on line {first}; the \
+                                 same port with another protocol is allowed)"
+                            ),
+                            openshift,
                         ));
                     } else {
                         used.insert((lp, proto), n);

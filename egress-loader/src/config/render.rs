@@ -3,7 +3,7 @@
 //! the rendered text: rules on lines 1, 2, ...).
 use std::collections::BTreeMap;
 
-use super::types::{Config, DnsRule, HttpRule, Mode, RedirectConfig};
+use super::types::{Config, DnsRule, HttpRule, Mode, RedirectConfig, Role};
 
 /// EGRESS_DESTINATION text: one rule a line, the fallback last.
 pub fn render_redirect(r: &RedirectConfig) -> String {
@@ -60,7 +60,21 @@ pub fn render(cfg: &Config) -> BTreeMap<String, String> {
     let mut set = |k: &str, v: String| {
         vars.insert(k.to_string(), v);
     };
-    set("EGRESS_ROUTER_MODE", cfg.mode.as_str().to_string());
+    // A proxy container is told by its proxy variables alone.
+    if cfg.role != Role::Proxy {
+        set("EGRESS_ROUTER_MODE", cfg.mode.as_str().to_string());
+    }
+    if cfg.role == Role::RouterAndProxy {
+        set("EGRESS_ONE_PROCESS", "true".to_string());
+    }
+    if !cfg.dns_server_counts.is_empty() {
+        let entries: Vec<String> = cfg
+            .dns_server_counts
+            .iter()
+            .map(|(name, n)| format!("{name}:{n};"))
+            .collect();
+        set("EGRESS_DNS_SERVERS", entries.concat());
+    }
     if cfg.source.is_set() {
         let s = cfg.source;
         if s.net.prefix_len() == 32 {

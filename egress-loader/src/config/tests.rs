@@ -130,7 +130,7 @@ fn redirect_accepts_every_form() {
 /// Each case: the input, then the messages expected (each a substring of one message, in order,
 /// and exactly that many messages).
 fn check_errors(
-    parse: impl Fn(Option<&str>) -> Result<(), Vec<String>>,
+    parse: impl Fn(Option<&str>) -> Result<(), Vec<ConfigError>>,
     cases: &[(Option<&str>, &[&str])],
 ) {
     for (input, want) in cases {
@@ -717,6 +717,8 @@ fn whole_environment() {
     assert!(cfg.proxy_unit_test && cfg.source == EgressSource::UNSET);
 }
 
+const ONE: (&str, &str) = ("EGRESS_ONE_PROCESS", "true");
+
 #[test]
 fn whole_environment_errors() {
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
@@ -753,9 +755,66 @@ fn whole_environment_errors() {
             &["EGRESS_DESTINATION unspecified"],
         ),
         (
-            &[SRC, GW, ("EGRESS_HTTP_PROXY_DESTINATION", "*")],
             &[
-                "EGRESS_DESTINATION unspecified: not set (expected <localport> <tcp|udp|sctp> <ip> [<remoteport>] or a fallback <ip>, one rule a line); EGRESS_HTTP_PROXY_DESTINATION is set: for the proxy, set EGRESS_ROUTER_MODE=http-proxy",
+                SRC,
+                GW,
+                ("EGRESS_ROUTER_MODE", "init"),
+                ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
+            ],
+            &[
+                "EGRESS_DESTINATION unspecified: not set (expected <localport> <tcp|udp|sctp> <ip> [<remoteport>] or a fallback <ip>, one rule a line); EGRESS_HTTP_PROXY_DESTINATION is set: for the http-proxy container, leave EGRESS_ROUTER_MODE unset; for its init container, set EGRESS_ROUTER_MODE=http-proxy (EGRESS_ROUTER_MODE is init)",
+            ],
+        ),
+        // Which container is meant cannot be told: never guessed.
+        (
+            &[SRC, GW, DEST, ("EGRESS_HTTP_PROXY_DESTINATION", "*")],
+            &[
+                "EGRESS_ROUTER_MODE is unset and both EGRESS_DESTINATION (the router in legacy mode) and EGRESS_HTTP_PROXY_* (the http-proxy container) are set",
+            ],
+        ),
+        (
+            &[
+                ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
+                ("EGRESS_DNS_PROXY_DESTINATION", "80 1.2.3.4"),
+            ],
+            &[
+                "both HTTP proxy (EGRESS_HTTP_PROXY_*) and DNS proxy (EGRESS_DNS_PROXY_*) variables are set",
+            ],
+        ),
+        (
+            &[SRC, GW, DEST, ("EGRESS_ONE_PROCESS", "true")],
+            &["EGRESS_ONE_PROCESS is set but EGRESS_ROUTER_MODE is not"],
+        ),
+        (
+            &[
+                SRC,
+                GW,
+                DEST,
+                ("EGRESS_ROUTER_MODE", "init"),
+                ("EGRESS_ONE_PROCESS", "true"),
+            ],
+            &[
+                "EGRESS_ONE_PROCESS applies to EGRESS_ROUTER_MODE http-proxy and dns-proxy, not init",
+            ],
+        ),
+        (
+            &[
+                SRC,
+                GW,
+                ("EGRESS_ROUTER_MODE", "http-proxy"),
+                ("EGRESS_ONE_PROCESS", "on"),
+            ],
+            &["EGRESS_ONE_PROCESS 'on' is invalid (expected true or false)"],
+        ),
+        (
+            &[
+                ("EGRESS_DNS_PROXY_MODE", "unit-test"),
+                ("EGRESS_DNS_PROXY_DESTINATION", ""),
+                ("EGRESS_DNS_SERVERS", "a.com:1;b.com"),
+            ],
+            &[
+                "EGRESS_DNS_SERVERS: 'b.com': Invalid server entry in EGRESS_DNS_SERVERS: b.com",
+                "Must specify EGRESS_DNS_PROXY_DESTINATION",
             ],
         ),
         (
@@ -777,11 +836,11 @@ fn whole_environment_errors() {
             ],
         ),
         (
-            &[SRC, GW, ("EGRESS_ROUTER_MODE", "http-proxy")],
+            &[SRC, GW, ("EGRESS_ROUTER_MODE", "http-proxy"), ONE],
             &["No EGRESS_HTTP_PROXY_DESTINATION specified"],
         ),
         (
-            &[SRC, GW, ("EGRESS_ROUTER_MODE", "dns-proxy")],
+            &[SRC, GW, ("EGRESS_ROUTER_MODE", "dns-proxy"), ONE],
             &["Must specify EGRESS_DNS_PROXY_DESTINATION"],
         ),
         (
@@ -795,11 +854,17 @@ fn whole_environment_errors() {
             ],
         ),
         (
-            &[SRC, GW, DEST, ("EGRESS_HTTP_PROXY_MODE", "test")],
+            &[
+                ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
+                ("EGRESS_HTTP_PROXY_MODE", "test"),
+            ],
             &["EGRESS_HTTP_PROXY_MODE 'test' is invalid (expected unit-test, or unset)"],
         ),
         (
-            &[SRC, GW, DEST, ("EGRESS_DNS_PROXY_MODE", "yes")],
+            &[
+                ("EGRESS_DNS_PROXY_DESTINATION", "80 1.2.3.4"),
+                ("EGRESS_DNS_PROXY_MODE", "yes"),
+            ],
             &["EGRESS_DNS_PROXY_MODE 'yes' is invalid"],
         ),
         (
@@ -882,10 +947,9 @@ fn nft_ruleset_matches_openshift() {
         ),
         (
             "1.2.3.4",
-            "# rules\n80 TCP 10.4.5.6 # web\n53\tudp\t10.4.5.7\n5000 sctp 10.4.5.8\n",
+            "# rules\n80 TCP 10.4.5.6 # web\n53\tudp\t10.4.5.7\n",
             "add rule ip nat prerouting iifname \"eth0\" tcp dport 80 dnat to 10.4.5.6\n\
-             add rule ip nat prerouting iifname \"eth0\" udp dport 53 dnat to 10.4.5.7\n\
-             add rule ip nat prerouting iifname \"eth0\" sctp dport 5000 dnat to 10.4.5.8\n",
+             add rule ip nat prerouting iifname \"eth0\" udp dport 53 dnat to 10.4.5.7\n",
         ),
         ("1.2.3.4", "# nothing", ""),
     ];
@@ -913,6 +977,33 @@ fn nft_ruleset_matches_openshift() {
     .unwrap();
     assert_eq!(nft_ruleset(&proxy), "");
     assert_eq!(nft_script(&proxy), "");
+}
+
+/// OpenShift's router image has no SCTP: its unit-test mode refuses an SCTP rule (as its own
+/// test table expects), with our reason first and its line last; init and legacy accept it, and
+/// its nftables form is what `check --openshift` prints for them.
+#[test]
+fn sctp_rules_are_refused_only_in_unit_test_mode() {
+    let dest = ("EGRESS_DESTINATION", "80 tcp 10.4.5.6\n80 sctp 10.4.5.6");
+    let e = parse(&vars(&[("EGRESS_ROUTER_MODE", "unit-test"), SRC, GW, dest])).unwrap_err();
+    let text = e.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("OpenShift's router image has no SCTP"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[1],
+        "EGRESS_DESTINATION value '80 sctp 10.4.5.6' is invalid"
+    );
+    for mode in ["init", "legacy"] {
+        let cfg = parse(&vars(&[("EGRESS_ROUTER_MODE", mode), SRC, GW, dest])).unwrap();
+        assert!(
+            nft_script(&cfg).contains("iifname \"eth0\" sctp dport 80 dnat to 10.4.5.6\n"),
+            "{mode}"
+        );
+    }
 }
 
 #[test]
@@ -974,9 +1065,10 @@ fn describe_proxies() {
     .unwrap();
     assert_eq!(
         describe(&cfg),
-        "mode: http-proxy (EGRESS_HTTP_PROXY_MODE=unit-test: print the rules, change nothing)\n\
-         source: not set (not needed to print the rules)\n\
-         gateway: not set (not needed to print the rules)\n\
+        "mode: http-proxy (EGRESS_HTTP_PROXY_MODE=unit-test: print the squid ACLs OpenShift's \
+         image generates, change nothing)\n\
+         source: not set (a proxy container leaves from the address on macvlan0)\n\
+         gateway: not set (the init container's route is used)\n\
          debug: off\n\
          EGRESS_HTTP_PROXY_DESTINATION: 4 rules, checked in order, first match wins\n\
          rule 1 (line 1): allow www.example.com (exactly that host)\n\
@@ -995,7 +1087,10 @@ fn describe_proxies() {
     let d = describe(&cfg);
     assert!(d.contains("rule 2 (line 2): allow * (everything)\n"), "{d}");
     assert!(!d.contains("otherwise"), "{d}");
-    assert!(d.contains("run the HTTP proxy on port 8080"), "{d}");
+    assert!(
+        d.contains("the HTTP proxy pod's init container: set up the network, then exit"),
+        "{d}"
+    );
 
     let cfg = parse(&vars(&[
         ("EGRESS_ROUTER_MODE", "dns-proxy"),

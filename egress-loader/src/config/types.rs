@@ -1,6 +1,9 @@
 //! The parsed configuration: plain typed values, no globals. Parsing (in the sibling modules)
 //! turns the OpenShift environment into these; the dataplane and the proxies take them as input.
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -15,6 +18,22 @@ pub enum Mode {
     DnsProxy,
     /// Print what would be applied, change nothing.
     UnitTest,
+}
+
+/// Which container of OpenShift's pod specs this process is (SPEC section 9): the binary takes
+/// the role from the environment the container has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The router image: `mode` says what it does. In http-proxy and dns-proxy it sets up
+    /// macvlan0 and exits: it is the init container of the proxy pods.
+    Router,
+    /// A proxy image's container (egress-http-proxy or egress-dns-proxy, by `mode`), with only
+    /// the proxy's variables: serves the rules through the route its init container set, as any
+    /// non-root user without capabilities.
+    Proxy,
+    /// Both in one process, asked for explicitly (EGRESS_ONE_PROCESS with EGRESS_ROUTER_MODE
+    /// http-proxy or dns-proxy): set up macvlan0, then serve.
+    RouterAndProxy,
 }
 
 /// EGRESS_SOURCE: the address (the SNAT source) and the prefix it is added with (/32 when the
@@ -95,16 +114,23 @@ pub struct DnsRule {
 /// The whole validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    pub role: Role,
+    /// EGRESS_ROUTER_MODE in the router roles; which proxy (HttpProxy or DnsProxy) in the
+    /// proxy role.
     pub mode: Mode,
     pub source: EgressSource,
     pub gateway: Ipv4Addr,
     pub debug: bool,
     /// Set in redirect modes (init, legacy, unit-test).
     pub redirect: Option<RedirectConfig>,
-    /// Set in http-proxy mode.
+    /// Set in http-proxy mode when EGRESS_HTTP_PROXY_DESTINATION is (always when serving).
     pub http: Option<Vec<HttpRule>>,
-    /// Set in dns-proxy mode.
+    /// Set in dns-proxy mode when EGRESS_DNS_PROXY_DESTINATION is (always when serving).
     pub dns: Option<Vec<DnsRule>>,
+    /// EGRESS_DNS_SERVERS (`name:count;...`): how many addresses each name of the DNS rules
+    /// has, standing in for the lookups OpenShift's image makes to write `server-template`
+    /// lines; only the printed HAProxy configuration uses it.
+    pub dns_server_counts: BTreeMap<String, u32>,
     /// EGRESS_HTTP_PROXY_MODE / EGRESS_DNS_PROXY_MODE = unit-test.
     pub proxy_unit_test: bool,
     /// EGRESS_DNS_PROXY_DEBUG.

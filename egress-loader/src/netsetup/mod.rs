@@ -29,7 +29,16 @@ mod garp;
 mod sysctl;
 
 pub use garp::{ANNOUNCE_DELAY, arp_frame, wait_for_announcements};
-pub use sysctl::enable_forwarding;
+pub use sysctl::{allow_unprivileged_ports, enable_forwarding};
+
+/// The first IPv4 address of `iface` in this network namespace (None when it has none, or does
+/// not exist); needs no privilege.
+pub fn interface_ipv4(iface: &str) -> Result<Option<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing the interface addresses")?;
+    Ok(addrs
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())))
+}
 
 /// What [`apply`] sets up on the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

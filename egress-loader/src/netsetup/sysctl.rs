@@ -49,6 +49,16 @@ pub fn enable_forwarding() -> Result<()> {
     Ok(())
 }
 
+/// `net.ipv4.ip_unprivileged_port_start=0` in this network namespace (a pod's own), so that
+/// an unprivileged proxy container can listen on any port. Kubernetes counts this sysctl as
+/// safe for the same reason: it reaches no further than the pod.
+pub fn allow_unprivileged_ports() -> Result<()> {
+    ensure("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").with_context(|| {
+        "setting net.ipv4.ip_unprivileged_port_start=0 (the pod can also set it in \
+         securityContext.sysctls)"
+    })
+}
+
 /// `all`, `default` and every interface.
 fn conf_dirs() -> Vec<String> {
     let mut dirs: Vec<String> = fs::read_dir(CONF)

@@ -191,22 +191,9 @@ fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
 }
 
 /// The `nft -f` input OpenShift's egress-router.sh applies (setup_nft) for the bench's
-/// EGRESS_DESTINATION: its table and chains, a flush, then the rules, as `egress-router check
-/// --nft` renders it (the same rules its unit-test mode prints).
+/// EGRESS_DESTINATION: its table and chains, a flush, then the rules.
 fn openshift_nft_script(ctx: &Ctx) -> Result<String> {
-    let log = "openshift-nat.check.log";
-    let mut cmd = ctx.router_cmd("unit-test", log)?;
-    cmd.env("EGRESS_DESTINATION", destination())
-        .args(["check", "--nft"])
-        .stdout(std::process::Stdio::piped());
-    let out = cmd.output().context("running egress-router check --nft")?;
-    ensure!(
-        out.status.success(),
-        "egress-router check --nft failed ({}):\n{}",
-        out.status,
-        ctx.log_tail(log)
-    );
-    let script = String::from_utf8(out.stdout)?;
+    let script = ctx.openshift_config("unit-test", &[("EGRESS_DESTINATION", destination())])?;
     ensure!(
         script.contains("dnat to") && script.contains("snat to"),
         "unexpected nftables script: {script}"
