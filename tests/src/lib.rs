@@ -26,6 +26,8 @@ use ipnet::Ipv4Net;
 mod capture;
 pub mod netlink;
 mod netns;
+pub mod pod;
+pub mod podman;
 mod proc;
 mod router;
 mod servers;

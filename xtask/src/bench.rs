@@ -441,11 +441,7 @@ fn router_bin(smoke: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     util::run(&mut cmd)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_relative() { root.join(p) } else { p })
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target
+    let bin = util::target_dir()?
         .join(if smoke { "debug" } else { "release" })
         .join("egress-router");
     if !bin.exists() {

@@ -1,7 +1,9 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench | vm-test | fuzz`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | vm-test | image | fuzz`.
 mod bench;
 mod demo;
+mod elf;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -43,6 +45,9 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// The OCI image (every container of the pod specs; and a debug variant with bpftool),
+    /// built with podman from scratch, written as OCI archives under target/image/.
+    Image,
     /// Run each fuzz target for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -58,6 +63,7 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench { smoke } => bench::run(smoke),
         Task::VmTest { kernels } => vm::run(&kernels),
+        Task::Image => image::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }

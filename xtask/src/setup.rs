@@ -28,6 +28,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "ethtool", // checksum offload switches in the partial-checksum test
     "wrk",     // HTTP load generator of the proxy benchmark
+    "podman",  // the image (cargo xtask image) and the tests in real containers
+    "runc",    // podman's runtime here (crun fails on this machine's cgroup layout)
 ];
 
 pub fn run() -> Result<()> {
@@ -35,7 +37,37 @@ pub fn run() -> Result<()> {
     step("rust-src for nightly", rust_src)?;
     step("bpf-linker", bpf_linker)?;
     step("Debian packages", debian_packages)?;
+    step("manifest validators", validators)?;
     Ok(())
+}
+
+/// The pinned offline validators of deploy/'s manifests (PyPI), in a virtualenv under the target
+/// directory: kubernetes-validate carries the Kubernetes schemas, check-jsonschema checks the
+/// NetworkAttachmentDefinitions against deploy/schemas/.
+const VALIDATORS: &[&str] = &["kubernetes-validate==1.37.0", "check-jsonschema==0.39.0"];
+
+fn validators() -> Result<String> {
+    let venv = crate::util::target_dir()?.join("validators");
+    let bin = venv.join("bin");
+    let have = |tool: &str, version: &str| {
+        output(Command::new(bin.join(tool)).arg("--version")).is_ok_and(|v| v.contains(version))
+    };
+    if have("kubernetes-validate", "1.37.0") && have("check-jsonschema", "0.39.0") {
+        return Ok(format!("already in {}", venv.display()));
+    }
+    output(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating the validators' virtualenv")?;
+    output(
+        Command::new(bin.join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(VALIDATORS),
+    )
+    .context("installing the manifest validators from PyPI")?;
+    Ok(format!(
+        "installed {} in {}",
+        VALIDATORS.join(" "),
+        venv.display()
+    ))
 }
 
 fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {

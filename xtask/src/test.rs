@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{setup, util};
+use crate::{image, setup, util};
 
 pub fn run(cargo_args: &[String]) -> Result<()> {
     if !util::is_root() {
@@ -20,6 +20,8 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
             .current_dir(&root)
             .args(["build", "--all-targets"]),
     )?;
+    // The tests in real containers run the image.
+    image::build()?;
     util::run(
         Command::new("cargo")
             .current_dir(&root)

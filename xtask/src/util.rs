@@ -13,6 +13,22 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The workspace's target directory, as cargo resolves it (CARGO_TARGET_DIR, config, or
+/// `target/` under the root).
+pub fn target_dir() -> Result<PathBuf> {
+    let out = output(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["metadata", "--format-version", "1", "--no-deps"]),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
+    Ok(PathBuf::from(
+        v["target_directory"]
+            .as_str()
+            .context("cargo metadata without target_directory")?,
+    ))
+}
+
 /// Runs a command with inherited output, failing with the command line on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd

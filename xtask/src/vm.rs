@@ -30,7 +30,6 @@ mod results;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -59,7 +58,7 @@ pub fn run(kernels: &[String]) -> Result<()> {
     // The host builds the executables the guests run: the eBPF toolchain first.
     crate::setup::run()?;
     let root = util::root();
-    let cache = target_dir(&root)?.join("vm");
+    let cache = util::target_dir()?.join("vm");
     let vm_timeout = env_secs("EGRESS_VM_TIMEOUT", 2400)?;
     let test_timeout = env_secs("EGRESS_VM_TEST_TIMEOUT", 900)?;
 
@@ -347,20 +346,6 @@ fn busybox(apt: &Apt, cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("busybox").join(version.replace(':', "%3a"));
     apt::extract(&deb, &dir)?;
     Ok(dir.join("bin/busybox"))
-}
-
-fn target_dir(root: &Path) -> Result<PathBuf> {
-    let out = util::output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root)
-            .args(["metadata", "--format-version", "1", "--no-deps"]),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("parsing cargo metadata")?;
-    Ok(PathBuf::from(
-        v["target_directory"]
-            .as_str()
-            .context("cargo metadata without target_directory")?,
-    ))
 }
 
 fn env_secs(name: &str, default: u64) -> Result<u64> {

@@ -1,0 +1,206 @@
+//! deploy/'s manifests, validated offline: every object against the Kubernetes schemas
+//! (kubernetes-validate, strict: no unknown fields), every NetworkAttachmentDefinition against its
+//! CRD's schema (check-jsonschema) with a CNI config that parses, and within each mode's folder
+//! the four forms (OpenShift and plain Kubernetes, Pod and Deployment) run the same containers.
+//! The validators are pinned and installed by `cargo xtask setup` under the target directory.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// `target/validators/bin/<tool>` of the target directory this test was built into.
+fn validator(tool: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("validators/bin")
+        .join(tool);
+    assert!(
+        bin.exists(),
+        "{} missing: `cargo xtask setup` installs the manifest validators",
+        bin.display()
+    );
+    bin
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in std::fs::read_dir(deploy()).unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "yaml") {
+                files.push(f);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 16, "deploy/ has only {files:?}");
+    files
+}
+
+/// The YAML documents of a file.
+fn documents(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .split("\n---\n")
+        .map(str::to_string)
+        .collect()
+}
+
+fn kind(doc: &str) -> &str {
+    doc.lines()
+        .find_map(|l| l.strip_prefix("kind: "))
+        .unwrap_or("")
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let files = manifests();
+    let out = Command::new(validator("kubernetes-validate"))
+        .args(["--strict", "--kubernetes-version", "1.30.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    // Only the NetworkAttachmentDefinitions are unknown to it; they are checked below.
+    for line in text.lines().filter(|l| !l.starts_with("INFO")) {
+        assert!(
+            line.contains("Couldn't find schema for kind NetworkAttachmentDefinition"),
+            "{line}\n{text}"
+        );
+    }
+    let passed = text
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    let objects: usize = files
+        .iter()
+        .map(|f| {
+            documents(f)
+                .iter()
+                .filter(|d| kind(d) != "NetworkAttachmentDefinition")
+                .count()
+        })
+        .sum();
+    assert_eq!(passed, objects, "{text}");
+}
+
+#[test]
+fn network_attachment_definitions_match_their_crd_schema() {
+    let schema = deploy().join("schemas/network-attachment-definition.schema.json");
+    let dir = std::env::temp_dir().join(format!("er-nad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut checked = 0;
+    for f in manifests() {
+        for doc in documents(&f)
+            .into_iter()
+            .filter(|d| kind(d) == "NetworkAttachmentDefinition")
+        {
+            let file = dir.join(format!("nad-{checked}.yaml"));
+            std::fs::write(&file, &doc).unwrap();
+            let out = Command::new(validator("check-jsonschema"))
+                .arg("--schemafile")
+                .arg(&schema)
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}{}",
+                f.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // The CNI config is JSON: a macvlan, named as the pods' annotation names it.
+            let config: String = doc
+                .split("config: |\n")
+                .nth(1)
+                .expect("config block")
+                .to_string();
+            let cni: serde_json::Value = serde_json::from_str(&config)
+                .unwrap_or_else(|e| panic!("{}: the CNI config is not JSON: {e}", f.display()));
+            assert_eq!(cni["type"], "macvlan", "{}", f.display());
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                text.contains(r#"[{"name": "egress-macvlan", "interface": "macvlan0"}]"#),
+                "{}: no pod asks for this network as macvlan0",
+                f.display()
+            );
+            checked += 1;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(checked >= 8, "only {checked} NetworkAttachmentDefinitions");
+}
+
+/// The pod spec of a Pod document, or of a Deployment's template, de-indented to the Pod's.
+fn pod_spec(doc: &str) -> Option<String> {
+    match kind(doc) {
+        "Pod" => Some(doc.split_once("\nspec:\n")?.1.to_string()),
+        "Deployment" => {
+            let spec = doc.split_once("\n    spec:\n")?.1;
+            Some(
+                spec.lines()
+                    .map(|l| l.strip_prefix("    ").unwrap_or(l))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn each_modes_four_forms_run_the_same_containers() {
+    for dir in ["redirect", "redirect-legacy", "http-proxy", "dns-proxy"] {
+        let forms = [
+            "openshift-pod.yaml",
+            "openshift-deployment.yaml",
+            "kubernetes-pod.yaml",
+            "kubernetes-deployment.yaml",
+        ];
+        let specs: Vec<String> = forms
+            .iter()
+            .map(|f| {
+                let path = deploy().join(dir).join(f);
+                documents(&path)
+                    .iter()
+                    .find_map(|d| pod_spec(d))
+                    .unwrap_or_else(|| panic!("{} has no pod", path.display()))
+            })
+            .collect();
+        for (f, s) in forms.iter().zip(&specs).skip(1) {
+            assert_eq!(
+                s.trim_end(),
+                specs[0].trim_end(),
+                "{dir}/{f} differs from {dir}/{}",
+                forms[0]
+            );
+        }
+        for f in &forms[1..] {
+            let text = std::fs::read_to_string(deploy().join(dir).join(f)).unwrap();
+            if f.ends_with("deployment.yaml") {
+                assert!(
+                    text.contains("replicas: 1") && text.contains("type: Recreate"),
+                    "{dir}/{f}: one replica, recreated"
+                );
+            }
+            if f.starts_with("openshift") {
+                assert!(text.contains(r#"pod.network.openshift.io/assign-macvlan: "true""#));
+            }
+        }
+    }
+}
