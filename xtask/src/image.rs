@@ -48,7 +48,7 @@ pub fn build() -> Result<()> {
         };
         let ctx = out.join(if debug { "context-debug" } else { "context" });
         stage(&ctx, &bin, debug)?;
-        build(&ctx, &tag, version, &revision, debug)?;
+        podman_build(&ctx, &tag, version, &revision, debug)?;
         let archive = out.join(archive);
         let _ = fs::remove_file(&archive);
         podman_output(&[
@@ -171,7 +171,7 @@ fn stage(ctx: &Path, bin: &Path, debug: bool) -> Result<()> {
     Ok(())
 }
 
-fn build(ctx: &Path, tag: &str, version: &str, revision: &str, debug: bool) -> Result<()> {
+fn podman_build(ctx: &Path, tag: &str, version: &str, revision: &str, debug: bool) -> Result<()> {
     let mut cmd = podman();
     cmd.args(["build", "--quiet", "--network", "none", "--pull=never"])
         .arg("--label")
