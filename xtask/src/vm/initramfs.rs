@@ -35,6 +35,7 @@ const GUEST_DIR: &str = "opt/vm-test";
 /// integration tests spawn. busybox provides the rest (sh, sleep, cat, ...).
 const HOST_TOOLS: &[&str] = &[
     "bpftool", "ip", "tc", "ethtool", "nft", "dnsmasq", "curl", "openssl", "sleep", "cat",
+    "setpriv",
 ];
 /// Of those, the ones the VM run cannot do without.
 const REQUIRED_TOOLS: &[&str] = &["bpftool", "ip", "tc"];
