@@ -33,7 +33,19 @@ pub fn build_with(
     adjust: impl FnOnce(&mut hickory_resolver::config::ResolverOpts),
 ) -> Result<TokioResolver> {
     let path = &opts.resolv_conf;
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // A pod without a resolv.conf (a runtime's `none` network) still serves what needs no
+    // names: every lookup then fails, and says why, instead of the proxy not starting.
+    let data = match std::fs::read(path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "{} does not exist: no nameserver, so host names will not resolve",
+                path.display()
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
     let (config, mut ropts) =
         parse_resolv_conf(data).with_context(|| format!("parsing {}", path.display()))?;
     adjust(&mut ropts);

@@ -93,6 +93,17 @@ impl Topology {
     /// something it needs (network namespaces, veth, macvlan), naming what is missing.
     pub fn new() -> Result<Topology> {
         require_root()?;
+        Topology::around(None)
+    }
+
+    /// The topology with an existing network namespace as the router pod's (a pod that podman
+    /// made with `--network none`): the same interfaces are built into it.
+    pub fn with_router(router: &std::path::Path) -> Result<Topology> {
+        require_root()?;
+        Topology::around(Some(router))
+    }
+
+    fn around(router: Option<&std::path::Path>) -> Result<Topology> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let prefix = format!(
             "{NAME_PREFIX}{}-{}-",
@@ -100,9 +111,13 @@ impl Topology {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let ns = |role: &str| Netns::create(&format!("{prefix}{role}"));
+        let router = match router {
+            Some(path) => Netns::adopt(&format!("{prefix}router"), path)?,
+            None => ns("router")?,
+        };
         let topo = Topology {
             client: ns("client")?,
-            router: ns("router")?,
+            router,
             node: ns("node")?,
             lan: ns("lan")?,
             dest: ns("dest")?,

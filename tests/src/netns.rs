@@ -96,6 +96,41 @@ impl Netns {
         }
     }
 
+    /// Names an existing network namespace (`source`, such as `/proc/<pid>/ns/net` of a
+    /// container runtime's pod) `/run/netns/<name>`, to build a topology around it. Dropping the
+    /// Netns removes the name, not the namespace, which its owner keeps.
+    pub fn adopt(name: &str, source: &Path) -> Result<Netns> {
+        require_root()?;
+        fs::create_dir_all(NETNS_DIR).with_context(|| format!("creating {NETNS_DIR}"))?;
+        let path = Path::new(NETNS_DIR).join(name);
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let bound = mount(
+            Some(source),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting {} on {}", source.display(), path.display()))
+        .and_then(|()| Ok(OwnedFd::from(File::open(&path)?)));
+        match bound {
+            Ok(fd) => Ok(Netns {
+                name: name.to_string(),
+                fd,
+                procs: Mutex::new(Vec::new()),
+            }),
+            Err(e) => {
+                let _ = umount2(&path, MntFlags::MNT_DETACH);
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

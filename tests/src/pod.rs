@@ -22,7 +22,7 @@ use nix::sys::signal::Signal;
 
 use crate::{
     DEST_IP, POD_IP, Proc, Topology,
-    podman::{load_image, podman, podman_output},
+    podman::{load_image, podman, podman_logs, podman_output},
     router_bin, unprivileged_command,
 };
 
@@ -58,11 +58,21 @@ pub struct PodLab {
     pub runtime: Runtime,
     /// Processes: the binary as the image holds it.
     image: PathBuf,
+    /// The pod `podman kube play` made, removed first.
+    kube_pod: Option<String>,
     _dns: Proc,
 }
 
 impl Drop for PodLab {
     fn drop(&mut self) {
+        if let Some(pod) = &self.kube_pod {
+            if std::thread::panicking() {
+                for name in self.kube_containers() {
+                    eprintln!("== {name}:\n{}", podman_logs(&name));
+                }
+            }
+            let _ = podman().args(["pod", "rm", "-f", "-t", "0", pod]).output();
+        }
         if std::thread::panicking() {
             for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
                 let p = e.path();
@@ -125,14 +135,7 @@ impl Container {
     pub fn log(&self) -> String {
         match self {
             Container::Process { log, .. } => std::fs::read_to_string(log).unwrap_or_default(),
-            Container::Podman { name } => podman()
-                .args(["logs", name])
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout).into_owned()
-                        + &String::from_utf8_lossy(&o.stderr)
-                })
-                .unwrap_or_default(),
+            Container::Podman { name } => podman_logs(name),
         }
     }
 
@@ -183,7 +186,66 @@ impl Container {
 
 impl PodLab {
     pub fn new(runtime: Runtime) -> PodLab {
-        let topo = Topology::new().expect("topology");
+        PodLab::around(runtime, Topology::new().expect("topology"), None)
+    }
+
+    /// `podman kube play` of a Pod manifest, unchanged, with the topology built around the pod:
+    /// podman's pods cannot join a given network namespace, so the pod is created with
+    /// `--network none`, its infra container started, the reference topology's router
+    /// interfaces built into its namespace, and then the pod started (init containers first).
+    pub fn kube_play(manifest: &Path) -> PodLab {
+        let image = load_image(false).expect("loading the image");
+        let out = podman_output(&[
+            "kube",
+            "play",
+            "--start=false",
+            "--network",
+            "none",
+            &manifest.to_string_lossy(),
+        ])
+        .expect("podman kube play");
+        let pod_id = out
+            .lines()
+            .skip_while(|l| !l.starts_with("Pod:"))
+            .nth(1)
+            .expect("podman kube play names the pod")
+            .trim()
+            .to_string();
+        let pod = podman_output(&["pod", "inspect", "-f", "{{.Name}}", &pod_id])
+            .expect("the pod's name")
+            .trim()
+            .to_string();
+        let infra = podman_output(&["pod", "inspect", "-f", "{{.InfraContainerID}}", &pod])
+            .expect("the pod's infra container");
+        podman_output(&["start", infra.trim()]).expect("starting the infra container");
+        let pid = podman_output(&["inspect", "-f", "{{.State.Pid}}", infra.trim()]).unwrap();
+        let ns = PathBuf::from(format!("/proc/{}/ns/net", pid.trim()));
+        let topo = Topology::with_router(&ns).expect("the topology around the pod");
+        let lab = PodLab::around(Runtime::Podman { image }, topo, Some(pod.clone()));
+        podman_output(&["pod", "start", &pod]).expect("starting the pod");
+        lab
+    }
+
+    /// The names of the kube-played pod's containers other than its infra container.
+    pub fn kube_containers(&self) -> Vec<String> {
+        let pod = self.kube_pod.as_deref().expect("a kube-played pod");
+        podman_output(&[
+            "ps",
+            "-a",
+            "--pod",
+            "--format",
+            "{{.Names}} {{.PodName}} {{.IsInfra}}",
+        ])
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&pod) && f.get(2) == Some(&"false")).then(|| f[0].to_string())
+        })
+        .collect()
+    }
+
+    fn around(runtime: Runtime, topo: Topology, kube_pod: Option<String>) -> PodLab {
         let dir = std::env::temp_dir().join(format!("{}pod", topo.prefix()));
         std::fs::create_dir_all(&dir).unwrap();
         let image = dir.join("egress-router");
@@ -206,6 +268,7 @@ impl PodLab {
             dir,
             runtime,
             image,
+            kube_pod,
             _dns: dns,
         }
     }

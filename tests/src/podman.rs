@@ -14,10 +14,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// The containers.conf every podman command here uses.
+/// The containers.conf every podman command here uses. Containers resolve names with the
+/// test destination's DNS server (the pods' dnsmasq), never with the machine's.
 pub const CONTAINERS_CONF: &str = "\
 [containers]
 default_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]
+dns_servers = [\"203.0.113.25\"]
 
 [engine]
 runtime = \"runc\"
@@ -104,4 +106,15 @@ pub fn load_image(debug: bool) -> Result<String> {
         })
         .clone()
         .map_err(anyhow::Error::msg)
+}
+
+/// Everything a container printed (stdout, then stderr).
+pub fn podman_logs(name: &str) -> String {
+    podman()
+        .args(["logs", name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default()
 }

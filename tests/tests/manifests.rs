@@ -147,14 +147,24 @@ fn network_attachment_definitions_match_their_crd_schema() {
 }
 
 /// The pod spec of a Pod document, or of a Deployment's template, de-indented to the Pod's.
+/// A bare Pod's restart policy (OnFailure) is left out: a Deployment's is always Always.
 fn pod_spec(doc: &str) -> Option<String> {
     match kind(doc) {
-        "Pod" => Some(doc.split_once("\nspec:\n")?.1.to_string()),
+        "Pod" => {
+            let spec = doc.split_once("\nspec:\n")?.1;
+            Some(
+                spec.lines()
+                    .filter(|l| !l.starts_with("  restartPolicy: ") && !l.starts_with("  # "))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        }
         "Deployment" => {
             let spec = doc.split_once("\n    spec:\n")?.1;
             Some(
                 spec.lines()
                     .map(|l| l.strip_prefix("    ").unwrap_or(l))
+                    .filter(|l| !l.starts_with("  # "))
                     .collect::<Vec<_>>()
                     .join("\n"),
             )

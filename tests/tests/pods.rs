@@ -293,3 +293,52 @@ fn legacy_redirect_pod_as_processes() {
 fn legacy_redirect_pod_in_podman() {
     legacy_redirect_pod(Runtime::podman());
 }
+
+// ---------------------------------------------------------------------------------------------
+// deploy/'s Pod manifests, played unchanged by `podman kube play` (the Deployments too would
+// need a podman that plays a Deployment with init containers; podman 4.3 loops on them).
+
+fn manifest(dir: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(dir)
+        .join("openshift-pod.yaml")
+}
+
+#[test]
+fn kube_play_of_the_http_proxy_pod_manifest() {
+    let lab = PodLab::kube_play(&manifest("http-proxy"));
+    let c = lab
+        .connect_within(8080, Duration::from_secs(30))
+        .expect("the proxy container listens");
+    // The manifest's rules end with '*' after denying *.example.com.
+    let ok = exchange(c, &get(&format!("http://{DEST_IP}/"), &DEST_IP.to_string()));
+    assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+    let denied = exchange(
+        lab.connect(8080).unwrap(),
+        &get("http://www.example.com/", "www.example.com"),
+    );
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+}
+
+#[test]
+fn kube_play_of_the_dns_proxy_pod_manifest() {
+    let lab = PodLab::kube_play(&manifest("dns-proxy"));
+    // Its first rule: port 80 to 203.0.113.25, the origin.
+    let c = lab
+        .connect_within(80, Duration::from_secs(30))
+        .expect("the DNS proxy container listens on port 80");
+    let ok = exchange(c, &get("/", "web.test"));
+    assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+}
+
+#[test]
+fn kube_play_of_the_redirect_pod_manifest() {
+    let lab = PodLab::kube_play(&manifest("redirect"));
+    // Its ConfigMap's first rule: port 80 to 203.0.113.25:80, the origin.
+    let c = lab
+        .connect_within(80, Duration::from_secs(30))
+        .expect("the redirect after the init container");
+    let ok = exchange(c, &get("/", "web.test"));
+    assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+}

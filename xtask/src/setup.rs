@@ -26,10 +26,11 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",      // DNS proxy baseline
     "openssl",      // TLS server behind CONNECT tests
     "curl",
-    "ethtool", // checksum offload switches in the partial-checksum test
-    "wrk",     // HTTP load generator of the proxy benchmark
-    "podman",  // the image (cargo xtask image) and the tests in real containers
-    "runc",    // podman's runtime here (crun fails on this machine's cgroup layout)
+    "ethtool",   // checksum offload switches in the partial-checksum test
+    "wrk",       // HTTP load generator of the proxy benchmark
+    "podman",    // the image (cargo xtask image) and the tests in real containers
+    "runc",      // podman's runtime here (crun fails on this machine's cgroup layout)
+    "catatonit", // the pause process of the pods `podman kube play` makes
 ];
 
 pub fn run() -> Result<()> {
