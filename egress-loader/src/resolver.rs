@@ -35,21 +35,34 @@ pub fn build_with(
     let path = &opts.resolv_conf;
     // A pod without a resolv.conf (a runtime's `none` network) still serves what needs no
     // names: every lookup then fails, and says why, instead of the proxy not starting.
-    let data = match std::fs::read(path) {
-        Ok(data) => data,
+    let (config, mut ropts) = match std::fs::read(path) {
+        Ok(data) => {
+            parse_resolv_conf(data).with_context(|| format!("parsing {}", path.display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::warn!(
                 "{} does not exist: no nameserver, so host names will not resolve",
                 path.display()
             );
-            Vec::new()
+            Default::default()
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let (config, mut ropts) =
-        parse_resolv_conf(data).with_context(|| format!("parsing {}", path.display()))?;
     adjust(&mut ropts);
     let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
     *builder.options_mut() = ropts;
     builder.build().context("building the DNS resolver")
+}
+
+#[cfg(test)]
+mod tests {
+    /// No resolv.conf: the resolver builds (names will not resolve), the proxy still starts.
+    #[tokio::test]
+    async fn a_missing_resolv_conf_builds_a_resolver_that_resolves_nothing() {
+        let opts = super::ResolverOptions {
+            resolv_conf: "/nonexistent/resolv.conf".into(),
+        };
+        let r = super::build(&opts).expect("a resolver without a resolv.conf");
+        assert!(r.lookup_ip("example.com.").await.is_err());
+    }
 }
