@@ -47,7 +47,7 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     info!(
         rules = redirect.rules.len(),
         fallback = ?redirect.fallback,
-        bpffs = %opts.bpffs_dir.display(),
+        bpffs = %dp.dir.display(),
         "redirect dataplane running"
     );
     match term {

@@ -77,7 +77,7 @@ impl Dp {
             N.fetch_add(1, Ordering::SeqCst)
         ));
         let mut opts = DataplaneOptions {
-            bpffs_dir: dir.clone(),
+            bpffs_dir: Some(dir.clone()),
             ..Default::default()
         };
         tweak(&mut opts);
@@ -688,7 +688,7 @@ fn tcp_close_marks_both_directions_and_idle_flows_expire() {
 fn rules_are_replaced_without_leftovers() {
     let mut dp = Dp::standard();
     let opts = DataplaneOptions {
-        bpffs_dir: dp.dir.clone(),
+        bpffs_dir: Some(dp.dir.clone()),
         ..Default::default()
     };
     let redirect = RedirectConfig {
@@ -780,7 +780,7 @@ fn incompatible_pinned_maps_are_replaced() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut opts = DataplaneOptions {
-        bpffs_dir: dir.clone(),
+        bpffs_dir: Some(dir.clone()),
         ..Default::default()
     };
     opts.conntrack_size = 1024;

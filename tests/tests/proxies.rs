@@ -87,7 +87,7 @@ impl Lab {
 
     /// Starts egress-router in `mode` with `var` = `rules` and waits until `port` accepts.
     fn start(&self, mode: &str, var: &str, rules: &str, port: u16) -> Proc {
-        let mut cmd = router_command(mode, &self.dir.join("bpf"));
+        let mut cmd = router_command(mode);
         cmd.env("EGRESS_DNS_PROXY_DEBUG", "1")
             .env("EGRESS_ROUTER_DEBUG", "1")
             .stderr(std::fs::File::create(self.dir.join("router.log")).unwrap());

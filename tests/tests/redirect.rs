@@ -41,7 +41,8 @@ impl Lab {
     }
 
     fn command(&self, destination: &str, mode: &str, args: &[&str]) -> Command {
-        let mut cmd = router_command(mode, &self.bpffs);
+        let mut cmd = router_command(mode);
+        cmd.env("EGRESS_BPFFS_DIR", &self.bpffs);
         cmd.env("EGRESS_DESTINATION", destination).args(args);
         cmd
     }

@@ -4,7 +4,7 @@
 //! tcx (kernel >= 6.6): the link is pinned under the bpffs directory; a restart opens the pin
 //! and swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and
 //! handle; a restart replaces that filter.
-use std::io;
+use std::{io, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -57,6 +57,7 @@ pub fn attach_ingress(
     name: &str,
     iface: &str,
     opts: &DataplaneOptions,
+    dir: &Path,
 ) -> Result<Attached> {
     check_mode(opts.attach)?;
     let use_tcx = match opts.attach {
@@ -65,20 +66,15 @@ pub fn attach_ingress(
         AttachMode::Clsact => false,
     };
     if use_tcx {
-        attach_tcx(prog, name, iface, opts)
+        attach_tcx(prog, name, iface, dir)
     } else {
         attach_clsact(prog, iface)
     }
     .with_context(|| format!("cannot attach {name} to {iface} ingress"))
 }
 
-fn attach_tcx(
-    prog: &mut SchedClassifier,
-    name: &str,
-    iface: &str,
-    opts: &DataplaneOptions,
-) -> Result<Attached> {
-    let pin = opts.bpffs_dir.join(format!("link_{name}_{iface}"));
+fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -> Result<Attached> {
+    let pin = dir.join(format!("link_{name}_{iface}"));
     let (id, replaced) = match PinnedLink::from_pin(&pin) {
         Ok(old) => {
             let link = FdLink::from(old).try_into()?;

@@ -1,4 +1,4 @@
-//! The bpffs directory for pins: mounted if the container lacks it, then created.
+//! The bpffs under the pin directory: mounted if the container lacks it, then created.
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
@@ -9,16 +9,33 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
-/// Makes sure `dir` exists on a bpffs, mounting bpffs on its parent if that is an empty
-/// non-bpffs directory (a container without /sys/fs/bpf mounted).
+/// Makes sure `dir` exists on a bpffs. Without one, a bpffs is mounted on the nearest existing
+/// directory above `dir` when that is empty (a container's /sys/fs/bpf, in a sysfs where
+/// nothing can be created), else on `dir`'s parent.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
-    let parent = dir.parent().context("bpffs directory has no parent")?;
-    if !is_bpffs(parent) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+    let nearest = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .context("the bpffs directory has no existing ancestor")?;
+    if !is_bpffs(nearest) {
+        let empty = std::fs::read_dir(nearest).is_ok_and(|mut d| d.next().is_none());
+        let parent = dir.parent().context("the bpffs directory has no parent")?;
+        let at = if empty {
+            nearest
+        } else if parent != nearest && parent.starts_with(nearest) {
+            parent
+        } else {
+            bail!(
+                "{} is not on a bpffs, and {} is not an empty directory to mount one on: \
+                 mount a bpffs (mount -t bpf bpf /sys/fs/bpf) or choose a --bpffs-dir on one",
+                dir.display(),
+                nearest.display()
+            );
+        };
+        std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
         nix::mount::mount(
             Some("bpf"),
-            parent,
+            at,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
             None::<&str>,
@@ -26,7 +43,7 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
         .with_context(|| {
             format!(
                 "{} is not a bpffs and mounting one there failed (is the container privileged?)",
-                parent.display()
+                at.display()
             )
         })?;
     }

@@ -4,6 +4,7 @@ mod attach;
 mod bpffs;
 mod fill;
 mod gc;
+pub mod pindir;
 mod pins;
 pub mod probe;
 pub mod status;
@@ -35,14 +36,11 @@ pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS,
 /// Dataplane settings that are not part of the OpenShift contract (all have defaults).
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataplaneOptions {
-    /// bpffs directory holding the pinned maps and links.
-    #[arg(
-        long,
-        env = "EGRESS_BPFFS_DIR",
-        default_value = "/sys/fs/bpf/egress-router",
-        global = true
-    )]
-    pub bpffs_dir: PathBuf,
+    /// bpffs directory holding the pinned maps and links. Default:
+    /// /sys/fs/bpf/egress-router/netns-<cookie>, one directory per network namespace
+    /// (netns-ino-<inode> on kernels before 5.14); `egress-router status` prints it.
+    #[arg(long, env = "EGRESS_BPFFS_DIR", global = true)]
+    pub bpffs_dir: Option<PathBuf>,
     /// The pod's cluster interface (client traffic arrives here).
     #[arg(long, env = "EGRESS_CLUSTER_INTERFACE", default_value = "eth0")]
     pub cluster_interface: String,
@@ -101,30 +99,31 @@ impl Default for DataplaneOptions {
 /// A loaded dataplane: the object with its maps (pinned) and programs (attached).
 pub struct Dataplane {
     pub ebpf: Ebpf,
+    /// The pin directory.
+    pub dir: PathBuf,
 }
 
 impl Dataplane {
-    /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
     /// Checks, before anything is changed, that this kernel and these privileges can run the
-    /// dataplane; makes sure the bpffs directory exists.
-    pub fn preflight(opts: &DataplaneOptions) -> Result<()> {
+    /// dataplane; makes sure the bpffs directory exists and returns it.
+    pub fn preflight(opts: &DataplaneOptions) -> Result<PathBuf> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
         features.require()?;
         attach::check_mode(opts.attach)?;
-        bpffs::ensure_dir(&opts.bpffs_dir)
+        let dir = pindir::resolve(opts.bpffs_dir.as_deref())?;
+        bpffs::ensure_dir(&dir)?;
+        Ok(dir)
     }
 
+    /// Loads the programs, creating or reusing the pinned maps in the pin directory.
     pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
         let object = EBPF_OBJECT.context(
             "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
         )?;
-        Self::preflight(opts)?;
-        pins::drop_incompatible(&opts.bpffs_dir)?;
-        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
-            .iter()
-            .map(|m| (*m, opts.bpffs_dir.join(m)))
-            .collect();
+        let dir = Self::preflight(opts)?;
+        pins::drop_incompatible(&dir)?;
+        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
         for (name, path) in &pins {
@@ -138,7 +137,7 @@ impl Dataplane {
                 .try_into()?;
             prog.load().map_err(|e| explain_program_error(name, e))?;
         }
-        Ok(Dataplane { ebpf })
+        Ok(Dataplane { ebpf, dir })
     }
 
     /// Attaches `prog` to `iface` ingress, replacing an earlier egress-router attachment
@@ -154,7 +153,7 @@ impl Dataplane {
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing"))?
             .try_into()?;
-        attach::attach_ingress(p, prog, iface, opts)
+        attach::attach_ingress(p, prog, iface, opts, &self.dir)
     }
 
     /// Writes the dataplane configuration and the redirect rules.

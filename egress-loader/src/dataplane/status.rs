@@ -10,6 +10,8 @@ use egress_common::{
 };
 use serde::Serialize;
 
+use super::{DataplaneOptions, pindir};
+
 fn open(dir: &Path, name: &str) -> Result<MapData> {
     let p = dir.join(name);
     MapData::from_pin(&p).with_context(|| {
@@ -75,6 +77,8 @@ struct RouteJson {
 
 #[derive(Serialize)]
 struct StatusJson {
+    /// The pin directory of this network namespace's router (or the one given).
+    bpffs_dir: String,
     counters: serde_json::Map<String, serde_json::Value>,
     flows: Vec<FlowJson>,
 }
@@ -134,9 +138,10 @@ pub fn counters(s: &Stats) -> [(&'static str, u64); 19] {
 }
 
 /// Prints the status, as text or JSON.
-pub fn print(dir: &Path, json: bool) -> Result<()> {
-    let stats = read_stats(dir)?;
-    let flows = read_flows(dir)?;
+pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
+    let dir = pindir::resolve(opts.bpffs_dir.as_deref())?;
+    let stats = read_stats(&dir)?;
+    let flows = read_flows(&dir)?;
     let now = monotonic_ns();
     let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
     let counters = counters(&stats);
@@ -145,12 +150,15 @@ pub fn print(dir: &Path, json: bool) -> Result<()> {
             .iter()
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&StatusJson { counters, flows })?
-        );
+        let status = StatusJson {
+            bpffs_dir: dir.display().to_string(),
+            counters,
+            flows,
+        };
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
+    println!("bpffs directory: {}", dir.display());
     println!("counters (all CPUs):");
     for (k, v) in counters {
         println!("  {k:<20} {v}");
