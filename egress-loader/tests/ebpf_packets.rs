@@ -16,7 +16,7 @@ use egress_common::{
     Stats,
 };
 use egress_router::{
-    config::{Protocol, RedirectConfig, RedirectRule},
+    config::{Mode, Protocol, RedirectConfig, RedirectRule},
     dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status},
 };
 use etherparse::{
@@ -60,6 +60,11 @@ fn rule(local_port: u16, protocol: Protocol, dest: [u8; 4], remote_port: u16) ->
     }
 }
 
+/// Loads the programs as a legacy-mode router would, attaching nothing.
+fn load(opts: &DataplaneOptions) -> anyhow::Result<Dataplane> {
+    Dataplane::load(opts, Dataplane::preflight(opts, Mode::Legacy)?)
+}
+
 impl Dp {
     fn new(
         rules: Vec<RedirectRule>,
@@ -81,7 +86,7 @@ impl Dp {
             ..Default::default()
         };
         tweak(&mut opts);
-        let mut dp = Dataplane::load(&opts).expect("load the eBPF dataplane");
+        let mut dp = load(&opts).expect("load the eBPF dataplane");
         let redirect = RedirectConfig {
             rules,
             fallback: fallback.map(|a| Ipv4Addr::from(a).into()),
@@ -785,7 +790,7 @@ fn incompatible_pinned_maps_are_replaced() {
     };
     opts.conntrack_size = 1024;
     let dp = Dp {
-        dp: Dataplane::load(&opts).expect("load over an incompatible pin"),
+        dp: load(&opts).expect("load over an incompatible pin"),
         dir,
     };
     let settings = DataplaneSettings::new(

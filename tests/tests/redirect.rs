@@ -586,7 +586,7 @@ fn restart_keeps_live_connections(attach: &str) {
     let out = lab.init("80 tcp 203.0.113.25", &args);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("replaced: true"),
+        log.contains("replaced=true"),
         "the second run replaced the attachment: {log}"
     );
     c.write_all(b"two..").unwrap();

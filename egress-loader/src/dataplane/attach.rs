@@ -1,12 +1,12 @@
 //! Attaching the tc programs so that they outlive this process and a restart replaces them in
 //! place (no moment without a program, which would hand live flows to the local stack).
 //!
-//! tcx (kernel >= 6.6): the link is pinned under the bpffs directory; a restart opens the pin
-//! and swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and
-//! handle; a restart replaces that filter.
+//! tcx (kernel >= 6.6): the link is pinned in the pin directory; a restart opens the pin and
+//! swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and handle; a
+//! restart replaces that filter. Which one is `plan`'s decision.
 use std::{io, path::Path};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
@@ -17,7 +17,7 @@ use aya::{
     util::KernelVersion,
 };
 
-use super::DataplaneOptions;
+use super::plan::Method;
 
 /// Where our clsact filters sit, so a restart finds and replaces them.
 const CLSACT_PRIORITY: u16 = 0x4552; // "ER"
@@ -25,56 +25,46 @@ const CLSACT_HANDLE: u16 = 1;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
-    /// tcx when the kernel has it (>= 6.6), clsact otherwise.
+    /// tcx when the kernel has it (>= 6.6) and the pin directory is on a bpffs that outlives
+    /// this process; clsact otherwise.
     Auto,
     Tcx,
     Clsact,
 }
 
 /// How a program ended up attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attached {
-    Tcx { replaced: bool },
-    Clsact { replaced: bool },
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub method: Method,
+    /// An attachment of an earlier run was replaced in place.
+    pub replaced: bool,
 }
 
 pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-/// Fails if the requested attach mode cannot work on this kernel.
-pub fn check_mode(mode: AttachMode) -> Result<()> {
-    if mode == AttachMode::Tcx && !tcx_supported() {
-        bail!(
-            "--attach tcx: this kernel has no tcx (it needs Linux 6.6 or later); use --attach clsact or auto"
-        );
-    }
-    Ok(())
+/// Where the tcx link of `prog` on `iface` is pinned.
+pub fn link_pin_name(prog: &str, iface: &str) -> String {
+    format!("link_{prog}_{iface}")
 }
 
 pub fn attach_ingress(
     prog: &mut SchedClassifier,
     name: &str,
     iface: &str,
-    opts: &DataplaneOptions,
+    method: Method,
     dir: &Path,
 ) -> Result<Attached> {
-    check_mode(opts.attach)?;
-    let use_tcx = match opts.attach {
-        AttachMode::Auto => tcx_supported(),
-        AttachMode::Tcx => true,
-        AttachMode::Clsact => false,
-    };
-    if use_tcx {
-        attach_tcx(prog, name, iface, dir)
-    } else {
-        attach_clsact(prog, iface)
+    match method {
+        Method::Tcx => attach_tcx(prog, name, iface, dir),
+        Method::Clsact => attach_clsact(prog, iface),
     }
     .with_context(|| format!("cannot attach {name} to {iface} ingress"))
 }
 
 fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -> Result<Attached> {
-    let pin = dir.join(format!("link_{name}_{iface}"));
+    let pin = dir.join(link_pin_name(name, iface));
     let (id, replaced) = match PinnedLink::from_pin(&pin) {
         Ok(old) => {
             let link = FdLink::from(old).try_into()?;
@@ -99,7 +89,10 @@ fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -
             .with_context(|| format!("pinning link at {}", pin.display()))?;
     }
     // A replaced link is already pinned; dropping our fd leaves it attached.
-    Ok(Attached::Tcx { replaced })
+    Ok(Attached {
+        method: Method::Tcx,
+        replaced,
+    })
 }
 
 fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
@@ -139,5 +132,8 @@ fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
     };
     // The filter must outlive this process: forget the link instead of dropping (detaching) it.
     std::mem::forget(prog.take_link(id)?);
-    Ok(Attached::Clsact { replaced })
+    Ok(Attached {
+        method: Method::Clsact,
+        replaced,
+    })
 }

@@ -1,11 +1,14 @@
-//! The eBPF redirect dataplane: load the embedded object, pin its maps, fill them from the
-//! configuration, attach the tc programs, and read them back for `status`.
+//! The eBPF redirect dataplane: decide how it is attached and where it is pinned (`plan`,
+//! `pindir`, `bpffs`), load the embedded object reusing the pinned maps of an earlier run
+//! (`pins`), fill them from the configuration (`fill`), attach the tc programs (`attach`), and
+//! read them back for `status`.
 mod attach;
 mod bpffs;
 mod fill;
 mod gc;
 pub mod pindir;
 mod pins;
+pub mod plan;
 pub mod probe;
 pub mod status;
 
@@ -18,7 +21,11 @@ use egress_common::{
     PROG_MACVLAN_INGRESS,
 };
 
-pub use attach::AttachMode;
+pub use attach::{AttachMode, Attached};
+pub use bpffs::{Lifetime, Place};
+pub use plan::{Method, Plan};
+
+use crate::config::Mode;
 
 /// The compiled eBPF object (egress-ebpf), built by build.rs with the `ebpf` feature.
 #[cfg(feature = "ebpf")]
@@ -47,7 +54,9 @@ pub struct DataplaneOptions {
     /// The macvlan interface carrying EGRESS_SOURCE.
     #[arg(long, env = "EGRESS_MACVLAN_INTERFACE", default_value = "macvlan0")]
     pub macvlan_interface: String,
-    /// How to attach the tc programs: tcx (kernel >= 6.6), clsact (older kernels), or auto.
+    /// How to attach the tc programs: tcx (kernel >= 6.6; its links live as long as their pins),
+    /// clsact (filters the kernel keeps without pins), or auto: tcx where the kernel has it and
+    /// the bpffs directory outlives this process, clsact otherwise.
     #[arg(long, env = "EGRESS_TC_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Connection-table capacity in entries (two per flow). Applies when the table is created;
@@ -96,36 +105,67 @@ impl Default for DataplaneOptions {
     }
 }
 
+/// What [`Dataplane::preflight`] decided, for [`Dataplane::load`].
+pub struct Preflight {
+    pub plan: Plan,
+}
+
 /// A loaded dataplane: the object with its maps (pinned) and programs (attached).
 pub struct Dataplane {
     pub ebpf: Ebpf,
-    /// The pin directory.
-    pub dir: PathBuf,
+    pub plan: Plan,
+    /// Where the maps came from: "new", "reused the pins".
+    pub state: String,
 }
 
 impl Dataplane {
     /// Checks, before anything is changed, that this kernel and these privileges can run the
-    /// dataplane; makes sure the bpffs directory exists and returns it.
-    pub fn preflight(opts: &DataplaneOptions) -> Result<PathBuf> {
+    /// dataplane; resolves the pin directory, finds out whether it outlives this process and
+    /// chooses the attach method (`mode` says whether the process stays). Fails if the result
+    /// could not work.
+    pub fn preflight(opts: &DataplaneOptions, mode: Mode) -> Result<Preflight> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
         features.require()?;
-        attach::check_mode(opts.attach)?;
         let dir = pindir::resolve(opts.bpffs_dir.as_deref())?;
-        bpffs::ensure_dir(&dir)?;
-        Ok(dir)
+        let place = bpffs::probe(&dir)?;
+        let method = plan::choose(
+            opts.attach,
+            place.lifetime,
+            attach::tcx_supported(),
+            mode,
+            &dir,
+        )?;
+        Ok(Preflight {
+            plan: Plan {
+                dir,
+                place,
+                method,
+                cluster_interface: opts.cluster_interface.clone(),
+                macvlan_interface: opts.macvlan_interface.clone(),
+            },
+        })
     }
 
-    /// Loads the programs, creating or reusing the pinned maps in the pin directory.
-    pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+    /// Loads the programs, creating the maps or reusing those an earlier run pinned in the
+    /// directory.
+    pub fn load(opts: &DataplaneOptions, pre: Preflight) -> Result<Dataplane> {
         let object = EBPF_OBJECT.context(
             "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
         )?;
-        let dir = Self::preflight(opts)?;
-        pins::drop_incompatible(&dir)?;
-        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let Preflight { plan } = pre;
+        let dir = plan.dir.as_path();
+        bpffs::ensure_dir(dir, &plan.place)?;
+        pins::drop_incompatible(dir)?;
+        let state = if PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+            "reused the pins"
+        } else {
+            "new"
+        }
+        .to_string();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
+        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -137,23 +177,18 @@ impl Dataplane {
                 .try_into()?;
             prog.load().map_err(|e| explain_program_error(name, e))?;
         }
-        Ok(Dataplane { ebpf, dir })
+        Ok(Dataplane { ebpf, plan, state })
     }
 
-    /// Attaches `prog` to `iface` ingress, replacing an earlier egress-router attachment
-    /// atomically, and leaves it attached after this process exits.
-    pub fn attach(
-        &mut self,
-        prog: &str,
-        iface: &str,
-        opts: &DataplaneOptions,
-    ) -> Result<attach::Attached> {
+    /// Attaches `prog` to `iface` ingress as planned, replacing an earlier egress-router
+    /// attachment in place, and leaves it attached after this process exits.
+    pub fn attach(&mut self, prog: &str, iface: &str) -> Result<Attached> {
         let p: &mut SchedClassifier = self
             .ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing"))?
             .try_into()?;
-        attach::attach_ingress(p, prog, iface, opts, &self.dir)
+        attach::attach_ingress(p, prog, iface, self.plan.method, &self.plan.dir)
     }
 
     /// Writes the dataplane configuration and the redirect rules.
