@@ -2,8 +2,8 @@
 //! place (no moment without a program, which would hand live flows to the local stack).
 //!
 //! tcx (kernel >= 6.6): the link is pinned in the pin directory; a restart opens the pin and
-//! swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and handle; a
-//! restart replaces that filter. Which one is `plan`'s decision.
+//! swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and handle
+//! (`clsact`); a restart replaces that filter. Which one is `plan`'s decision.
 use std::{io, path::Path};
 
 use anyhow::{Context as _, Result};
@@ -11,17 +11,13 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
     sys::SyscallError,
     util::KernelVersion,
 };
 
-use super::plan::Method;
-
-/// Where our clsact filters sit, so a restart finds and replaces them.
-const CLSACT_PRIORITY: u16 = 0x4552; // "ER"
-const CLSACT_HANDLE: u16 = 1;
+use super::{clsact, plan::Method};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -103,10 +99,9 @@ fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
         Err(tc::TcError::AlreadyAttached) => {}
         Err(e) => return Err(e).context("adding the clsact qdisc"),
     }
-    let handle = TcHandle::new(0, CLSACT_HANDLE);
     let options = NlOptions {
-        priority: CLSACT_PRIORITY,
-        handle,
+        priority: clsact::PRIORITY,
+        handle: clsact::handle(),
         classid: None,
     };
     let (id, replaced) = match prog.attach_with_options(
@@ -120,8 +115,8 @@ fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
             let old = SchedClassifierLink::attached(
                 iface,
                 TcAttachType::Ingress,
-                CLSACT_PRIORITY,
-                handle,
+                clsact::PRIORITY,
+                clsact::handle(),
                 None,
             )?;
             let id = prog.attach_to_link(old).map_err(|e| {

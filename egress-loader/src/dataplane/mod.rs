@@ -1,16 +1,21 @@
 //! The eBPF redirect dataplane: decide how it is attached and where it is pinned (`plan`,
-//! `pindir`, `bpffs`), load the embedded object reusing the pinned maps of an earlier run
-//! (`pins`), fill them from the configuration (`fill`), attach the tc programs (`attach`), and
-//! read them back for `status`.
+//! `pindir`, `bpffs`), load the embedded object reusing the maps of an earlier run (`pins`, or
+//! `recover` from the kernel when the pins went with a container), fill them from the
+//! configuration (`fill`), attach the tc programs (`attach`, `tcx`, `clsact`), and read them
+//! back for `status`.
 mod attach;
 mod bpffs;
+mod clsact;
 mod fill;
 mod gc;
 pub mod pindir;
 mod pins;
 pub mod plan;
 pub mod probe;
+mod recover;
 pub mod status;
+mod sys;
+mod tcx;
 
 use std::path::PathBuf;
 
@@ -114,7 +119,7 @@ pub struct Preflight {
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub plan: Plan,
-    /// Where the maps came from: "new", "reused the pins".
+    /// Where the maps came from: "new", "reused the pins", "recovered from ...".
     pub state: String,
 }
 
@@ -147,8 +152,8 @@ impl Dataplane {
         })
     }
 
-    /// Loads the programs, creating the maps or reusing those an earlier run pinned in the
-    /// directory.
+    /// Loads the programs, creating the maps or reusing those of an earlier run: pinned in the
+    /// directory, else (no pins at all) those of our programs still attached here.
     pub fn load(opts: &DataplaneOptions, pre: Preflight) -> Result<Dataplane> {
         let object = EBPF_OBJECT.context(
             "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
@@ -158,11 +163,13 @@ impl Dataplane {
         bpffs::ensure_dir(dir, &plan.place)?;
         pins::drop_incompatible(dir)?;
         let state = if PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
-            "reused the pins"
+            "reused the pins".to_string()
         } else {
-            "new"
-        }
-        .to_string();
+            match recover::pin_into(dir, &plan.cluster_interface, &plan.macvlan_interface)? {
+                Some(from) => format!("recovered from {from}"),
+                None => "new".to_string(),
+            }
+        };
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
