@@ -9,13 +9,14 @@ use std::{io, path::Path};
 use anyhow::{Context as _, Result};
 use aya::{
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
     sys::SyscallError,
     util::KernelVersion,
 };
+use tracing::warn;
 
 use super::{clsact, plan::Method};
 
@@ -59,24 +60,42 @@ pub fn attach_ingress(
     .with_context(|| format!("cannot attach {name} to {iface} ingress"))
 }
 
+fn is_enolink(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::SyscallError(SyscallError { io_error, .. })
+        if io_error.raw_os_error() == Some(libc::ENOLINK))
+}
+
 fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -> Result<Attached> {
     let pin = dir.join(link_pin_name(name, iface));
-    let (id, replaced) = match PinnedLink::from_pin(&pin) {
+    let mut replaced = false;
+    let mut id = None;
+    match PinnedLink::from_pin(&pin) {
         Ok(old) => {
             let link = FdLink::from(old).try_into()?;
-            (prog.attach_to_link(link)?, true)
+            match prog.attach_to_link(link) {
+                Ok(i) => {
+                    (id, replaced) = (Some(i), true);
+                }
+                // Severed since the pins were surveyed (its interface went away meanwhile).
+                Err(e) if is_enolink(&e) => {
+                    warn!(pin = %pin.display(), "pinned tcx link is severed (ENOLINK): removing it and making a fresh one");
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                }
+                Err(e) => return Err(e).context("updating the pinned tcx link"),
+            }
         }
         Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.kind() == io::ErrorKind::NotFound =>
-        {
-            let id = prog.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )?;
-            (id, false)
-        }
+            if io_error.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", pin.display())),
+    }
+    let id = match id {
+        Some(id) => id,
+        None => prog.attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )?,
     };
     let link = prog.take_link(id)?;
     let fd: FdLink = link.try_into()?;

@@ -1,8 +1,8 @@
 //! The eBPF redirect dataplane: decide how it is attached and where it is pinned (`plan`,
-//! `pindir`, `bpffs`), load the embedded object reusing the maps of an earlier run (`pins`, or
-//! `recover` from the kernel when the pins went with a container), fill them from the
-//! configuration (`fill`), attach the tc programs (`attach`, `tcx`, `clsact`), and read them
-//! back for `status`.
+//! `pindir`, `bpffs`), clear what a dead namespace left (`stale`), load the embedded object
+//! reusing the maps of an earlier run (`pins`, or `recover` from the kernel when the pins went
+//! with a container), fill them from the configuration (`fill`), attach the tc programs
+//! (`attach`, `tcx`, `clsact`), and read them back for `status`.
 mod attach;
 mod bpffs;
 mod clsact;
@@ -13,6 +13,7 @@ mod pins;
 pub mod plan;
 pub mod probe;
 mod recover;
+mod stale;
 pub mod status;
 mod sys;
 mod tcx;
@@ -110,9 +111,10 @@ impl Default for DataplaneOptions {
     }
 }
 
-/// What [`Dataplane::preflight`] decided, for [`Dataplane::load`].
+/// What [`Dataplane::preflight`] decided and found, for [`Dataplane::load`].
 pub struct Preflight {
     pub plan: Plan,
+    leftovers: stale::Leftovers,
 }
 
 /// A loaded dataplane: the object with its maps (pinned) and programs (attached).
@@ -126,8 +128,8 @@ pub struct Dataplane {
 impl Dataplane {
     /// Checks, before anything is changed, that this kernel and these privileges can run the
     /// dataplane; resolves the pin directory, finds out whether it outlives this process and
-    /// chooses the attach method (`mode` says whether the process stays). Fails if the result
-    /// could not work.
+    /// chooses the attach method (`mode` says whether the process stays); classifies the link
+    /// pins an earlier run left there. Fails if the result could not work.
     pub fn preflight(opts: &DataplaneOptions, mode: Mode) -> Result<Preflight> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
@@ -141,6 +143,19 @@ impl Dataplane {
             mode,
             &dir,
         )?;
+        let expected: Vec<stale::ExpectedLink> = [
+            (PROG_MACVLAN_INGRESS, &opts.macvlan_interface),
+            (PROG_ETH0_INGRESS, &opts.cluster_interface),
+        ]
+        .into_iter()
+        .map(|(prog, iface)| {
+            (
+                attach::link_pin_name(prog, iface),
+                nix::net::if_::if_nametoindex(iface.as_str()).ok(),
+            )
+        })
+        .collect();
+        let leftovers = stale::survey(&dir, &expected)?;
         Ok(Preflight {
             plan: Plan {
                 dir,
@@ -149,6 +164,7 @@ impl Dataplane {
                 cluster_interface: opts.cluster_interface.clone(),
                 macvlan_interface: opts.macvlan_interface.clone(),
             },
+            leftovers,
         })
     }
 
@@ -158,9 +174,10 @@ impl Dataplane {
         let object = EBPF_OBJECT.context(
             "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
         )?;
-        let Preflight { plan } = pre;
+        let Preflight { plan, leftovers } = pre;
         let dir = plan.dir.as_path();
         bpffs::ensure_dir(dir, &plan.place)?;
+        stale::clear(dir, &leftovers)?;
         pins::drop_incompatible(dir)?;
         let state = if PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
             "reused the pins".to_string()
