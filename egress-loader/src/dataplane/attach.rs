@@ -3,7 +3,12 @@
 //!
 //! tcx (kernel >= 6.6): the link is pinned in the pin directory; a restart opens the pin and
 //! swaps the program with `bpf_link_update`. clsact: a filter at a fixed priority and handle
-//! (`clsact`); a restart replaces that filter. Which one is `plan`'s decision.
+//! (`clsact`); a restart replaces that filter.
+//!
+//! Switching between the two (the bpffs changed, or `--attach`) leaves one of our programs on
+//! each interface: the new attachment is made first, then the other method's is removed. tcx
+//! runs before clsact and our programs always return a verdict, so whichever is in front
+//! handles every packet until it goes: there is no gap.
 use std::{io, path::Path};
 
 use anyhow::{Context as _, Result};
@@ -16,9 +21,9 @@ use aya::{
     sys::SyscallError,
     util::KernelVersion,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::{clsact, plan::Method};
+use super::{clsact, plan::Method, tcx};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -35,6 +40,9 @@ pub struct Attached {
     pub method: Method,
     /// An attachment of an earlier run was replaced in place.
     pub replaced: bool,
+    /// Other attachments of ours on the interface that were removed after this one was made
+    /// (the other method's, or a tcx link pinned elsewhere).
+    pub removed: Vec<String>,
 }
 
 pub fn tcx_supported() -> bool {
@@ -53,9 +61,11 @@ pub fn attach_ingress(
     method: Method,
     dir: &Path,
 ) -> Result<Attached> {
+    let ifindex = nix::net::if_::if_nametoindex(iface)
+        .with_context(|| format!("interface {iface} not found"))?;
     match method {
-        Method::Tcx => attach_tcx(prog, name, iface, dir),
-        Method::Clsact => attach_clsact(prog, iface),
+        Method::Tcx => attach_tcx(prog, name, iface, ifindex, dir),
+        Method::Clsact => attach_clsact(prog, name, iface, ifindex, dir),
     }
     .with_context(|| format!("cannot attach {name} to {iface} ingress"))
 }
@@ -65,7 +75,13 @@ fn is_enolink(e: &ProgramError) -> bool {
         if io_error.raw_os_error() == Some(libc::ENOLINK))
 }
 
-fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -> Result<Attached> {
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    ifindex: u32,
+    dir: &Path,
+) -> Result<Attached> {
     let pin = dir.join(link_pin_name(name, iface));
     let mut replaced = false;
     let mut id = None;
@@ -97,20 +113,37 @@ fn attach_tcx(prog: &mut SchedClassifier, name: &str, iface: &str, dir: &Path) -
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )?,
     };
-    let link = prog.take_link(id)?;
-    let fd: FdLink = link.try_into()?;
+    let fd: FdLink = prog.take_link(id)?.try_into()?;
+    let own = fd.info().context("reading the new tcx link")?.id();
     if !replaced {
         fd.pin(&pin)
             .with_context(|| format!("pinning link at {}", pin.display()))?;
     }
-    // A replaced link is already pinned; dropping our fd leaves it attached.
+    // Our link is in place (pinned: dropping our fd leaves it attached); now the others go.
+    let mut removed = Vec::new();
+    for other in tcx::ours(iface, ifindex)? {
+        if other.link_id != 0 && other.link_id != own {
+            tcx::detach(other.link_id)?;
+            removed.push(format!("tcx link {}", other.link_id));
+        }
+    }
+    if clsact::remove(iface, ifindex)? {
+        removed.push("clsact filter".to_string());
+    }
     Ok(Attached {
         method: Method::Tcx,
         replaced,
+        removed,
     })
 }
 
-fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    ifindex: u32,
+    dir: &Path,
+) -> Result<Attached> {
     match tc::qdisc_add_clsact(iface) {
         Ok(()) => {}
         Err(e) if matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) =>
@@ -146,8 +179,26 @@ fn attach_clsact(prog: &mut SchedClassifier, iface: &str) -> Result<Attached> {
     };
     // The filter must outlive this process: forget the link instead of dropping (detaching) it.
     std::mem::forget(prog.take_link(id)?);
+    // Our filter is in place; now any tcx link of ours on the interface goes. BPF_LINK_DETACH
+    // on its id rather than unpinning: it stops at once even if it is pinned elsewhere too (an
+    // earlier --bpffs-dir or version), and needs no pin in sight (a container). Our own pin
+    // of it, now defunct, is removed so that no later run takes it for a severed namespace.
+    let mut removed = Vec::new();
+    for other in tcx::ours(iface, ifindex)? {
+        if other.link_id != 0 {
+            tcx::detach(other.link_id)?;
+            removed.push(format!("tcx link {}", other.link_id));
+        }
+    }
+    let pin = dir.join(link_pin_name(name, iface));
+    match std::fs::remove_file(&pin) {
+        Ok(()) => debug!(pin = %pin.display(), "removed the pin of a detached tcx link"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+    }
     Ok(Attached {
         method: Method::Clsact,
         replaced,
+        removed,
     })
 }

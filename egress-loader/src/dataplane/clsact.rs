@@ -1,9 +1,13 @@
 //! Our clsact filter: one bpf filter at a fixed priority and handle on an interface's ingress,
-//! so that a later run finds it (to replace it, or to reach its program's maps). aya 0.14 can
-//! attach and detach such a filter but not read one back; the filter dump (TCA_BPF_ID, the
-//! program's id) comes from rtnetlink.
+//! so that a later run finds it (to replace it, to reach its program's maps, or to remove it
+//! when switching to tcx). aya 0.14 can attach and detach such a filter but not read one back;
+//! the filter dump (TCA_BPF_ID, the program's id) comes from rtnetlink.
 use anyhow::{Context as _, Result};
-use aya::programs::tc::TcHandle;
+use aya::programs::{
+    TcAttachType,
+    links::Link as _,
+    tc::{SchedClassifierLink, TcHandle},
+};
 use futures::TryStreamExt as _;
 use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
 
@@ -86,4 +90,15 @@ async fn dump(ifindex: u32) -> Result<Option<Filter>> {
     }
     conn.abort();
     Ok(found)
+}
+
+/// Removes our filter from `iface`'s ingress, if it is there; returns whether it was.
+pub fn remove(iface: &str, ifindex: u32) -> Result<bool> {
+    if find(ifindex)?.is_none() {
+        return Ok(false);
+    }
+    SchedClassifierLink::attached(iface, TcAttachType::Ingress, PRIORITY, handle(), None)
+        .and_then(|link| link.detach().map_err(std::io::Error::other))
+        .with_context(|| format!("removing our clsact filter from {iface} ingress"))?;
+    Ok(true)
 }
