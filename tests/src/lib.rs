@@ -35,7 +35,10 @@ mod proc;
 mod router;
 mod servers;
 
-pub use bpffs::{HOST_BPFFS, ensure_host_bpffs, is_bpffs};
+pub use bpffs::{
+    DEFAULT_PIN_ROOT, HOST_BPFFS, PinDir, ensure_host_bpffs, is_bpffs, kernel_has_tcx,
+    pinned_link_ifindex,
+};
 pub use capture::{ARP_REPLY, ARP_REQUEST, Arp, Capture};
 pub use netns::{
     NAME_PREFIX, NETNS_DIR, Netns, list_harness_namespaces, remove_stale, require_root,

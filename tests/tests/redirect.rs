@@ -10,8 +10,8 @@ use std::{
 };
 
 use egress_tests::{
-    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, ping, router_bin, router_command,
-    tcp_roundtrip, udp_roundtrip,
+    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, kernel_has_tcx, ping, router_bin,
+    router_command, tcp_roundtrip, udp_roundtrip,
 };
 use nix::sys::signal::Signal;
 
@@ -593,19 +593,6 @@ fn restart_keeps_live_connections(attach: &str) {
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two..");
     assert_eq!(lab.counter("new_flows"), 1, "the same flow carried on");
-}
-
-/// Whether the running kernel has tcx (Linux 6.6).
-fn kernel_has_tcx() -> bool {
-    let release = nix::sys::utsname::uname()
-        .unwrap()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 6)
 }
 
 #[test]
