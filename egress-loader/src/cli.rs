@@ -187,10 +187,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Status { json }) = &cli.command {
         init_logging(false);
-        return report(crate::dataplane::status::print(
-            &cli.dataplane.bpffs_dir,
-            *json,
-        ));
+        return report(crate::dataplane::status::print(&cli.dataplane, *json));
     }
     let cfg = match config::parse(&cli.env.to_map()) {
         Ok(cfg) => cfg,

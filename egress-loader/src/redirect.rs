@@ -1,7 +1,7 @@
 //! Redirect mode (init and legacy): interface setup, then the eBPF dataplane.
 use anyhow::{Context as _, Result};
 use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS};
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Mode},
@@ -18,7 +18,7 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     let macvlan = ifindex(&opts.macvlan_interface)?;
     // Everything that can fail on bad input is checked before anything is applied.
     let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
-    Dataplane::preflight(opts)?;
+    let preflight = Dataplane::preflight(opts, cfg.mode)?;
     // Legacy mode listens for SIGTERM from the start: one arriving during setup is handled
     // once setup is done, instead of killing the process half-way.
     // (Init mode keeps the default action: it is short-lived.)
@@ -35,19 +35,21 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     };
     netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
     netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
-    let mut dp = Dataplane::load(opts)?;
+    let mut dp = Dataplane::load(opts, preflight)?;
     dp.configure(&settings)?;
+    let mut replaced = false;
     for (prog, iface) in [
         (PROG_MACVLAN_INGRESS, opts.macvlan_interface.as_str()),
         (PROG_ETH0_INGRESS, opts.cluster_interface.as_str()),
     ] {
-        let how = dp.attach(prog, iface, opts)?;
-        info!(program = prog, interface = iface, attach = ?how, "attached");
+        let how = dp.attach(prog, iface)?;
+        debug!(program = prog, interface = iface, attach = ?how, "attached");
+        replaced |= how.replaced;
     }
+    announce(&dp, replaced);
     info!(
         rules = redirect.rules.len(),
         fallback = ?redirect.fallback,
-        bpffs = %opts.bpffs_dir.display(),
         "redirect dataplane running"
     );
     match term {
@@ -60,6 +62,18 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
     }
 }
 
+/// The one line saying how the dataplane is attached and what survives a restart.
+fn announce(dp: &Dataplane, replaced: bool) {
+    let plan = &dp.plan;
+    let note = plan.restart_note();
+    let (attach, bpffs, maps) = (plan.method.name(), plan.dir.display(), dp.state.as_str());
+    if plan.outlives_process() {
+        info!(attach, %bpffs, maps, replaced, "{note}");
+    } else {
+        warn!(attach, %bpffs, maps, replaced, "{note}");
+    }
+}
+
 fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))
 }
@@ -68,7 +82,8 @@ fn ifindex(name: &str) -> Result<u32> {
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
-/// not detach anything: live connections keep flowing.
+/// not detach anything; whether the dataplane outlives us depends on the plan (tcx links on a
+/// private bpffs do not), and the last line says which.
 fn wait_for_sigterm(
     rt: tokio::runtime::Runtime,
     mut term: tokio::signal::unix::Signal,
@@ -87,7 +102,7 @@ fn wait_for_sigterm(
                 },
             }
         }
-        info!("signal received, exiting; the dataplane stays attached");
+        info!("signal received, exiting; {}", dp.plan.on_exit());
         Ok(())
     })
 }

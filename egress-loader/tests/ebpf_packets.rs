@@ -16,7 +16,7 @@ use egress_common::{
     Stats,
 };
 use egress_router::{
-    config::{Protocol, RedirectConfig, RedirectRule},
+    config::{Mode, Protocol, RedirectConfig, RedirectRule},
     dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status},
 };
 use etherparse::{
@@ -60,6 +60,11 @@ fn rule(local_port: u16, protocol: Protocol, dest: [u8; 4], remote_port: u16) ->
     }
 }
 
+/// Loads the programs as a legacy-mode router would, attaching nothing.
+fn load(opts: &DataplaneOptions) -> anyhow::Result<Dataplane> {
+    Dataplane::load(opts, Dataplane::preflight(opts, Mode::Legacy)?)
+}
+
 impl Dp {
     fn new(
         rules: Vec<RedirectRule>,
@@ -77,11 +82,11 @@ impl Dp {
             N.fetch_add(1, Ordering::SeqCst)
         ));
         let mut opts = DataplaneOptions {
-            bpffs_dir: dir.clone(),
+            bpffs_dir: Some(dir.clone()),
             ..Default::default()
         };
         tweak(&mut opts);
-        let mut dp = Dataplane::load(&opts).expect("load the eBPF dataplane");
+        let mut dp = load(&opts).expect("load the eBPF dataplane");
         let redirect = RedirectConfig {
             rules,
             fallback: fallback.map(|a| Ipv4Addr::from(a).into()),
@@ -688,7 +693,7 @@ fn tcp_close_marks_both_directions_and_idle_flows_expire() {
 fn rules_are_replaced_without_leftovers() {
     let mut dp = Dp::standard();
     let opts = DataplaneOptions {
-        bpffs_dir: dp.dir.clone(),
+        bpffs_dir: Some(dp.dir.clone()),
         ..Default::default()
     };
     let redirect = RedirectConfig {
@@ -780,12 +785,12 @@ fn incompatible_pinned_maps_are_replaced() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut opts = DataplaneOptions {
-        bpffs_dir: dir.clone(),
+        bpffs_dir: Some(dir.clone()),
         ..Default::default()
     };
     opts.conntrack_size = 1024;
     let dp = Dp {
-        dp: Dataplane::load(&opts).expect("load over an incompatible pin"),
+        dp: load(&opts).expect("load over an incompatible pin"),
         dir,
     };
     let settings = DataplaneSettings::new(

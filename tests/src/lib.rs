@@ -12,6 +12,10 @@
 //! reaches both its subnets directly. `macvlan0` is left for egress-router's own setup;
 //! [`Topology::configure_macvlan`] does the same for tests that do not run it.
 //!
+//! The harness has a bpffs on /sys/fs/bpf, as a node does: a router started with
+//! [`Netns::spawn`] shares it (a pod that mounts the host's /sys/fs/bpf), one started with
+//! [`Netns::spawn_container`] does not (a container without it).
+//!
 //! Every topology gets uniquely named namespaces (`er-<pid>-<n>-<role>`, visible with
 //! `ip netns`), so tests run in parallel. Dropping it (also while unwinding from a panic) kills the
 //! processes started in it and removes its namespaces. Needs root; fails loudly otherwise.
@@ -23,6 +27,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
 
+mod bpffs;
 mod capture;
 pub mod netlink;
 mod netns;
@@ -32,6 +37,10 @@ mod proc;
 mod router;
 mod servers;
 
+pub use bpffs::{
+    DEFAULT_PIN_ROOT, HOST_BPFFS, PinDir, ensure_host_bpffs, is_bpffs, kernel_has_tcx,
+    pinned_link_ifindex,
+};
 pub use capture::{ARP_REPLY, ARP_REQUEST, Arp, Capture};
 pub use netns::{
     NAME_PREFIX, NETNS_DIR, Netns, list_harness_namespaces, remove_stale, require_root,
@@ -90,7 +99,8 @@ pub struct Topology {
 
 impl Topology {
     /// Builds the whole topology. Fails (never skips) when not root or when the kernel lacks
-    /// something it needs (network namespaces, veth, macvlan), naming what is missing.
+    /// something it needs (network namespaces, veth, macvlan), naming what is missing. Makes
+    /// sure the harness has a bpffs on /sys/fs/bpf, as a node does ([`ensure_host_bpffs`]).
     pub fn new() -> Result<Topology> {
         require_root()?;
         Topology::around(None)
@@ -104,6 +114,7 @@ impl Topology {
     }
 
     fn around(router: Option<&std::path::Path>) -> Result<Topology> {
+        ensure_host_bpffs();
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let prefix = format!(
             "{NAME_PREFIX}{}-{}-",

@@ -28,15 +28,15 @@ pub fn router_bin() -> PathBuf {
 }
 
 /// An egress-router command with a clean environment holding the reference EGRESS_SOURCE and
-/// EGRESS_GATEWAY, `mode`, and its pinned state under `bpffs`; output piped.
-pub fn router_command(mode: &str, bpffs: &std::path::Path) -> Command {
+/// EGRESS_GATEWAY and `mode`; output piped. Its pins go to the default directory of its network
+/// namespace unless the caller sets EGRESS_BPFFS_DIR.
+pub fn router_command(mode: &str) -> Command {
     let mut cmd = Command::new(router_bin());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("EGRESS_SOURCE", format!("{EGRESS_SOURCE}/{EGRESS_PREFIX}"))
         .env("EGRESS_GATEWAY", GATEWAY_IP.to_string())
         .env("EGRESS_ROUTER_MODE", mode)
-        .env("EGRESS_BPFFS_DIR", bpffs)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd

@@ -10,8 +10,8 @@ use std::{
 };
 
 use egress_tests::{
-    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, ping, router_bin, router_command,
-    tcp_roundtrip, udp_roundtrip,
+    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, kernel_has_tcx, ping, router_bin,
+    router_command, tcp_roundtrip, udp_roundtrip,
 };
 use nix::sys::signal::Signal;
 
@@ -41,7 +41,8 @@ impl Lab {
     }
 
     fn command(&self, destination: &str, mode: &str, args: &[&str]) -> Command {
-        let mut cmd = router_command(mode, &self.bpffs);
+        let mut cmd = router_command(mode);
+        cmd.env("EGRESS_BPFFS_DIR", &self.bpffs);
         cmd.env("EGRESS_DESTINATION", destination).args(args);
         cmd
     }
@@ -585,26 +586,13 @@ fn restart_keeps_live_connections(attach: &str) {
     let out = lab.init("80 tcp 203.0.113.25", &args);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("replaced: true"),
+        log.contains("replaced=true"),
         "the second run replaced the attachment: {log}"
     );
     c.write_all(b"two..").unwrap();
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two..");
     assert_eq!(lab.counter("new_flows"), 1, "the same flow carried on");
-}
-
-/// Whether the running kernel has tcx (Linux 6.6).
-fn kernel_has_tcx() -> bool {
-    let release = nix::sys::utsname::uname()
-        .unwrap()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 6)
 }
 
 #[test]

@@ -1,12 +1,22 @@
-//! The eBPF redirect dataplane: load the embedded object, pin its maps, fill them from the
-//! configuration, attach the tc programs, and read them back for `status`.
+//! The eBPF redirect dataplane: decide how it is attached and where it is pinned (`plan`,
+//! `pindir`, `bpffs`), clear what a dead namespace left (`stale`), load the embedded object
+//! reusing the maps of an earlier run (`pins`, or `recover` from the kernel when the pins went
+//! with a container), fill them from the configuration (`fill`), attach the tc programs
+//! (`attach`, `tcx`, `clsact`), and read them back for `status`.
 mod attach;
 mod bpffs;
+mod clsact;
 mod fill;
 mod gc;
+pub mod pindir;
 mod pins;
+pub mod plan;
 pub mod probe;
+mod recover;
+mod stale;
 pub mod status;
+mod sys;
+mod tcx;
 
 use std::path::PathBuf;
 
@@ -17,7 +27,11 @@ use egress_common::{
     PROG_MACVLAN_INGRESS,
 };
 
-pub use attach::AttachMode;
+pub use attach::{AttachMode, Attached};
+pub use bpffs::{Lifetime, Place};
+pub use plan::{Method, Plan};
+
+use crate::config::Mode;
 
 /// The compiled eBPF object (egress-ebpf), built by build.rs with the `ebpf` feature.
 #[cfg(feature = "ebpf")]
@@ -35,21 +49,20 @@ pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS,
 /// Dataplane settings that are not part of the OpenShift contract (all have defaults).
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataplaneOptions {
-    /// bpffs directory holding the pinned maps and links.
-    #[arg(
-        long,
-        env = "EGRESS_BPFFS_DIR",
-        default_value = "/sys/fs/bpf/egress-router",
-        global = true
-    )]
-    pub bpffs_dir: PathBuf,
+    /// bpffs directory holding the pinned maps and links. Default:
+    /// /sys/fs/bpf/egress-router/netns-<cookie>, one directory per network namespace
+    /// (netns-ino-<inode> on kernels before 5.14); `egress-router status` prints it.
+    #[arg(long, env = "EGRESS_BPFFS_DIR", global = true)]
+    pub bpffs_dir: Option<PathBuf>,
     /// The pod's cluster interface (client traffic arrives here).
     #[arg(long, env = "EGRESS_CLUSTER_INTERFACE", default_value = "eth0")]
     pub cluster_interface: String,
     /// The macvlan interface carrying EGRESS_SOURCE.
     #[arg(long, env = "EGRESS_MACVLAN_INTERFACE", default_value = "macvlan0")]
     pub macvlan_interface: String,
-    /// How to attach the tc programs: tcx (kernel >= 6.6), clsact (older kernels), or auto.
+    /// How to attach the tc programs: tcx (kernel >= 6.6; its links live as long as their pins),
+    /// clsact (filters the kernel keeps without pins), or auto: tcx where the kernel has it and
+    /// the bpffs directory outlives this process, clsact otherwise.
     #[arg(long, env = "EGRESS_TC_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Connection-table capacity in entries (two per flow). Applies when the table is created;
@@ -98,35 +111,85 @@ impl Default for DataplaneOptions {
     }
 }
 
+/// What [`Dataplane::preflight`] decided and found, for [`Dataplane::load`].
+pub struct Preflight {
+    pub plan: Plan,
+    leftovers: stale::Leftovers,
+}
+
 /// A loaded dataplane: the object with its maps (pinned) and programs (attached).
 pub struct Dataplane {
     pub ebpf: Ebpf,
+    pub plan: Plan,
+    /// Where the maps came from: "new", "reused the pins", "recovered from ...".
+    pub state: String,
 }
 
 impl Dataplane {
-    /// Loads the programs, creating or reusing the pinned maps under `opts.bpffs_dir`.
     /// Checks, before anything is changed, that this kernel and these privileges can run the
-    /// dataplane; makes sure the bpffs directory exists.
-    pub fn preflight(opts: &DataplaneOptions) -> Result<()> {
+    /// dataplane; resolves the pin directory, finds out whether it outlives this process and
+    /// chooses the attach method (`mode` says whether the process stays); classifies the link
+    /// pins an earlier run left there. Fails if the result could not work.
+    pub fn preflight(opts: &DataplaneOptions, mode: Mode) -> Result<Preflight> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
         features.require()?;
-        attach::check_mode(opts.attach)?;
-        bpffs::ensure_dir(&opts.bpffs_dir)
+        let dir = pindir::resolve(opts.bpffs_dir.as_deref())?;
+        let place = bpffs::probe(&dir)?;
+        let method = plan::choose(
+            opts.attach,
+            place.lifetime,
+            attach::tcx_supported(),
+            mode,
+            &dir,
+        )?;
+        let expected: Vec<stale::ExpectedLink> = [
+            (PROG_MACVLAN_INGRESS, &opts.macvlan_interface),
+            (PROG_ETH0_INGRESS, &opts.cluster_interface),
+        ]
+        .into_iter()
+        .map(|(prog, iface)| {
+            (
+                attach::link_pin_name(prog, iface),
+                nix::net::if_::if_nametoindex(iface.as_str()).ok(),
+            )
+        })
+        .collect();
+        let leftovers = stale::survey(&dir, &expected)?;
+        Ok(Preflight {
+            plan: Plan {
+                dir,
+                place,
+                method,
+                cluster_interface: opts.cluster_interface.clone(),
+                macvlan_interface: opts.macvlan_interface.clone(),
+            },
+            leftovers,
+        })
     }
 
-    pub fn load(opts: &DataplaneOptions) -> Result<Dataplane> {
+    /// Loads the programs, creating the maps or reusing those of an earlier run: pinned in the
+    /// directory, else (no pins at all) those of our programs still attached here.
+    pub fn load(opts: &DataplaneOptions, pre: Preflight) -> Result<Dataplane> {
         let object = EBPF_OBJECT.context(
             "this build of egress-router has no eBPF programs (built without the `ebpf` feature)",
         )?;
-        Self::preflight(opts)?;
-        pins::drop_incompatible(&opts.bpffs_dir)?;
-        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
-            .iter()
-            .map(|m| (*m, opts.bpffs_dir.join(m)))
-            .collect();
+        let Preflight { plan, leftovers } = pre;
+        let dir = plan.dir.as_path();
+        bpffs::ensure_dir(dir, &plan.place)?;
+        stale::clear(dir, &leftovers)?;
+        pins::drop_incompatible(dir)?;
+        let state = if PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+            "reused the pins".to_string()
+        } else {
+            match recover::pin_into(dir, &plan.cluster_interface, &plan.macvlan_interface)? {
+                Some(from) => format!("recovered from {from}"),
+                None => "new".to_string(),
+            }
+        };
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
+        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -138,23 +201,18 @@ impl Dataplane {
                 .try_into()?;
             prog.load().map_err(|e| explain_program_error(name, e))?;
         }
-        Ok(Dataplane { ebpf })
+        Ok(Dataplane { ebpf, plan, state })
     }
 
-    /// Attaches `prog` to `iface` ingress, replacing an earlier egress-router attachment
-    /// atomically, and leaves it attached after this process exits.
-    pub fn attach(
-        &mut self,
-        prog: &str,
-        iface: &str,
-        opts: &DataplaneOptions,
-    ) -> Result<attach::Attached> {
+    /// Attaches `prog` to `iface` ingress as planned, replacing an earlier egress-router
+    /// attachment in place, and leaves it attached after this process exits.
+    pub fn attach(&mut self, prog: &str, iface: &str) -> Result<Attached> {
         let p: &mut SchedClassifier = self
             .ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing"))?
             .try_into()?;
-        attach::attach_ingress(p, prog, iface, opts)
+        attach::attach_ingress(p, prog, iface, self.plan.method, &self.plan.dir)
     }
 
     /// Writes the dataplane configuration and the redirect rules.

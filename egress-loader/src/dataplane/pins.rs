@@ -4,7 +4,7 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::MapData;
+use aya::maps::{MapData, MapInfo};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
     MAP_RULES, MAP_STATS, RuleKey, RuleTarget, Stats,
@@ -20,9 +20,22 @@ const LAYOUTS: [(&str, usize, usize); 5] = [
     (MAP_FRAGS, size_of::<FragKey>(), size_of::<FragValue>()),
 ];
 
+/// Whether a map found from an earlier run (pinned, or through an attached program) has the
+/// key and value sizes this build gives map `name`; if not, says what it has and expects.
+pub fn layout_mismatch(name: &str, info: &MapInfo) -> Option<String> {
+    let (_, key, value) = LAYOUTS.iter().find(|(n, _, _)| *n == name)?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    (found != (*key, *value)).then(|| {
+        format!(
+            "key and value of {found:?} bytes, this version's are {:?}",
+            (key, value)
+        )
+    })
+}
+
 /// Removes pinned maps under `dir` whose key or value size differs from this build's.
 pub fn drop_incompatible(dir: &Path) -> Result<()> {
-    for (name, key, value) in LAYOUTS {
+    for (name, _, _) in LAYOUTS {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -30,12 +43,10 @@ pub fn drop_incompatible(dir: &Path) -> Result<()> {
         let info = MapData::from_pin(&path)
             .and_then(|m| m.info())
             .with_context(|| format!("reading pinned map {}", path.display()))?;
-        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+        if let Some(why) = layout_mismatch(name, &info) {
             warn!(
                 map = name,
-                pinned = ?(info.key_size(), info.value_size()),
-                expected = ?(key, value),
-                "pinned map is from an incompatible egress-router version; replacing it (its state, such as live connections, is lost)"
+                "pinned map is from an incompatible egress-router version ({why}); replacing it (its state, such as live connections, is lost)"
             );
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }

@@ -1,8 +1,13 @@
 //! `egress-router status`: the counters and the live connection table, read from the pinned
-//! maps (no running egress-router needed).
-use std::{net::Ipv4Addr, path::Path};
+//! maps, or, where the pins are out of sight (another container of the pod, a dataplane whose
+//! pins went with its container), from the maps of our program attached to the cluster
+//! interface. Read-only: it pins and mounts nothing. No running egress-router is needed.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use egress_common::{
     DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, MAP_FLOWS, MAP_STATS, PROTO_ICMP, PROTO_SCTP,
@@ -10,32 +15,93 @@ use egress_common::{
 };
 use serde::Serialize;
 
-fn open(dir: &Path, name: &str) -> Result<MapData> {
-    let p = dir.join(name);
-    MapData::from_pin(&p).with_context(|| {
-        format!(
-            "cannot open pinned map {} (is the redirect dataplane loaded with this --bpffs-dir?)",
-            p.display()
-        )
-    })
+use super::{DataplaneOptions, pindir, recover};
+
+/// The two maps status reads, and where they were found.
+pub struct StatusMaps {
+    stats: Map,
+    flows: Map,
+    /// The pin directory this network namespace's router uses (or the one given).
+    pub dir: PathBuf,
+    /// "pinned in DIR" or "the tcx program on eth0 (...)".
+    pub from: String,
 }
 
-/// Sums the per-CPU counters.
-pub fn read_stats(dir: &Path) -> Result<Stats> {
-    let map = PerCpuArray::<MapData, Stats>::try_from(Map::PerCpuArray(open(dir, MAP_STATS)?))?;
-    let mut total = Stats::default();
-    for s in map.get(&0, 0)?.iter() {
-        total.accumulate(s);
+fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
+    let p = dir.join(name);
+    MapData::from_pin(&p).with_context(|| format!("cannot open pinned map {}", p.display()))
+}
+
+impl StatusMaps {
+    /// The maps pinned in `dir`.
+    pub fn pinned(dir: &Path) -> Result<StatusMaps> {
+        Ok(StatusMaps {
+            stats: Map::PerCpuArray(open_pin(dir, MAP_STATS)?),
+            flows: Map::LruHashMap(open_pin(dir, MAP_FLOWS)?),
+            dir: dir.to_path_buf(),
+            from: format!("pinned in {}", dir.display()),
+        })
     }
-    Ok(total)
+
+    /// The maps pinned in the directory `opts` names, else those of the dataplane attached to
+    /// the cluster interface.
+    pub fn find(opts: &DataplaneOptions) -> Result<StatusMaps> {
+        let dir = pindir::resolve(opts.bpffs_dir.as_deref())?;
+        if dir.join(MAP_STATS).exists() && dir.join(MAP_FLOWS).exists() {
+            return Self::pinned(&dir);
+        }
+        let found = recover::find(&opts.cluster_interface, &opts.macvlan_interface)?;
+        let Some(mut found) = found else {
+            bail!(
+                "no redirect dataplane found: no maps pinned in {} (in this mount namespace), \
+                 and no egress-router program attached to {} ingress in this network namespace",
+                dir.display(),
+                opts.cluster_interface
+            );
+        };
+        let mut take = |name| {
+            found.take(name).with_context(|| {
+                format!("the dataplane attached here has no compatible {name} map")
+            })
+        };
+        let (stats, flows) = (take(MAP_STATS)?, take(MAP_FLOWS)?);
+        Ok(StatusMaps {
+            stats: Map::PerCpuArray(stats),
+            flows: Map::LruHashMap(flows),
+            from: format!(
+                "{} (no pins in {} in this mount namespace)",
+                found.from,
+                dir.display()
+            ),
+            dir,
+        })
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn stats(&self) -> Result<Stats> {
+        let map = PerCpuArray::<&MapData, Stats>::try_from(&self.stats)?;
+        let mut total = Stats::default();
+        for s in map.get(&0, 0)?.iter() {
+            total.accumulate(s);
+        }
+        Ok(total)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(&self.flows)?;
+        let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+        v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
+        Ok(v)
+    }
+}
+
+/// Sums the per-CPU counters pinned in `dir`.
+pub fn read_stats(dir: &Path) -> Result<Stats> {
+    StatusMaps::pinned(dir)?.stats()
 }
 
 pub fn read_flows(dir: &Path) -> Result<Vec<(FlowKey, FlowValue)>> {
-    let map =
-        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::LruHashMap(open(dir, MAP_FLOWS)?))?;
-    let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
-    v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
-    Ok(v)
+    StatusMaps::pinned(dir)?.flows()
 }
 
 pub fn proto_name(p: u8) -> &'static str {
@@ -74,7 +140,41 @@ struct RouteJson {
 }
 
 #[derive(Serialize)]
+struct AttachedJson {
+    interface: String,
+    /// "tcx" or "clsact".
+    method: &'static str,
+    program: String,
+    program_id: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_id: Option<u32>,
+}
+
+/// Our programs attached to the cluster and macvlan interfaces.
+fn attachments(opts: &DataplaneOptions) -> Result<Vec<AttachedJson>> {
+    let mut all = Vec::new();
+    for iface in [&opts.cluster_interface, &opts.macvlan_interface] {
+        for a in recover::attached(iface)? {
+            all.push(AttachedJson {
+                interface: a.interface.clone(),
+                method: a.method.name(),
+                program: a.prog.name_as_str().unwrap_or("?").to_string(),
+                program_id: a.prog.id(),
+                link_id: a.link_id,
+            });
+        }
+    }
+    Ok(all)
+}
+
+#[derive(Serialize)]
 struct StatusJson {
+    /// The pin directory of this network namespace's router (or the one given).
+    bpffs_dir: String,
+    /// Where the maps were found: pinned there, or through the attached program.
+    maps: String,
+    /// Our programs on the two interfaces, each ingress in the order they run.
+    attached: Vec<AttachedJson>,
     counters: serde_json::Map<String, serde_json::Value>,
     flows: Vec<FlowJson>,
 }
@@ -134,22 +234,37 @@ pub fn counters(s: &Stats) -> [(&'static str, u64); 19] {
 }
 
 /// Prints the status, as text or JSON.
-pub fn print(dir: &Path, json: bool) -> Result<()> {
-    let stats = read_stats(dir)?;
-    let flows = read_flows(dir)?;
+pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
+    let maps = StatusMaps::find(opts)?;
+    let stats = maps.stats()?;
+    let flows = maps.flows()?;
     let now = monotonic_ns();
     let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
     let counters = counters(&stats);
+    let attached = attachments(opts)?;
     if json {
         let counters = counters
             .iter()
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&StatusJson { counters, flows })?
-        );
+        let status = StatusJson {
+            bpffs_dir: maps.dir.display().to_string(),
+            maps: maps.from.clone(),
+            attached,
+            counters,
+            flows,
+        };
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
+    }
+    println!("bpffs directory: {}", maps.dir.display());
+    println!("maps: {}", maps.from);
+    for a in &attached {
+        let link = a.link_id.map(|l| format!(", link {l}")).unwrap_or_default();
+        println!(
+            "attached: {} ingress: {} {} (program {}{link})",
+            a.interface, a.method, a.program, a.program_id
+        );
     }
     println!("counters (all CPUs):");
     for (k, v) in counters {
