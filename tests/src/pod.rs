@@ -366,6 +366,51 @@ impl PodLab {
         }
     }
 
+    /// Runs a tool in its own privileged container of the pod (a debugging session next to the
+    /// running router): egress-router with `args` (`status`), or with `bpftool`, bpftool from
+    /// the image's debug variant. Its exit code and everything it printed.
+    pub fn debug_container(&self, bpftool: bool, args: &[&str]) -> (i32, String) {
+        let out = match &self.runtime {
+            Runtime::Processes => {
+                let mut cmd = if bpftool {
+                    Command::new("bpftool")
+                } else {
+                    Command::new(&self.image)
+                };
+                cmd.args(args)
+                    .env_clear()
+                    .env("PATH", PATH)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                self.topo
+                    .router
+                    .spawn_container(cmd)
+                    .unwrap()
+                    .output(Duration::from_secs(30))
+                    .unwrap()
+            }
+            Runtime::Podman { image } => {
+                let mut cmd = podman();
+                cmd.args(["run", "--rm", "--privileged"]).arg(format!(
+                    "--network=ns:{}",
+                    self.topo.router.path().display()
+                ));
+                if bpftool {
+                    let debug = load_image(true).expect("loading the debug image");
+                    cmd.args(["--entrypoint", "/usr/sbin/bpftool", &debug]);
+                } else {
+                    cmd.arg(image);
+                }
+                cmd.args(args).output().expect("podman run")
+            }
+        };
+        (
+            out.status.code().unwrap_or(128),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     pub fn wait_listening(&self, c: &Container, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.connect(port).is_err() {

@@ -479,14 +479,17 @@ fn a_stale_tcx_link_pin_from_a_deleted_namespace_is_replaced() {
     assert_ne!(pinned_link_ifindex(&pin).unwrap(), 0, "attached to eth0");
     // The pod goes (its namespaces with it); its pins stay on the node's bpffs.
     drop(first);
+    // The kernel severs each link as it unregisters that interface, one after the other.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while pinned_link_ifindex(&pin).unwrap() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the kernel never severed {} after its namespace was deleted",
-            pin.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for pin in [pin, dir.join("link_macvlan_ingress_macvlan0")] {
+        while pinned_link_ifindex(&pin).unwrap() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the kernel never severed {} after its namespace was deleted",
+                pin.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     // A new pod with the same directory.
     let second = Lab::new();

@@ -271,6 +271,22 @@ fn legacy_redirect_pod(runtime: Runtime) {
         .unwrap_or_else(|e| panic!("the legacy container never forwarded: {e}\n{}", p.log()));
     assert!(p.is_running(), "{}", p.log());
     assert_eq!(tcp_roundtrip(c, b"one", T).unwrap(), b"one");
+    // Debugging next to the running router, from containers of their own.
+    let (code, status) = lab.debug_container(false, &["status"]);
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("203.0.113.25:8000") && status.contains("192.168.12.99:"),
+        "status shows the connection: {status}"
+    );
+    let (code, net) = lab.debug_container(true, &["net", "show", "dev", "eth0"]);
+    assert_eq!(code, 0, "{net}");
+    assert!(
+        net.contains("eth0_ingress"),
+        "bpftool sees the program: {net}"
+    );
+    let (code, prog) = lab.debug_container(true, &["prog", "show", "name", "eth0_ingress"]);
+    assert_eq!(code, 0, "{prog}");
+    assert!(prog.contains("sched_cls"), "{prog}");
     p.terminate().unwrap();
     assert_eq!(
         p.wait(Duration::from_secs(10)).unwrap(),

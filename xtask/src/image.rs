@@ -155,6 +155,13 @@ fn stage(ctx: &Path, bin: &Path, debug: bool) -> Result<()> {
             real.display()
         );
         put(&real, "/usr/sbin/bpftool", 0o755)?;
+        // Debian's merged /usr: the ELF interpreter and the libraries are found through /lib
+        // and /lib64, links into /usr as on the host.
+        for d in ["lib", "lib64"] {
+            if let Ok(target) = fs::read_link(Path::new("/").join(d)) {
+                std::os::unix::fs::symlink(target, rootfs.join(d))?;
+            }
+        }
         for lib in elf::libraries(&[real])? {
             put(&lib.src, &lib.dest, 0o755)?;
         }
