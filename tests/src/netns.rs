@@ -51,49 +51,20 @@ impl Netns {
     pub fn create(name: &str) -> Result<Netns> {
         require_root()?;
         remove_stale_once();
-        fs::create_dir_all(NETNS_DIR).with_context(|| format!("creating {NETNS_DIR}"))?;
-        let path = Path::new(NETNS_DIR).join(name);
-        File::options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
         // A fresh thread unshares its network namespace, binds it to the name and exits; the
         // bind mount and the returned descriptor keep the namespace alive.
-        let made = std::thread::scope(|s| {
-            s.spawn(|| -> Result<OwnedFd> {
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<Netns> {
                 unshare(CloneFlags::CLONE_NEWNET).context(
                     "unshare(CLONE_NEWNET) failed: creating network namespaces needs \
                      CAP_SYS_ADMIN and a kernel with CONFIG_NET_NS",
                 )?;
-                let me = "/proc/thread-self/ns/net";
-                let fd: OwnedFd = File::open(me)
-                    .with_context(|| format!("opening {me}"))?
-                    .into();
-                mount(
-                    Some(me),
-                    &path,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .with_context(|| format!("bind-mounting {me} on {}", path.display()))?;
-                Ok(fd)
+                Netns::named(name, Path::new("/proc/thread-self/ns/net"))
             })
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        });
-        match made {
-            Ok(fd) => Ok(Netns {
-                name: name.to_string(),
-                fd,
-                procs: Mutex::new(Vec::new()),
-            }),
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                Err(e.context(format!("creating network namespace {name}")))
-            }
-        }
+        })
+        .with_context(|| format!("creating network namespace {name}"))
     }
 
     /// Names an existing network namespace (`source`, such as `/proc/<pid>/ns/net` of a
@@ -101,6 +72,11 @@ impl Netns {
     /// Netns removes the name, not the namespace, which its owner keeps.
     pub fn adopt(name: &str, source: &Path) -> Result<Netns> {
         require_root()?;
+        Netns::named(name, source)
+    }
+
+    /// Bind-mounts the namespace `source` on `/run/netns/<name>` (as `ip netns` names one).
+    fn named(name: &str, source: &Path) -> Result<Netns> {
         fs::create_dir_all(NETNS_DIR).with_context(|| format!("creating {NETNS_DIR}"))?;
         let path = Path::new(NETNS_DIR).join(name);
         File::options()
