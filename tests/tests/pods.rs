@@ -358,3 +358,37 @@ fn kube_play_of_the_redirect_pod_manifest() {
     let ok = exchange(c, &get("/", "web.test"));
     assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
 }
+
+/// The restart-safe legacy pod mounts the node's /sys/fs/bpf: its pins land there, in the
+/// directory of its own network namespace.
+#[test]
+fn kube_play_of_the_legacy_redirect_pod_manifest_pins_on_the_nodes_bpffs() {
+    let root = std::path::Path::new("/sys/fs/bpf/egress-router");
+    let before: std::collections::BTreeSet<_> = std::fs::read_dir(root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let lab = PodLab::kube_play(&manifest("redirect-legacy"));
+    let c = lab
+        .connect_within(80, Duration::from_secs(30))
+        .expect("the legacy router forwards");
+    let ok = exchange(c, &get("/", "web.test"));
+    assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+    let new: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !before.contains(p))
+        .collect();
+    let pinned = new
+        .iter()
+        .any(|d| d.join("FLOWS").exists() && d.join("link_eth0_ingress_eth0").exists());
+    drop(lab);
+    for dir in &new {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert!(
+        pinned,
+        "the pod's maps and links are not pinned on the node's bpffs under {}: {new:?}",
+        root.display()
+    );
+}
