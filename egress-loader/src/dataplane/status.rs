@@ -3,10 +3,10 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use egress_common::{
-    DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, MAP_FLOWS, MAP_STATS, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, Stats,
+    DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_RULES,
+    MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey, RuleTarget, Stats,
 };
 use serde::Serialize;
 
@@ -36,6 +36,72 @@ pub fn read_flows(dir: &Path) -> Result<Vec<(FlowKey, FlowValue)>> {
     let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
     v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
     Ok(v)
+}
+
+/// The maps a reader of the dataplane needs (the metrics of legacy mode and of the exporter),
+/// opened from their pins under `dir`. Every reader outside the loader goes through here, so
+/// that how the pins are found lives in one place.
+pub struct PinnedMaps {
+    stats: PerCpuArray<MapData, Stats>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    flows_max: u32,
+    config: Array<MapData, DataplaneConfig>,
+    rules: HashMap<MapData, RuleKey, RuleTarget>,
+}
+
+/// Opens the counters, the connection table, the configuration and the rules. Needs nothing
+/// but the right to open the pins (no capability to load or attach anything).
+pub fn open_maps(dir: &Path) -> Result<PinnedMaps> {
+    let flows = open(dir, MAP_FLOWS)?;
+    let flows_max = flows
+        .info()
+        .with_context(|| format!("reading the {MAP_FLOWS} map's size"))?
+        .max_entries();
+    Ok(PinnedMaps {
+        stats: PerCpuArray::try_from(Map::PerCpuArray(open(dir, MAP_STATS)?))?,
+        flows: HashMap::try_from(Map::LruHashMap(flows))?,
+        flows_max,
+        config: Array::try_from(Map::Array(open(dir, MAP_CONFIG)?))?,
+        rules: HashMap::try_from(Map::HashMap(open(dir, MAP_RULES)?))?,
+    })
+}
+
+impl PinnedMaps {
+    /// The counters summed over the CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut total = Stats::default();
+        for s in self.stats.get(&0, 0)?.iter() {
+            total.accumulate(s);
+        }
+        Ok(total)
+    }
+
+    /// The connection table's keys, each once, read without the values (one system call per
+    /// entry). The table changes meanwhile: at most its capacity is read.
+    pub fn flow_keys(&self) -> Vec<FlowKey> {
+        let mut seen = std::collections::HashSet::new();
+        self.flows
+            .keys()
+            .take(self.flows_max as usize)
+            .filter_map(|k| k.ok())
+            .filter(|k| seen.insert(*k))
+            .collect()
+    }
+
+    /// The connection table's capacity in entries.
+    pub fn flows_max(&self) -> u32 {
+        self.flows_max
+    }
+
+    /// The configuration the loader wrote (all zero before it did).
+    pub fn config(&self) -> Result<DataplaneConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// How many redirect rules are loaded (the fallback is in the configuration).
+    pub fn rule_count(&self) -> usize {
+        self.rules.keys().filter(|k| k.is_ok()).count()
+    }
 }
 
 pub fn proto_name(p: u8) -> &'static str {
