@@ -1,42 +1,79 @@
-//! Redirect mode (init and legacy): interface setup, then the eBPF dataplane.
+//! Redirect mode (init and legacy): interface setup, then the eBPF dataplane; and the exporter,
+//! which serves the metrics of a dataplane that init mode left behind.
+use std::path::PathBuf;
+
 use anyhow::{Context as _, Result};
 use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::{
     config::{Config, Mode},
     dataplane::{Dataplane, DataplaneOptions, DataplaneSettings},
-    netsetup,
+    metrics::{
+        self, Health, MetricsOptions, Role,
+        redirect::{GcMetrics, RedirectCollector},
+    },
+    netsetup, shutdown,
 };
 
-pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
+pub fn run(cfg: &Config, opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Result<()> {
     let redirect = cfg
         .redirect
         .as_ref()
         .context("redirect mode without EGRESS_DESTINATION")?;
     let eth0 = ifindex(&opts.cluster_interface)?;
     let macvlan = ifindex(&opts.macvlan_interface)?;
+    // The metrics listener: legacy mode's own, or in init mode the exporter's. Its port on the
+    // pod IP stays the router's even with a fallback.
+    let metrics_addr = metrics_opts.address(|port| metrics::port_taken(cfg, None, port))?;
     // Everything that can fail on bad input is checked before anything is applied.
-    let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    let mut settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    settings.config.local_tcp_port = metrics_addr.map_or(0, |a| a.port());
     Dataplane::preflight(opts)?;
+    if cfg.mode != Mode::Legacy {
+        // Init mode keeps the default action of SIGTERM: it is short-lived.
+        let _dp = set_up(cfg, opts, &settings)?;
+        // The second gratuitous ARP goes out ~2 s after setup; do not leave before it.
+        netsetup::wait_for_announcements();
+        return Ok(());
+    }
     // Legacy mode listens for SIGTERM from the start: one arriving during setup is handled
-    // once setup is done, instead of killing the process half-way.
-    // (Init mode keeps the default action: it is short-lived.)
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // once setup is done, instead of killing the process half-way. The metrics listener
+    // answers during setup too (not ready yet), from the runtime's worker thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
-        .build()?;
-    let term = if cfg.mode == Mode::Legacy {
+        .build()
+        .context("starting the async runtime")?;
+    let (shutdown, gc, health) = {
         let _in_runtime = rt.enter();
-        Some(tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        )?)
-    } else {
-        None
+        let shutdown = shutdown::on_signal()?;
+        let mut registry = metrics::registry(Role::Legacy);
+        registry.register_collector(Box::new(RedirectCollector::new(opts.bpffs_dir.clone())));
+        let gc = GcMetrics::default();
+        gc.register(&mut registry);
+        let health = Health::new("the dataplane is not attached yet");
+        metrics::listen(metrics_addr, registry, health.clone(), &shutdown)?;
+        (shutdown, gc, health)
     };
+    let dp = set_up(cfg, opts, &settings)?;
+    let dir = opts.bpffs_dir.clone();
+    health.ready_when(move || metrics::redirect::ready(&dir));
+    rt.block_on(wait_for_sigterm(shutdown, dp, gc));
+    Ok(())
+}
+
+/// Sets up macvlan0 and forwarding, loads and configures the dataplane and attaches it.
+fn set_up(
+    cfg: &Config,
+    opts: &DataplaneOptions,
+    settings: &DataplaneSettings,
+) -> Result<Dataplane> {
     netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
     netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
     let mut dp = Dataplane::load(opts)?;
-    dp.configure(&settings)?;
+    dp.configure(settings)?;
     for (prog, iface) in [
         (PROG_MACVLAN_INGRESS, opts.macvlan_interface.as_str()),
         (PROG_ETH0_INGRESS, opts.cluster_interface.as_str()),
@@ -44,20 +81,14 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
         let how = dp.attach(prog, iface, opts)?;
         info!(program = prog, interface = iface, attach = ?how, "attached");
     }
+    let redirect = cfg.redirect.as_ref().expect("checked by run");
     info!(
         rules = redirect.rules.len(),
         fallback = ?redirect.fallback,
         bpffs = %opts.bpffs_dir.display(),
         "redirect dataplane running"
     );
-    match term {
-        Some(term) => wait_for_sigterm(rt, term, dp),
-        None => {
-            // The second gratuitous ARP goes out ~2 s after setup; do not leave before it.
-            netsetup::wait_for_announcements();
-            Ok(())
-        }
-    }
+    Ok(dp)
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -69,25 +100,56 @@ const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
 /// not detach anything: live connections keep flowing.
-fn wait_for_sigterm(
-    rt: tokio::runtime::Runtime,
-    mut term: tokio::signal::unix::Signal,
-    mut dp: Dataplane,
-) -> Result<()> {
-    rt.block_on(async {
-        let mut gc = tokio::time::interval(GC_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = gc.tick() => match dp.collect_garbage() {
+async fn wait_for_sigterm(shutdown: CancellationToken, mut dp: Dataplane, gc: GcMetrics) {
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                gc.runs.inc();
+                match dp.collect_garbage() {
                     Ok(0) => {}
-                    Ok(n) => tracing::debug!(entries = n, "expired flows removed"),
-                    Err(e) => tracing::warn!("flow garbage collection failed: {e:#}"),
-                },
+                    Ok(n) => {
+                        gc.removed.inc_by(n as u64);
+                        tracing::debug!(entries = n, "expired flows removed");
+                    }
+                    Err(e) => {
+                        gc.failures.inc();
+                        warn!("flow garbage collection failed: {e:#}");
+                    }
+                }
             }
         }
-        info!("signal received, exiting; the dataplane stays attached");
+    }
+    info!("signal received, exiting; the dataplane stays attached");
+}
+
+/// `egress-router exporter`: serves the metrics of the dataplane pinned under `dir` (what init
+/// mode leaves behind) until SIGTERM. Needs only to be able to open the pins.
+pub fn exporter(dir: PathBuf, metrics_opts: &MetricsOptions) -> Result<()> {
+    let addr = metrics_opts.address(|_| None)?.context(
+        "the exporter serves metrics and nothing else: EGRESS_METRICS_ADDRESS cannot be off",
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = shutdown::on_signal()?;
+        let mut registry = metrics::registry(Role::Exporter);
+        registry.register_collector(Box::new(RedirectCollector::new(dir.clone())));
+        let health = Health::new("starting");
+        let ready_dir = dir.clone();
+        health.ready_when(move || metrics::redirect::ready(&ready_dir));
+        metrics::listen(Some(addr), registry, health.clone(), &shutdown)?;
+        match health.check() {
+            Ok(()) => info!(bpffs = %dir.display(), "exporting the redirect dataplane's metrics"),
+            Err(why) => warn!(
+                bpffs = %dir.display(),
+                "exporting the redirect dataplane's metrics; not ready yet: {why}"
+            ),
+        }
+        shutdown.cancelled().await;
         Ok(())
     })
 }
