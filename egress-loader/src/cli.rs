@@ -85,6 +85,21 @@ pub struct Cli {
     pub resolver: ResolverOptions,
     #[command(flatten)]
     pub metrics: MetricsOptions,
+    /// Log lines as text, or as JSON objects (one a line).
+    #[arg(
+        long,
+        env = "EGRESS_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,22 +197,27 @@ impl EnvSettings {
     }
 }
 
-fn init_logging(debug: bool) {
+fn init_logging(debug: bool, format: LogFormat) {
     let filter = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // One object a line, the event's fields at the top level next to "message".
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+    };
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Status { json }) => {
-            init_logging(false);
+            init_logging(false, cli.log_format);
             return report(crate::dataplane::status::print(
                 &cli.dataplane.bpffs_dir,
                 *json,
@@ -210,7 +230,7 @@ pub fn main() -> ExitCode {
                 .egress_router_debug
                 .as_deref()
                 .is_some_and(|v| !v.is_empty());
-            init_logging(debug);
+            init_logging(debug, cli.log_format);
             return report(redirect::exporter(
                 cli.dataplane.bpffs_dir.clone(),
                 &cli.metrics,
@@ -225,7 +245,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    init_logging(cfg.debug);
+    init_logging(cfg.debug, cli.log_format);
     match cli.command {
         Some(Command::Check { openshift }) => {
             if openshift {

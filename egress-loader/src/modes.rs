@@ -19,6 +19,15 @@ pub fn run(cfg: &Config, cli: &Cli) -> Result<()> {
         );
         return Ok(());
     }
+    // The startup summary: what this process is and every rule it applies, in one line.
+    let summary: Vec<String> = config::describe(cfg).lines().map(String::from).collect();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        role = ?cfg.role,
+        mode = %cfg.mode,
+        config = ?summary,
+        "egress-router starting"
+    );
     match (cfg.role, cfg.mode) {
         (_, Mode::Init | Mode::Legacy) => redirect::run(cfg, opts, &cli.metrics),
         (Role::Router, proxy) => proxy_init_container(cfg, proxy, &opts.macvlan_interface),

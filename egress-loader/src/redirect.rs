@@ -1,15 +1,15 @@
 //! Redirect mode (init and legacy): interface setup, then the eBPF dataplane; and the exporter,
 //! which serves the metrics of a dataplane that init mode left behind.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS};
+use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, Stats};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
     config::{Config, Mode},
-    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings},
+    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status},
     metrics::{
         self, Health, MetricsOptions, Role,
         redirect::{GcMetrics, RedirectCollector},
@@ -60,7 +60,7 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions, metrics_opts: &MetricsOptions)
     let dp = set_up(cfg, opts, &settings)?;
     let dir = opts.bpffs_dir.clone();
     health.ready_when(move || metrics::redirect::ready(&dir));
-    rt.block_on(wait_for_sigterm(shutdown, dp, gc));
+    rt.block_on(wait_for_sigterm(shutdown, dp, &opts.bpffs_dir, gc));
     Ok(())
 }
 
@@ -98,10 +98,17 @@ fn ifindex(name: &str) -> Result<u32> {
 /// How often legacy mode removes expired flows.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
-/// not detach anything: live connections keep flowing.
-async fn wait_for_sigterm(shutdown: CancellationToken, mut dp: Dataplane, gc: GcMetrics) {
+/// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile and saying
+/// when new flows were dropped for want of room. Leaving does not detach anything: live
+/// connections keep flowing.
+async fn wait_for_sigterm(
+    shutdown: CancellationToken,
+    mut dp: Dataplane,
+    dir: &Path,
+    gc: GcMetrics,
+) {
     let mut tick = tokio::time::interval(GC_INTERVAL);
+    let mut last = status::read_stats(dir).ok();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -118,10 +125,48 @@ async fn wait_for_sigterm(shutdown: CancellationToken, mut dp: Dataplane, gc: Gc
                         warn!("flow garbage collection failed: {e:#}");
                     }
                 }
+                let now = status::read_stats(dir).ok();
+                if let (Some(before), Some(now)) = (&last, &now) {
+                    report_drops(before, now, dir);
+                }
+                last = now.or(last);
             }
         }
     }
     info!("signal received, exiting; the dataplane stays attached");
+}
+
+/// New flows dropped since the last tick for want of room: (connection table full, source
+/// ports exhausted).
+pub fn room_drops(before: &Stats, now: &Stats) -> (u64, u64) {
+    (
+        now.drop_table_full.saturating_sub(before.drop_table_full),
+        now.drop_port_exhausted
+            .saturating_sub(before.drop_port_exhausted),
+    )
+}
+
+fn report_drops(before: &Stats, now: &Stats, dir: &Path) {
+    let (table_full, ports) = room_drops(before, now);
+    if table_full > 0 {
+        let (entries, capacity) = status::open_maps(dir)
+            .map(|m| (m.flow_keys().len(), m.flows_max()))
+            .unwrap_or_default();
+        warn!(
+            dropped = table_full,
+            entries,
+            capacity,
+            "flow table full: new flows were dropped since the last check (raise \
+             EGRESS_CONNTRACK_SIZE)"
+        );
+    }
+    if ports > 0 {
+        warn!(
+            dropped = ports,
+            "source ports exhausted: new flows to a busy destination were dropped since the \
+             last check (widen EGRESS_PORT_RANGE)"
+        );
+    }
 }
 
 /// `egress-router exporter`: serves the metrics of the dataplane pinned under `dir` (what init
@@ -152,4 +197,31 @@ pub fn exporter(dir: PathBuf, metrics_opts: &MetricsOptions) -> Result<()> {
         shutdown.cancelled().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_for_want_of_room_are_the_counters_growth() {
+        let before = Stats {
+            drop_table_full: 5,
+            drop_port_exhausted: 1,
+            drop_malformed: 9,
+            ..Default::default()
+        };
+        let now = Stats {
+            drop_table_full: 7,
+            drop_port_exhausted: 1,
+            drop_malformed: 20,
+            ..Default::default()
+        };
+        assert_eq!(room_drops(&before, &now), (2, 0));
+        assert_eq!(
+            room_drops(&now, &before),
+            (0, 0),
+            "maps replaced meanwhile: counters restarted"
+        );
+    }
 }

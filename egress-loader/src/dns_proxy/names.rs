@@ -149,10 +149,20 @@ async fn watcher(
                 }
                 let addrs: Arc<[IpAddr]> = addrs.into();
                 tx.send_if_modified(|cur| {
-                    if matches!(cur, Addrs::Ready(old) if *old == addrs) {
-                        return false;
+                    let old = match cur {
+                        Addrs::Ready(old) if *old == addrs => return false,
+                        Addrs::Ready(old) => Some(old.clone()),
+                        Addrs::Pending | Addrs::Failed(_) => None,
+                    };
+                    match old {
+                        Some(old) => info!(
+                            name,
+                            old = ?old,
+                            new = ?addrs,
+                            "name re-resolved: its addresses changed"
+                        ),
+                        None => info!(name, addresses = ?addrs, "name resolved"),
                     }
-                    info!(name, addresses = ?addrs, "destination addresses");
                     *cur = Addrs::Ready(addrs.clone());
                     true
                 });

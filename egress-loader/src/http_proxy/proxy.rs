@@ -219,6 +219,24 @@ impl Conn {
         );
         if decided == Decision::Denied {
             m.denied(rule.map(|r| r.line));
+            tracing::info!(
+                client = %self.client,
+                method = %method,
+                target = %target,
+                rule_line = rule.map(|r| r.line),
+                reason = %r.reason,
+                "request denied"
+            );
+        } else if r.status.is_server_error() {
+            tracing::warn!(
+                client = %self.client,
+                method = %method,
+                target = %target,
+                status = r.status.as_u16(),
+                error = r.error.map_or("", |e| e.as_str()),
+                reason = %r.reason,
+                "upstream failure"
+            );
         }
         let mut log = self.log(method, target, rule, r.status, start);
         if let Some(log) = &mut log {
