@@ -103,7 +103,11 @@ pub struct DataplaneConfig {
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
     pub icmp_timeout: u32,
-    pub _pad1: u32,
+    /// A TCP port of the router itself (its metrics and health listener): never sent to the
+    /// fallback, so that probes and scrapes of the pod IP reach the router. 0: none. (This
+    /// was padding: a CONFIG map pinned by an older build reads as 0.)
+    pub local_tcp_port: u16,
+    pub _pad1: u16,
 }
 
 /// Key of the redirect rule map: a local (router) port and protocol.

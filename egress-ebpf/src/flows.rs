@@ -66,6 +66,12 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
             return Ok((t.daddr, t.dport));
         }
     }
+    // The router's own listener (metrics and health probes): neither the fallback's nor a
+    // packet without a rule (each scrape would count as no_rule). Only packets that start no
+    // flow of a rule get here: translated traffic never pays this.
+    if proto == PROTO_TCP && cfg.local_tcp_port != 0 && p.key.dport == cfg.local_tcp_port {
+        return Err(Error::NotOurs);
+    }
     if cfg.has_fallback != 0 {
         return Ok((cfg.fallback, p.key.dport));
     }

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config, dataplane::DataplaneOptions, dns_proxy::DnsProxyOptions, http_proxy::HttpProxyOptions,
-    modes, resolver::ResolverOptions,
+    metrics::MetricsOptions, modes, redirect, resolver::ResolverOptions,
 };
 
 const ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
@@ -35,7 +35,10 @@ pod specs its environment describes (one image for all of them):
                                          rules, squid ACLs, haproxy.cfg), change nothing
 
 One process for both roles of a proxy pod (set up macvlan0, then serve) is an extension, asked for
-explicitly: EGRESS_ROUTER_MODE=http-proxy or dns-proxy with EGRESS_ONE_PROCESS=true.";
+explicitly: EGRESS_ROUTER_MODE=http-proxy or dns-proxy with EGRESS_ONE_PROCESS=true.
+
+Every long-running role (legacy, the proxies, `egress-router exporter` beside an init-mode
+dataplane) serves /metrics, /healthz and /readyz on EGRESS_METRICS_ADDRESS (0.0.0.0:9190).";
 
 const RULES_HELP: &str = "\
 EGRESS_DESTINATION (redirect modes), one rule a line, '#' comments and blank lines skipped:
@@ -62,7 +65,8 @@ Examples:
   EGRESS_SOURCE=192.168.12.99/24 EGRESS_GATEWAY=192.168.12.1 \\
   EGRESS_DESTINATION='80 tcp 203.0.113.25' egress-router
   egress-router check        validate the environment and exit
-  egress-router status       counters and connection table of the redirect dataplane";
+  egress-router status       counters and connection table of the redirect dataplane
+  egress-router exporter     serve an init-mode dataplane's metrics until SIGTERM";
 
 #[derive(Parser, Debug)]
 #[command(name = "egress-router", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = RULES_HELP)]
@@ -79,6 +83,23 @@ pub struct Cli {
     pub dns: DnsProxyOptions,
     #[command(flatten)]
     pub resolver: ResolverOptions,
+    #[command(flatten)]
+    pub metrics: MetricsOptions,
+    /// Log lines as text, or as JSON objects (one a line).
+    #[arg(
+        long,
+        env = "EGRESS_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +118,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the redirect dataplane's metrics and health probes from its pinned maps, until
+    /// SIGTERM: the long-running companion of init mode, whose process exits. Needs no
+    /// privilege but opening the pins under --bpffs-dir; changes nothing.
+    Exporter,
 }
 
 /// The OpenShift contract, read raw; `config::parse` validates all of it at once.
@@ -172,22 +197,40 @@ impl EnvSettings {
     }
 }
 
-fn init_logging(debug: bool) {
+fn init_logging(debug: bool, format: LogFormat) {
     let filter = if debug { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // One object a line, the event's fields at the top level next to "message".
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+    };
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Status { json }) = &cli.command {
-        init_logging(false);
-        return report(crate::dataplane::status::print(&cli.dataplane, *json));
+    match &cli.command {
+        Some(Command::Status { json }) => {
+            init_logging(false, cli.log_format);
+            return report(crate::dataplane::status::print(&cli.dataplane, *json));
+        }
+        Some(Command::Exporter) => {
+            // The exporter reads no EGRESS_* variable but the debug switch.
+            let debug = cli
+                .env
+                .egress_router_debug
+                .as_deref()
+                .is_some_and(|v| !v.is_empty());
+            init_logging(debug, cli.log_format);
+            return report(redirect::exporter(&cli.dataplane, &cli.metrics));
+        }
+        _ => {}
     }
     let cfg = match config::parse(&cli.env.to_map()) {
         Ok(cfg) => cfg,
@@ -196,7 +239,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    init_logging(cfg.debug);
+    init_logging(cfg.debug, cli.log_format);
     match cli.command {
         Some(Command::Check { openshift }) => {
             if openshift {

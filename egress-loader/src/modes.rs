@@ -19,8 +19,17 @@ pub fn run(cfg: &Config, cli: &Cli) -> Result<()> {
         );
         return Ok(());
     }
+    // The startup summary: what this process is and every rule it applies, in one line.
+    let summary: Vec<String> = config::describe(cfg).lines().map(String::from).collect();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        role = ?cfg.role,
+        mode = %cfg.mode,
+        config = ?summary,
+        "egress-router starting"
+    );
     match (cfg.role, cfg.mode) {
-        (_, Mode::Init | Mode::Legacy) => redirect::run(cfg, opts),
+        (_, Mode::Init | Mode::Legacy) => redirect::run(cfg, opts, &cli.metrics),
         (Role::Router, proxy) => proxy_init_container(cfg, proxy, &opts.macvlan_interface),
         (Role::Proxy, _) => {
             let cfg = with_upstream_source(cfg, &opts.macvlan_interface)?;
@@ -112,8 +121,12 @@ fn with_upstream_source(cfg: &Config, macvlan: &str) -> Result<Config> {
 
 fn serve(cfg: &Config, cli: &Cli) -> Result<()> {
     match cfg.mode {
-        Mode::HttpProxy => runtime()?.block_on(http_proxy::run(cfg, &cli.http, &cli.resolver)),
-        Mode::DnsProxy => runtime()?.block_on(dns_proxy::run(cfg, &cli.dns, &cli.resolver)),
+        Mode::HttpProxy => {
+            runtime()?.block_on(http_proxy::run(cfg, &cli.http, &cli.resolver, &cli.metrics))
+        }
+        Mode::DnsProxy => {
+            runtime()?.block_on(dns_proxy::run(cfg, &cli.dns, &cli.resolver, &cli.metrics))
+        }
         m => bail!("{m} mode has no proxy to serve"),
     }
 }

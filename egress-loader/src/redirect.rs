@@ -1,42 +1,78 @@
-//! Redirect mode (init and legacy): interface setup, then the eBPF dataplane.
+//! Redirect mode (init and legacy): interface setup, then the eBPF dataplane; and the exporter,
+//! which serves the metrics of a dataplane that init mode left behind.
 use anyhow::{Context as _, Result};
-use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS};
+use egress_common::{PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, Stats};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Mode},
-    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings},
-    netsetup,
+    dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status::StatusMaps},
+    metrics::{
+        self, Health, MetricsOptions, Role,
+        redirect::{GcMetrics, RedirectCollector},
+    },
+    netsetup, shutdown,
 };
 
-pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
+pub fn run(cfg: &Config, opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Result<()> {
     let redirect = cfg
         .redirect
         .as_ref()
         .context("redirect mode without EGRESS_DESTINATION")?;
     let eth0 = ifindex(&opts.cluster_interface)?;
     let macvlan = ifindex(&opts.macvlan_interface)?;
+    // The metrics listener: legacy mode's own, or in init mode the exporter's. Its port on the
+    // pod IP stays the router's even with a fallback.
+    let metrics_addr = metrics_opts.address(|port| metrics::port_taken(cfg, None, port))?;
     // Everything that can fail on bad input is checked before anything is applied.
-    let settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    let mut settings = DataplaneSettings::new(redirect, cfg.source.addr, eth0, macvlan, opts)?;
+    settings.config.local_tcp_port = metrics_addr.map_or(0, |a| a.port());
     let preflight = Dataplane::preflight(opts, cfg.mode)?;
+    if cfg.mode != Mode::Legacy {
+        // Init mode keeps the default action of SIGTERM: it is short-lived.
+        let _dp = set_up(cfg, opts, &settings, preflight)?;
+        // The second gratuitous ARP goes out ~2 s after setup; do not leave before it.
+        netsetup::wait_for_announcements();
+        return Ok(());
+    }
     // Legacy mode listens for SIGTERM from the start: one arriving during setup is handled
-    // once setup is done, instead of killing the process half-way.
-    // (Init mode keeps the default action: it is short-lived.)
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // once setup is done, instead of killing the process half-way. The metrics listener
+    // answers during setup too (not ready yet), from the runtime's worker thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
-        .build()?;
-    let term = if cfg.mode == Mode::Legacy {
+        .build()
+        .context("starting the async runtime")?;
+    let (shutdown, gc, health) = {
         let _in_runtime = rt.enter();
-        Some(tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        )?)
-    } else {
-        None
+        let shutdown = shutdown::on_signal()?;
+        let mut registry = metrics::registry(Role::Legacy);
+        registry.register_collector(Box::new(RedirectCollector::new(opts.clone())));
+        let gc = GcMetrics::default();
+        gc.register(&mut registry);
+        let health = Health::new("the dataplane is not attached yet");
+        metrics::listen(metrics_addr, registry, health.clone(), &shutdown)?;
+        (shutdown, gc, health)
     };
+    let dp = set_up(cfg, opts, &settings, preflight)?;
+    let ready_opts = opts.clone();
+    health.ready_when(move || metrics::redirect::ready(&ready_opts));
+    rt.block_on(wait_for_sigterm(shutdown, dp, opts, gc));
+    Ok(())
+}
+
+/// Sets up macvlan0 and forwarding, loads and configures the dataplane and attaches it.
+fn set_up(
+    cfg: &Config,
+    opts: &DataplaneOptions,
+    settings: &DataplaneSettings,
+    preflight: crate::dataplane::Preflight,
+) -> Result<Dataplane> {
     netsetup::apply(cfg, &opts.macvlan_interface).context("setting up the macvlan interface")?;
     netsetup::enable_forwarding().context("enabling IPv4 forwarding")?;
     let mut dp = Dataplane::load(opts, preflight)?;
-    dp.configure(&settings)?;
+    dp.configure(settings)?;
     let mut replaced = false;
     for (prog, iface) in [
         (PROG_MACVLAN_INGRESS, opts.macvlan_interface.as_str()),
@@ -47,19 +83,13 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions) -> Result<()> {
         replaced |= how.replaced;
     }
     announce(&dp, replaced);
+    let redirect = cfg.redirect.as_ref().expect("checked by run");
     info!(
         rules = redirect.rules.len(),
         fallback = ?redirect.fallback,
         "redirect dataplane running"
     );
-    match term {
-        Some(term) => wait_for_sigterm(rt, term, dp),
-        None => {
-            // The second gratuitous ARP goes out ~2 s after setup; do not leave before it.
-            netsetup::wait_for_announcements();
-            Ok(())
-        }
-    }
+    Ok(dp)
 }
 
 /// The one line saying how the dataplane is attached and what survives a restart.
@@ -81,28 +111,130 @@ fn ifindex(name: &str) -> Result<u32> {
 /// How often legacy mode removes expired flows.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile. Leaving does
-/// not detach anything; whether the dataplane outlives us depends on the plan (tcx links on a
-/// private bpffs do not), and the last line says which.
-fn wait_for_sigterm(
-    rt: tokio::runtime::Runtime,
-    mut term: tokio::signal::unix::Signal,
+/// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile and saying
+/// when new flows were dropped for want of room. Leaving does not detach anything; whether the
+/// dataplane outlives us depends on the plan (tcx links on a private bpffs do not), and the
+/// last line says which.
+async fn wait_for_sigterm(
+    shutdown: CancellationToken,
     mut dp: Dataplane,
-) -> Result<()> {
-    rt.block_on(async {
-        let mut gc = tokio::time::interval(GC_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = gc.tick() => match dp.collect_garbage() {
+    opts: &DataplaneOptions,
+    gc: GcMetrics,
+) {
+    let read_stats = || StatusMaps::find(opts).and_then(|m| m.stats()).ok();
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    let mut last = read_stats();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                gc.runs.inc();
+                match dp.collect_garbage() {
                     Ok(0) => {}
-                    Ok(n) => tracing::debug!(entries = n, "expired flows removed"),
-                    Err(e) => tracing::warn!("flow garbage collection failed: {e:#}"),
-                },
+                    Ok(n) => {
+                        gc.removed.inc_by(n as u64);
+                        tracing::debug!(entries = n, "expired flows removed");
+                    }
+                    Err(e) => {
+                        gc.failures.inc();
+                        warn!("flow garbage collection failed: {e:#}");
+                    }
+                }
+                let now = read_stats();
+                if let (Some(before), Some(now)) = (&last, &now) {
+                    report_drops(before, now, opts);
+                }
+                last = now.or(last);
             }
         }
-        info!("signal received, exiting; {}", dp.plan.on_exit());
+    }
+    info!("signal received, exiting; {}", dp.plan.on_exit());
+}
+
+/// New flows dropped since the last tick for want of room: (connection table full, source
+/// ports exhausted).
+pub fn room_drops(before: &Stats, now: &Stats) -> (u64, u64) {
+    (
+        now.drop_table_full.saturating_sub(before.drop_table_full),
+        now.drop_port_exhausted
+            .saturating_sub(before.drop_port_exhausted),
+    )
+}
+
+fn report_drops(before: &Stats, now: &Stats, opts: &DataplaneOptions) {
+    let (table_full, ports) = room_drops(before, now);
+    if table_full > 0 {
+        let (entries, capacity) = StatusMaps::find(opts)
+            .and_then(|m| Ok((m.flow_keys()?.len(), m.flows_max())))
+            .unwrap_or_default();
+        warn!(
+            dropped = table_full,
+            entries,
+            capacity,
+            "flow table full: new flows were dropped since the last check (raise \
+             EGRESS_CONNTRACK_SIZE)"
+        );
+    }
+    if ports > 0 {
+        warn!(
+            dropped = ports,
+            "source ports exhausted: new flows to a busy destination were dropped since the \
+             last check (widen EGRESS_PORT_RANGE)"
+        );
+    }
+}
+
+/// `egress-router exporter`: serves the metrics of the dataplane that init mode left behind,
+/// until SIGTERM: found as `status` finds it (the pins, or our program attached to the cluster
+/// interface), so it needs only to be able to read those maps.
+pub fn exporter(opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Result<()> {
+    let addr = metrics_opts.address(|_| None)?.context(
+        "the exporter serves metrics and nothing else: EGRESS_METRICS_ADDRESS cannot be off",
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = shutdown::on_signal()?;
+        let mut registry = metrics::registry(Role::Exporter);
+        registry.register_collector(Box::new(RedirectCollector::new(opts.clone())));
+        let health = Health::new("starting");
+        let ready_opts = opts.clone();
+        health.ready_when(move || metrics::redirect::ready(&ready_opts));
+        metrics::listen(Some(addr), registry, health.clone(), &shutdown)?;
+        match health.check() {
+            Ok(()) => info!("exporting the redirect dataplane's metrics"),
+            Err(why) => warn!("exporting the redirect dataplane's metrics; not ready yet: {why}"),
+        }
+        shutdown.cancelled().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_for_want_of_room_are_the_counters_growth() {
+        let before = Stats {
+            drop_table_full: 5,
+            drop_port_exhausted: 1,
+            drop_malformed: 9,
+            ..Default::default()
+        };
+        let now = Stats {
+            drop_table_full: 7,
+            drop_port_exhausted: 1,
+            drop_malformed: 20,
+            ..Default::default()
+        };
+        assert_eq!(room_drops(&before, &now), (2, 0));
+        assert_eq!(
+            room_drops(&now, &before),
+            (0, 0),
+            "maps replaced meanwhile: counters restarted"
+        );
+    }
 }

@@ -326,3 +326,56 @@ fn check_describes_the_dns_proxy_rules() {
     );
     assert!(err.contains("Bad destination '80 dns'"), "{err}");
 }
+
+/// `--log-format json` (or EGRESS_LOG_FORMAT=json): every log line is one JSON object with the
+/// event's fields at the top level. The exporter, which needs no root, logs at start and on
+/// SIGTERM, then exits 0.
+#[test]
+fn json_logs_are_one_object_a_line() {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_egress-router"))
+        .args([
+            "exporter",
+            "--bpffs-dir",
+            "/nonexistent/egress-router",
+            "--metrics-address",
+            "127.0.0.1:0",
+        ])
+        .env_clear()
+        .env("EGRESS_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut objects = Vec::new();
+    for line in lines.by_ref().take(2) {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        objects.push(v);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        objects[0]["message"],
+        "metrics and health listener: /metrics /healthz /readyz"
+    );
+    assert!(
+        objects[0]["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(objects[1]["level"], "WARN");
+    assert_eq!(objects[1]["bpffs"], "/nonexistent/egress-router");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("\"SIGTERM received: shutting down\"")),
+        "{rest:?}"
+    );
+}

@@ -23,6 +23,7 @@ use std::{
 use egress_router::{
     config::{Config, DnsRule, DnsTarget, EgressSource, Mode, Role},
     dns_proxy::{DnsProxy, DnsProxyOptions, Engine},
+    metrics::dns::DnsMetrics,
     resolver::ResolverOptions,
 };
 use hickory_resolver::TokioResolver;
@@ -410,7 +411,9 @@ struct Proxy {
 
 impl Proxy {
     async fn start(cfg: Config, opts: DnsProxyOptions, resolver: ResolverOptions) -> Proxy {
-        let proxy = DnsProxy::bind(&cfg, &opts, &resolver).await.unwrap();
+        let proxy = DnsProxy::bind(&cfg, &opts, &resolver, DnsMetrics::default())
+            .await
+            .unwrap();
         let addrs = proxy.local_addrs();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy.serve(async {

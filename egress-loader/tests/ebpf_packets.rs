@@ -146,11 +146,15 @@ impl Dp {
     }
 
     fn stats(&self) -> Stats {
-        status::read_stats(&self.dir).unwrap()
+        status::StatusMaps::pinned(&self.dir)
+            .and_then(|m| m.stats())
+            .unwrap()
     }
 
     fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
-        status::read_flows(&self.dir).unwrap()
+        status::StatusMaps::pinned(&self.dir)
+            .and_then(|m| m.flows())
+            .unwrap()
     }
 }
 
@@ -687,6 +691,43 @@ fn tcp_close_marks_both_directions_and_idle_flows_expire() {
     let (v, _) = dp.back(&udp(DEST, SOURCE, 53, sport(&out), b"late"));
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(dp.stats().drop_unsolicited, 1);
+}
+
+/// The router's own listener (the metrics port) is neither the fallback's nor counted as a
+/// packet without a rule; UDP on that port and every other port still follow the fallback.
+#[test]
+fn the_routers_own_tcp_port_stays_local_even_with_a_fallback() {
+    let mut dp = Dp::new(vec![], Some(FALLBACK), |_| {});
+    let opts = DataplaneOptions {
+        bpffs_dir: Some(dp.dir.clone()),
+        ..Default::default()
+    };
+    let redirect = RedirectConfig {
+        rules: vec![],
+        fallback: Some(Ipv4Addr::from(FALLBACK).into()),
+    };
+    let mut s = DataplaneSettings::new(
+        &redirect,
+        Ipv4Addr::from(SOURCE),
+        NO_IFINDEX.0,
+        NO_IFINDEX.1,
+        &opts,
+    )
+    .unwrap();
+    s.config.local_tcp_port = 9190;
+    dp.dp.configure(&s).unwrap();
+    let scrape = tcp(CLIENT, POD, 40000, 9190, "S", b"");
+    assert_eq!(
+        dp.out(&scrape),
+        (TC_ACT_OK, scrape.clone()),
+        "left to the stack"
+    );
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 9190, b"x"));
+    assert_eq!(daddr(&out), FALLBACK, "UDP on that port is the fallback's");
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40001, 9191, "S", b""));
+    assert_eq!(daddr(&out), FALLBACK);
+    let st = dp.stats();
+    assert_eq!((st.no_rule, st.new_flows), (0, 2), "{st:?}");
 }
 
 #[test]

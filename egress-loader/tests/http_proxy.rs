@@ -24,6 +24,7 @@ use bytes::Bytes;
 use egress_router::{
     config::{Config, EgressSource, HttpMatch, HttpRule, Mode, Role},
     http_proxy::{self, HttpProxyOptions},
+    metrics::http::HttpMetrics,
     resolver::ResolverOptions,
 };
 use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
@@ -36,6 +37,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use ipnet::{IpNet, Ipv4Net};
+use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -274,7 +276,8 @@ impl Proxy {
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {
-            http_proxy::serve(listener, &cfg, &opts, &ropts, async {
+            let metrics = HttpMetrics::new(&mut Registry::default(), &[]);
+            http_proxy::serve(listener, &cfg, &opts, &ropts, metrics, async {
                 let _ = stopped.await;
             })
             .await

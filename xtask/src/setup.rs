@@ -31,6 +31,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "podman",    // the image (cargo xtask image) and the tests in real containers
     "runc",      // podman's runtime here (crun fails on this machine's cgroup layout)
     "catatonit", // the pause process of the pods `podman kube play` makes
+    // A real Prometheus scraping the metrics listener, and promtool checking its output.
+    // Installed with the service kept from starting (debian_packages' policy-rc.d).
+    "prometheus",
 ];
 
 pub fn run() -> Result<()> {

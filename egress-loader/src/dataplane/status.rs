@@ -8,19 +8,25 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use egress_common::{
-    DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, MAP_FLOWS, MAP_STATS, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, Stats,
+    DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_RULES,
+    MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey, RuleTarget, Stats,
 };
 use serde::Serialize;
 
 use super::{DataplaneOptions, pindir, recover};
 
-/// The two maps status reads, and where they were found.
+/// The maps every reader of the dataplane opens (status, the metrics of legacy mode and of the
+/// exporter), and where they were found. Every reader outside the loader goes through here, so
+/// that how the maps are found lives in one place. Reading needs no capability to load or
+/// attach anything: the right to open the pins, or, without them, to open maps by id.
 pub struct StatusMaps {
     stats: Map,
     flows: Map,
+    config: Map,
+    rules: Map,
+    flows_max: u32,
     /// The pin directory this network namespace's router uses (or the one given).
     pub dir: PathBuf,
     /// "pinned in DIR" or "the tcx program on eth0 (...)".
@@ -33,14 +39,35 @@ fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
 }
 
 impl StatusMaps {
+    fn new(
+        [stats, flows, config, rules]: [MapData; 4],
+        dir: PathBuf,
+        from: String,
+    ) -> Result<StatusMaps> {
+        let flows_max = flows
+            .info()
+            .with_context(|| format!("reading the {MAP_FLOWS} map's size"))?
+            .max_entries();
+        Ok(StatusMaps {
+            stats: Map::PerCpuArray(stats),
+            flows: Map::LruHashMap(flows),
+            config: Map::Array(config),
+            rules: Map::HashMap(rules),
+            flows_max,
+            dir,
+            from,
+        })
+    }
+
     /// The maps pinned in `dir`.
     pub fn pinned(dir: &Path) -> Result<StatusMaps> {
-        Ok(StatusMaps {
-            stats: Map::PerCpuArray(open_pin(dir, MAP_STATS)?),
-            flows: Map::LruHashMap(open_pin(dir, MAP_FLOWS)?),
-            dir: dir.to_path_buf(),
-            from: format!("pinned in {}", dir.display()),
-        })
+        let maps = [MAP_STATS, MAP_FLOWS, MAP_CONFIG, MAP_RULES].map(|m| open_pin(dir, m));
+        let [stats, flows, config, rules] = maps;
+        StatusMaps::new(
+            [stats?, flows?, config?, rules?],
+            dir.to_path_buf(),
+            format!("pinned in {}", dir.display()),
+        )
     }
 
     /// The maps pinned in the directory `opts` names, else those of the dataplane attached to
@@ -64,17 +91,18 @@ impl StatusMaps {
                 format!("the dataplane attached here has no compatible {name} map")
             })
         };
-        let (stats, flows) = (take(MAP_STATS)?, take(MAP_FLOWS)?);
-        Ok(StatusMaps {
-            stats: Map::PerCpuArray(stats),
-            flows: Map::LruHashMap(flows),
-            from: format!(
-                "{} (no pins in {} in this mount namespace)",
-                found.from,
-                dir.display()
-            ),
-            dir,
-        })
+        let maps = [
+            take(MAP_STATS)?,
+            take(MAP_FLOWS)?,
+            take(MAP_CONFIG)?,
+            take(MAP_RULES)?,
+        ];
+        let from = format!(
+            "{} (no pins in {} in this mount namespace)",
+            found.from,
+            dir.display()
+        );
+        StatusMaps::new(maps, dir, from)
     }
 
     /// Sums the per-CPU counters.
@@ -93,15 +121,36 @@ impl StatusMaps {
         v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
         Ok(v)
     }
-}
 
-/// Sums the per-CPU counters pinned in `dir`.
-pub fn read_stats(dir: &Path) -> Result<Stats> {
-    StatusMaps::pinned(dir)?.stats()
-}
+    /// The connection table's keys, each once, read without the values (one system call per
+    /// entry). The table changes meanwhile: at most its capacity is read.
+    pub fn flow_keys(&self) -> Result<Vec<FlowKey>> {
+        let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(&self.flows)?;
+        let mut seen = std::collections::HashSet::new();
+        Ok(map
+            .keys()
+            .take(self.flows_max as usize)
+            .filter_map(|k| k.ok())
+            .filter(|k| seen.insert(*k))
+            .collect())
+    }
 
-pub fn read_flows(dir: &Path) -> Result<Vec<(FlowKey, FlowValue)>> {
-    StatusMaps::pinned(dir)?.flows()
+    /// The connection table's capacity in entries.
+    pub fn flows_max(&self) -> u32 {
+        self.flows_max
+    }
+
+    /// The configuration the loader wrote (all zero before it did).
+    pub fn config(&self) -> Result<DataplaneConfig> {
+        let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
+        Ok(map.get(&0, 0)?)
+    }
+
+    /// How many redirect rules are loaded (the fallback is in the configuration).
+    pub fn rule_count(&self) -> Result<usize> {
+        let map = HashMap::<&MapData, RuleKey, RuleTarget>::try_from(&self.rules)?;
+        Ok(map.keys().filter(|k| k.is_ok()).count())
+    }
 }
 
 pub fn proto_name(p: u8) -> &'static str {

@@ -37,6 +37,10 @@ use names::{Addrs, Destination, Refresh};
 
 use crate::{
     config::{Config, DnsTarget},
+    metrics::{
+        self, Health, MetricsOptions, Role,
+        dns::{DnsMetrics, LineMetrics, NameMetrics},
+    },
     relay,
     resolver::ResolverOptions,
     upstream,
@@ -187,37 +191,59 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("'{s}': {e}"))
 }
 
-/// Runs the DNS proxy until SIGTERM (or SIGINT), then drains.
-pub async fn run(cfg: &Config, opts: &DnsProxyOptions, resolver: &ResolverOptions) -> Result<()> {
-    crate::listener::raise_fd_limit();
-    let proxy = DnsProxy::bind(cfg, opts, resolver).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        }
-    };
-    proxy.serve(shutdown).await
-}
-
-/// Binds every listener, then serves until `shutdown` completes, then drains.
-pub async fn serve(
+/// Runs the DNS proxy until SIGTERM (or SIGINT), then drains; metrics and health probes on
+/// `metrics_opts`' listener meanwhile (ready once every listener is bound and every name has
+/// resolved once).
+pub async fn run(
     cfg: &Config,
     opts: &DnsProxyOptions,
     resolver: &ResolverOptions,
-    shutdown: impl Future<Output = ()>,
+    metrics_opts: &MetricsOptions,
 ) -> Result<()> {
-    DnsProxy::bind(cfg, opts, resolver)
-        .await?
-        .serve(shutdown)
-        .await
+    crate::listener::raise_fd_limit();
+    let shutdown = crate::shutdown::on_signal()?;
+    let mut registry = metrics::registry(Role::DnsProxy);
+    let counters = DnsMetrics::new(&mut registry, cfg.dns.as_deref().unwrap_or_default());
+    let health = Health::new("the DNS proxy listeners are not bound yet");
+    metrics::listen(
+        metrics_opts.address(|port| metrics::port_taken(cfg, None, port))?,
+        registry,
+        health.clone(),
+        &shutdown,
+    )?;
+    let proxy = DnsProxy::bind(cfg, opts, resolver, counters).await?;
+    let names = proxy.names.clone();
+    health.ready_when(move || unresolved(&names));
+    proxy.serve(shutdown.cancelled_owned()).await
+}
+
+/// Err naming the names that have not resolved yet.
+fn unresolved(names: &[(String, Vec<usize>, NameMetrics)]) -> Result<(), String> {
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|(_, _, m)| !m.ever_resolved())
+        .map(|(name, lines, _)| format!("{name} (line {})", join(lines)))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "EGRESS_DNS_PROXY_DESTINATION names not resolved yet: {}",
+            missing.join(", ")
+        ))
+    }
+}
+
+fn join(lines: &[usize]) -> String {
+    let v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    v.join(", ")
 }
 
 /// The proxy with its listeners bound and its name watchers started, not yet accepting.
 pub struct DnsProxy {
-    listeners: Vec<(TcpListener, Arc<Destination>)>,
+    listeners: Vec<(TcpListener, Arc<Destination>, LineMetrics)>,
+    /// Each name, the lines that use it, its lookups.
+    names: Vec<(String, Vec<usize>, NameMetrics)>,
     watchers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     drain_timeout: Duration,
@@ -238,11 +264,13 @@ struct Shared {
 }
 
 impl DnsProxy {
-    /// Binds one listener per rule on `opts.listen_address` and starts resolving names.
+    /// Binds one listener per rule on `opts.listen_address` and starts resolving names, counting
+    /// in `metrics`.
     pub async fn bind(
         cfg: &Config,
         opts: &DnsProxyOptions,
         resolver_opts: &ResolverOptions,
+        metrics: DnsMetrics,
     ) -> Result<DnsProxy> {
         let rules = match &cfg.dns {
             Some(rules) if !rules.is_empty() => rules,
@@ -270,6 +298,7 @@ impl DnsProxy {
 
         let mut watchers = Vec::new();
         let mut names: HashMap<String, watch::Receiver<Addrs>> = HashMap::new();
+        let mut name_lines: Vec<(String, Vec<usize>, NameMetrics)> = Vec::new();
         // Rules with the same target and remote port share one destination (rotation, hold-offs).
         let mut dests: HashMap<(String, u16), Arc<Destination>> = HashMap::new();
         let mut listeners = Vec::new();
@@ -293,7 +322,12 @@ impl DnsProxy {
                         DnsTarget::Name(name) => {
                             let rx = names.entry(name.clone()).or_insert_with(|| {
                                 let resolver = resolver.clone().expect("resolver built for names");
-                                let (rx, task) = names::watch_name(resolver, name.clone(), refresh);
+                                let (rx, task) = names::watch_name(
+                                    resolver,
+                                    name.clone(),
+                                    refresh,
+                                    metrics.name(name),
+                                );
                                 watchers.push(task);
                                 rx
                             });
@@ -311,11 +345,19 @@ impl DnsProxy {
                 )
             })?;
             info!(listen = %addr, to = %dest.label, line = rule.line, "DNS proxy rule");
-            listeners.push((listener, dest));
+            if let DnsTarget::Name(name) = &rule.target {
+                metrics.watch(rule.line, name, names[name].clone());
+                match name_lines.iter_mut().find(|(n, _, _)| n == name) {
+                    Some((_, lines, _)) => lines.push(rule.line),
+                    None => name_lines.push((name.clone(), vec![rule.line], metrics.name(name))),
+                }
+            }
+            listeners.push((listener, dest, metrics.line(rule.line)));
         }
         let (stop_tx, stop) = watch::channel(false);
         Ok(DnsProxy {
             listeners,
+            names: name_lines,
             watchers,
             shared: Arc::new(Shared {
                 source: IpAddr::V4(cfg.source.addr),
@@ -336,7 +378,7 @@ impl DnsProxy {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(l, _, _)| l.local_addr().ok())
             .collect()
     }
 
@@ -349,10 +391,11 @@ impl DnsProxy {
         let accepters: Vec<JoinHandle<()>> = self
             .listeners
             .into_iter()
-            .map(|(listener, dest)| {
+            .map(|(listener, dest, line)| {
                 tokio::spawn(accept_loop(
                     listener,
                     dest,
+                    line,
                     self.shared.clone(),
                     accept_stop.clone(),
                     drain_tx.clone(),
@@ -428,6 +471,7 @@ impl RateLimit {
 async fn accept_loop(
     listener: TcpListener,
     dest: Arc<Destination>,
+    line: LineMetrics,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
@@ -443,11 +487,12 @@ async fn accept_loop(
             _ = stopped(&mut stop) => return,
             r = listener.accept() => match r {
                 Ok((client, peer)) => {
-                    let (dest, shared, limits, guard) =
-                        (dest.clone(), shared.clone(), limits.clone(), drain.clone());
+                    let (dest, shared, limits, guard, line) =
+                        (dest.clone(), shared.clone(), limits.clone(), drain.clone(), line.clone());
                     tokio::spawn(async move {
+                        let _open = line.accepted();
                         shared.active.fetch_add(1, Ordering::Relaxed);
-                        handle(client, peer, port, &dest, &shared, &limits).await;
+                        handle(client, peer, port, &dest, &shared, &limits, &line).await;
                         shared.active.fetch_sub(1, Ordering::Relaxed);
                         drop(guard);
                     });
@@ -481,6 +526,7 @@ async fn handle(
     dest: &Destination,
     shared: &Shared,
     limits: &Limits,
+    line: &LineMetrics,
 ) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
@@ -499,6 +545,7 @@ async fn handle(
     let candidates = match dest.candidates(shared.connect_timeout).await {
         Ok(c) => c,
         Err(why) => {
+            line.unresolved();
             if let Some(n) = limits.rejected.check() {
                 warn!(
                     port,
@@ -531,6 +578,7 @@ async fn handle(
     }
     let Some((upstream, addr)) = upstream else {
         let (addr, e) = last_err.expect("at least one candidate");
+        line.connect_failed(&e);
         if let Some(n) = limits.failed.check() {
             warn!(port, dest = %dest.label, %addr, error = %e, suppressed = n, "cannot connect to the destination");
         }
@@ -549,6 +597,7 @@ async fn handle(
         stopped(&mut stop),
     )
     .await;
+    line.transferred(t.sent, t.received);
     // Pass a reset on: the other side sees one too, instead of a clean close.
     if let relay::End::Error(side, e) = &t.end
         && e.kind() == std::io::ErrorKind::ConnectionReset

@@ -18,6 +18,8 @@ use hickory_resolver::TokioResolver;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::metrics::dns::{NameMetrics, Resolution};
+
 /// What is known about a target's addresses right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Addrs {
@@ -49,16 +51,18 @@ pub fn fixed(addr: IpAddr) -> watch::Receiver<Addrs> {
     rx
 }
 
-/// Starts the watcher of `name`; it stops when every receiver is gone.
+/// Starts the watcher of `name`, counting its lookups in `metrics`; it stops when every
+/// receiver is gone.
 pub fn watch_name(
     resolver: TokioResolver,
     name: String,
     refresh: Refresh,
+    metrics: NameMetrics,
 ) -> (watch::Receiver<Addrs>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Addrs::Pending);
     let task = tokio::spawn(async move {
         tokio::select! {
-            _ = watcher(&resolver, &name, refresh, &tx) => {}
+            _ = watcher(&resolver, &name, refresh, &tx, &metrics) => {}
             _ = tx.closed() => {}
         }
     });
@@ -70,6 +74,7 @@ async fn watcher(
     name: &str,
     refresh: Refresh,
     tx: &watch::Sender<Addrs>,
+    metrics: &NameMetrics,
 ) {
     let mut last_ok: Option<Instant> = None;
     // Since when the name has been failing, and when that was last logged.
@@ -84,28 +89,41 @@ async fn watcher(
                 addrs.dedup();
                 let ttl = lookup.valid_until().saturating_duration_since(now);
                 if addrs.is_empty() {
+                    metrics.resolved(Resolution::NoAddresses);
                     (
                         Err("no addresses in the answer".to_string()),
                         refresh.min_ttl,
                     )
                 } else {
+                    metrics.resolved(Resolution::Ok);
                     (
                         Ok(addrs),
                         ttl.clamp(refresh.min_ttl, refresh.max_ttl.max(refresh.min_ttl)),
                     )
                 }
             }
-            Err(e) if e.is_nx_domain() => (
-                Err("NXDOMAIN (the name does not exist)".to_string()),
-                refresh.min_ttl,
-            ),
-            Err(e) if e.is_no_records_found() => (
-                Err("no IPv4 address (empty answer)".to_string()),
-                refresh.min_ttl,
-            ),
+            Err(e) if e.is_nx_domain() => {
+                metrics.resolved(Resolution::NxDomain);
+                (
+                    Err("NXDOMAIN (the name does not exist)".to_string()),
+                    refresh.min_ttl,
+                )
+            }
+            Err(e) if e.is_no_records_found() => {
+                metrics.resolved(Resolution::NoAddresses);
+                (
+                    Err("no IPv4 address (empty answer)".to_string()),
+                    refresh.min_ttl,
+                )
+            }
             Err(e) => {
                 let keep = last_ok.is_some_and(|t| now.duration_since(t) < refresh.stale_hold)
                     && matches!(*tx.borrow(), Addrs::Ready(_));
+                metrics.resolved(if keep {
+                    Resolution::FailedKeptPrevious
+                } else {
+                    Resolution::Failed
+                });
                 if keep {
                     warn!(
                         name,
@@ -131,10 +149,20 @@ async fn watcher(
                 }
                 let addrs: Arc<[IpAddr]> = addrs.into();
                 tx.send_if_modified(|cur| {
-                    if matches!(cur, Addrs::Ready(old) if *old == addrs) {
-                        return false;
+                    let old = match cur {
+                        Addrs::Ready(old) if *old == addrs => return false,
+                        Addrs::Ready(old) => Some(old.clone()),
+                        Addrs::Pending | Addrs::Failed(_) => None,
+                    };
+                    match old {
+                        Some(old) => info!(
+                            name,
+                            old = ?old,
+                            new = ?addrs,
+                            "name re-resolved: its addresses changed"
+                        ),
+                        None => info!(name, addresses = ?addrs, "name resolved"),
                     }
-                    info!(name, addresses = ?addrs, "destination addresses");
                     *cur = Addrs::Ready(addrs.clone());
                     true
                 });

@@ -17,6 +17,8 @@ use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::pool::Lease;
 
 /// What the proxy answers with: the upstream's body, or a short text of its own.
@@ -25,6 +27,8 @@ pub struct ResBody {
     log: Option<Box<RequestLog>>,
     /// The upstream connection the body comes from: back to the pool if the body ends cleanly.
     lease: Option<Lease>,
+    /// Counts the upstream's body bytes (the proxy's own texts are not counted).
+    bytes: Option<Counter>,
     /// The body ended (`None` seen) or failed.
     ended: bool,
     failed: bool,
@@ -36,11 +40,17 @@ enum Inner {
 }
 
 impl ResBody {
-    pub fn upstream(body: Incoming, log: Option<Box<RequestLog>>, lease: Option<Lease>) -> Self {
+    pub fn upstream(
+        body: Incoming,
+        log: Option<Box<RequestLog>>,
+        lease: Option<Lease>,
+        bytes: Counter,
+    ) -> Self {
         ResBody {
             inner: Inner::Upstream(body),
             log,
             lease,
+            bytes: Some(bytes),
             ended: false,
             failed: false,
         }
@@ -52,6 +62,7 @@ impl ResBody {
             inner: Inner::Text((!text.is_empty()).then_some(text)),
             log,
             lease: None,
+            bytes: None,
             ended: false,
             failed: false,
         }
@@ -88,8 +99,13 @@ impl Body for ResBody {
             None => this.ended = true,
             Some(Err(_)) => this.failed = true,
             Some(Ok(frame)) => {
-                if let (Some(log), Some(data)) = (&mut this.log, frame.data_ref()) {
-                    log.down += data.len() as u64;
+                if let Some(data) = frame.data_ref() {
+                    if let Some(log) = &mut this.log {
+                        log.down += data.len() as u64;
+                    }
+                    if let Some(bytes) = &this.bytes {
+                        bytes.inc_by(data.len() as u64);
+                    }
                 }
             }
         }
@@ -111,15 +127,21 @@ impl Body for ResBody {
     }
 }
 
-/// A client's request body on its way upstream; counts bytes when debug logging is on.
+/// A client's request body on its way upstream; counts its bytes (`bytes`, and for the debug
+/// log `count`).
 pub struct ReqBody {
     inner: Incoming,
     count: Option<Arc<AtomicU64>>,
+    bytes: Counter,
 }
 
 impl ReqBody {
-    pub fn new(inner: Incoming, count: Option<Arc<AtomicU64>>) -> Self {
-        ReqBody { inner, count }
+    pub fn new(inner: Incoming, count: Option<Arc<AtomicU64>>, bytes: Counter) -> Self {
+        ReqBody {
+            inner,
+            count,
+            bytes,
+        }
     }
 }
 
@@ -132,10 +154,13 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let (Some(count), Some(Ok(frame))) = (&self.count, &frame)
+        if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
-            count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.bytes.inc_by(data.len() as u64);
+            if let Some(count) = &self.count {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
         Poll::Ready(frame)
     }

@@ -31,6 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
+    metrics::{self, Health, MetricsOptions, Role, http::HttpMetrics},
     relay::{self, PipePool},
     resolver::{self, ResolverOptions},
 };
@@ -113,37 +114,48 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// http-proxy mode: listens on `opts.listen` until SIGTERM (or SIGINT), then shuts down
-/// gracefully.
-pub async fn run(cfg: &Config, opts: &HttpProxyOptions, resolver: &ResolverOptions) -> Result<()> {
+/// gracefully; metrics and health probes on `metrics_opts`' listener meanwhile.
+pub async fn run(
+    cfg: &Config,
+    opts: &HttpProxyOptions,
+    resolver: &ResolverOptions,
+    metrics_opts: &MetricsOptions,
+) -> Result<()> {
     crate::listener::raise_fd_limit();
+    let shutdown = crate::shutdown::on_signal()?;
+    let mut registry = metrics::registry(Role::HttpProxy);
+    let counters = HttpMetrics::new(&mut registry, cfg.http.as_deref().unwrap_or_default());
+    let health = Health::new("the HTTP proxy is not listening yet");
+    metrics::listen(
+        metrics_opts.address(|port| metrics::port_taken(cfg, Some(opts.listen), port))?,
+        registry,
+        health.clone(),
+        &shutdown,
+    )?;
     let listener = crate::listener::listen(opts.listen, 4096)
         .with_context(|| format!("listening on {} for the HTTP proxy", opts.listen))?;
     tracing::info!(listen = %opts.listen, "HTTP proxy listening");
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: HTTP proxy shutting down"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: HTTP proxy shutting down"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the proxy");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    };
-    serve(listener, cfg, opts, resolver, shutdown).await
+    health.ready();
+    serve(
+        listener,
+        cfg,
+        opts,
+        resolver,
+        counters,
+        shutdown.cancelled_owned(),
+    )
+    .await
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves; then stops accepting, lets running
-/// requests and tunnels finish for `opts.shutdown_grace`, drops what is left and returns.
+/// Serves the proxy on `listener` until `shutdown` resolves, counting in `metrics`; then stops
+/// accepting, lets running requests and tunnels finish for `opts.shutdown_grace`, drops what is
+/// left and returns.
 pub async fn serve(
     listener: TcpListener,
     cfg: &Config,
     opts: &HttpProxyOptions,
     resolver: &ResolverOptions,
+    metrics: HttpMetrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let resolver = resolver::build_with(resolver, |o| {
@@ -174,6 +186,7 @@ pub async fn serve(
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        metrics,
     });
     tokio::spawn(pool::sweep_until(
         Arc::downgrade(&pool),

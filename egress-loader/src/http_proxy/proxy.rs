@@ -30,7 +30,14 @@ use super::{
     target::{Host, Target, TargetError, connect_target, http_target},
     tunnel,
 };
-use crate::{relay::PipePool, upstream};
+use crate::{
+    metrics::{
+        Active,
+        http::{Decision, HttpMetrics, Kind, RequestError},
+    },
+    relay::PipePool,
+    upstream,
+};
 
 /// Everything the connections share; built once by `serve`.
 pub(super) struct Shared {
@@ -51,6 +58,7 @@ pub(super) struct Shared {
     /// Fired when the grace period is over: everything still running is dropped.
     pub abort: CancellationToken,
     pub tasks: TaskTracker,
+    pub metrics: HttpMetrics,
 }
 
 /// Serves one client connection until it closes, or shutdown ends it.
@@ -64,6 +72,7 @@ pub(super) async fn serve_connection(
         shared: shared.clone(),
         client,
         _permit: permit,
+        _active: Active::new(&shared.metrics.active_connections),
     });
     let service = service_fn(move |req| {
         let conn = conn.clone();
@@ -84,11 +93,15 @@ pub(super) async fn serve_connection(
             }
         }
     };
-    if let Err(e) = result
-        && shared.debug
-    {
-        // Malformed requests (hyper answered 400 or 431), header timeouts, resets.
-        tracing::info!(client = %client, error = %e, "http-proxy connection ended");
+    if let Err(e) = result {
+        if e.is_parse() {
+            // hyper answered 400 or 431 itself.
+            shared.metrics.unparsable();
+        }
+        if shared.debug {
+            // Malformed requests, header timeouts, resets.
+            tracing::info!(client = %client, error = %e, "http-proxy connection ended");
+        }
     }
 }
 
@@ -98,19 +111,22 @@ struct Conn {
     shared: Arc<Shared>,
     client: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    _active: Active,
 }
 
-/// A request the proxy answers itself.
+/// A request the proxy answers itself: denied (403, `error` None) or an error of its own.
 struct Reject {
     status: StatusCode,
     reason: Cow<'static, str>,
+    error: Option<RequestError>,
 }
 
 impl Reject {
-    fn new(status: StatusCode, reason: impl Into<Cow<'static, str>>) -> Self {
+    fn new(status: StatusCode, error: RequestError, reason: impl Into<Cow<'static, str>>) -> Self {
         Reject {
             status,
             reason: reason.into(),
+            error: Some(error),
         }
     }
 }
@@ -118,9 +134,33 @@ impl Reject {
 impl From<TargetError> for Reject {
     fn from(e: TargetError) -> Self {
         match e {
-            TargetError::Bad(m) => Reject::new(StatusCode::BAD_REQUEST, m),
-            TargetError::Unsupported(m) => Reject::new(StatusCode::NOT_IMPLEMENTED, m),
+            TargetError::Bad(m) => {
+                Reject::new(StatusCode::BAD_REQUEST, RequestError::InvalidRequest, m)
+            }
+            TargetError::Unsupported(m) => {
+                Reject::new(StatusCode::NOT_IMPLEMENTED, RequestError::NotImplemented, m)
+            }
         }
+    }
+}
+
+/// What the rules decided about a request answered with `status`: a 403 is their denial;
+/// otherwise an allow rule decided, or none could (the request failed before).
+fn decision(rule: Option<&Rule>, status: StatusCode) -> Decision {
+    if status == StatusCode::FORBIDDEN {
+        Decision::Denied
+    } else if rule.is_some_and(|r| r.allow) {
+        Decision::Allowed
+    } else {
+        Decision::Undecided
+    }
+}
+
+fn kind(method: &Method) -> Kind {
+    if method == Method::CONNECT {
+        Kind::Connect
+    } else {
+        Kind::Forward
     }
 }
 
@@ -168,6 +208,36 @@ impl Conn {
         r: Reject,
         start: Instant,
     ) -> Response<ResBody> {
+        let m = &self.shared.metrics;
+        let decided = decision(rule, r.status);
+        m.answered(
+            kind(method),
+            decided,
+            r.status.as_u16(),
+            r.error,
+            start.elapsed().as_secs_f64(),
+        );
+        if decided == Decision::Denied {
+            m.denied(rule.map(|r| r.line));
+            tracing::info!(
+                client = %self.client,
+                method = %method,
+                target = %target,
+                rule_line = rule.map(|r| r.line),
+                reason = %r.reason,
+                "request denied"
+            );
+        } else if r.status.is_server_error() {
+            tracing::warn!(
+                client = %self.client,
+                method = %method,
+                target = %target,
+                status = r.status.as_u16(),
+                error = r.error.map_or("", |e| e.as_str()),
+                reason = %r.reason,
+                "upstream failure"
+            );
+        }
         let mut log = self.log(method, target, rule, r.status, start);
         if let Some(log) = &mut log {
             log.reason = Some(r.reason.to_string());
@@ -210,6 +280,7 @@ impl Conn {
             // A request for the proxy's own address comes back here carrying our Via.
             return Err(Reject::new(
                 StatusCode::LOOP_DETECTED,
+                RequestError::Loop,
                 "forwarding loop: the request already passed through egress-router (Via)",
             ));
         }
@@ -231,12 +302,23 @@ impl Conn {
         strip_hop_by_hop(headers);
         headers.insert(
             HOST,
-            HeaderValue::from_str(target.authority)
-                .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "invalid host"))?,
+            HeaderValue::from_str(target.authority).map_err(|_| {
+                Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    RequestError::InvalidRequest,
+                    "invalid host",
+                )
+            })?,
         );
         add_via(headers, received);
         let up_count = self.shared.debug.then(|| Arc::new(AtomicU64::new(0)));
-        let up = up.map(|()| ReqBody::new(body, up_count.clone()));
+        let up = up.map(|()| {
+            ReqBody::new(
+                body,
+                up_count.clone(),
+                self.shared.metrics.bytes_upstream.clone(),
+            )
+        });
 
         let (res, lease, rule) = self.send(up, &admitted, target.port).await?;
         *decided_by = Some(rule);
@@ -247,13 +329,21 @@ impl Conn {
         strip_hop_by_hop(&mut rparts.headers);
         add_via(&mut rparts.headers, rparts.version);
         rparts.version = Version::HTTP_11;
+        self.shared.metrics.answered(
+            Kind::Forward,
+            Decision::Allowed,
+            rparts.status.as_u16(),
+            None,
+            start.elapsed().as_secs_f64(),
+        );
         let mut log = self.log(&parts.method, uri, Some(rule), rparts.status, start);
         if let Some(log) = &mut log {
             log.up = up_count;
         }
+        let bytes = self.shared.metrics.bytes_downstream.clone();
         Ok(Response::from_parts(
             rparts,
-            ResBody::upstream(rbody, log, lease),
+            ResBody::upstream(rbody, log, lease, bytes),
         ))
     }
 
@@ -286,7 +376,13 @@ impl Conn {
             .client
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Reject::new(StatusCode::BAD_GATEWAY, format!("upstream {addr}: {e}")))?;
+            .map_err(|e| {
+                Reject::new(
+                    StatusCode::BAD_GATEWAY,
+                    RequestError::UpstreamFailure,
+                    format!("upstream {addr}: {e}"),
+                )
+            })?;
         let abort = self.shared.abort.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -299,6 +395,7 @@ impl Conn {
             Ok(res) => Ok((res, lease, rule)),
             Err(SendError::NotSent(_)) => Err(Reject::new(
                 StatusCode::BAD_GATEWAY,
+                RequestError::UpstreamFailure,
                 format!("upstream {addr} closed the connection"),
             )),
             Err(SendError::Failed(r)) => Err(r),
@@ -318,11 +415,13 @@ impl Conn {
                 Some(req) => Err(SendError::NotSent(Box::new(req))),
                 None => Err(SendError::Failed(Reject::new(
                     StatusCode::BAD_GATEWAY,
+                    RequestError::UpstreamFailure,
                     format!("upstream {addr}: {}", e.into_error()),
                 ))),
             },
             Err(_) => Err(SendError::Failed(Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,
+                RequestError::UpstreamTimeout,
                 format!("upstream {addr} sent no response within {idle:?}"),
             ))),
         }
@@ -348,10 +447,18 @@ impl Conn {
             Ok(ok) => ok,
             Err(r) => return self.reject(req.method(), req.uri(), rule, r, start),
         };
+        self.shared.metrics.answered(
+            Kind::Connect,
+            Decision::Allowed,
+            StatusCode::OK.as_u16(),
+            None,
+            start.elapsed().as_secs_f64(),
+        );
         let log = self.log(req.method(), req.uri(), rule, StatusCode::OK, start);
         let on_upgrade = hyper::upgrade::on(&mut req);
         let this = self.clone();
         self.shared.tasks.spawn(async move {
+            let _active = Active::new(&this.shared.metrics.active_tunnels);
             let idle = this.shared.idle_timeout;
             let tunnel = async {
                 match on_upgrade.await {
@@ -369,6 +476,9 @@ impl Conn {
                 end = tunnel => end,
                 () = this.shared.abort.cancelled() => return,
             };
+            let m = &this.shared.metrics;
+            m.bytes_upstream.inc_by(end.up);
+            m.bytes_downstream.inc_by(end.down);
             if let Some(mut log) = log {
                 log.up = Some(Arc::new(AtomicU64::new(end.up)));
                 log.down = end.down;
@@ -448,6 +558,7 @@ impl Conn {
             Err(_) => {
                 return Err(Reject::new(
                     StatusCode::GATEWAY_TIMEOUT,
+                    RequestError::DnsTimeout,
                     format!("resolving {name} timed out after {timeout:?}"),
                 ));
             }
@@ -456,6 +567,7 @@ impl Conn {
                 if ips.is_empty() {
                     return Err(Reject::new(
                         StatusCode::BAD_GATEWAY,
+                        RequestError::DnsFailure,
                         format!("cannot resolve {name}: no addresses"),
                     ));
                 }
@@ -464,10 +576,10 @@ impl Conn {
             }
             Ok(Err(e)) => e,
         };
-        let status = if matches!(err, NetError::Timeout) {
-            StatusCode::GATEWAY_TIMEOUT
+        let (status, error) = if matches!(err, NetError::Timeout) {
+            (StatusCode::GATEWAY_TIMEOUT, RequestError::DnsTimeout)
         } else {
-            StatusCode::BAD_GATEWAY
+            (StatusCode::BAD_GATEWAY, RequestError::DnsFailure)
         };
         let why = if err.is_nx_domain() {
             "no such name".to_string()
@@ -476,7 +588,11 @@ impl Conn {
         } else {
             err.to_string()
         };
-        Err(Reject::new(status, format!("cannot resolve {name}: {why}")))
+        Err(Reject::new(
+            status,
+            error,
+            format!("cannot resolve {name}: {why}"),
+        ))
     }
 
     /// Connects from EGRESS_SOURCE to the first admitted address that accepts, within the
@@ -495,22 +611,34 @@ impl Conn {
             if left.is_zero() {
                 break;
             }
+            let attempt = Instant::now();
             match upstream::connect(self.shared.source, addr, left).await {
-                Ok(stream) => return Ok((stream, addr, rule)),
-                Err(e) => last = Some((addr, e)),
+                Ok(stream) => {
+                    self.shared
+                        .metrics
+                        .connected(attempt.elapsed().as_secs_f64());
+                    return Ok((stream, addr, rule));
+                }
+                Err(e) => {
+                    self.shared.metrics.connect_failed(&e);
+                    last = Some((addr, e));
+                }
             }
         }
         Err(match last {
             Some((addr, e)) if e.kind() != io::ErrorKind::TimedOut => Reject::new(
                 StatusCode::BAD_GATEWAY,
+                RequestError::ConnectFailure,
                 format!("connecting to {addr}: {e}"),
             ),
             Some((addr, _)) => Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,
+                RequestError::ConnectTimeout,
                 format!("connecting to {addr} timed out after {timeout:?}"),
             ),
             None => Reject::new(
                 StatusCode::GATEWAY_TIMEOUT,
+                RequestError::ConnectTimeout,
                 format!("connecting timed out after {timeout:?}"),
             ),
         })
@@ -553,5 +681,9 @@ fn denied(v: Verdict<'_>, host: &str, resolved: Option<IpAddr>) -> Reject {
             text.push_str(&format!(" (resolves to {ip})"));
         }
     }
-    Reject::new(StatusCode::FORBIDDEN, text)
+    Reject {
+        status: StatusCode::FORBIDDEN,
+        reason: text.into(),
+        error: None,
+    }
 }

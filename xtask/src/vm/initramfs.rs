@@ -34,8 +34,19 @@ const GUEST_DIR: &str = "opt/vm-test";
 /// (a packet test dumps pinned maps with it), iproute2 for the attach check, and what the
 /// integration tests spawn. busybox provides the rest (sh, sleep, cat, ...).
 const HOST_TOOLS: &[&str] = &[
-    "bpftool", "ip", "tc", "ethtool", "nft", "dnsmasq", "curl", "openssl", "sleep", "cat",
+    "bpftool",
+    "ip",
+    "tc",
+    "ethtool",
+    "nft",
+    "dnsmasq",
+    "curl",
+    "openssl",
+    "sleep",
+    "cat",
     "setpriv",
+    "prometheus",
+    "promtool",
 ];
 /// Of those, the ones the VM run cannot do without.
 const REQUIRED_TOOLS: &[&str] = &["bpftool", "ip", "tc"];
