@@ -321,6 +321,31 @@ fn manifest(dir: &str) -> std::path::PathBuf {
         .join("openshift-pod.yaml")
 }
 
+/// GET `path` on the pod's metrics listener (port 9190) from the client: the status line and
+/// the body.
+fn metrics_get(lab: &PodLab, path: &str) -> String {
+    let c = lab
+        .connect_within(9190, Duration::from_secs(30))
+        .expect("the metrics listener");
+    exchange(
+        c,
+        &format!("GET {path} HTTP/1.1\r\nHost: {POD_IP}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The readiness probe of the manifest's container answers 200 within `timeout`.
+fn assert_ready(lab: &PodLab, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let r = metrics_get(lab, "/readyz");
+        if r.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn kube_play_of_the_http_proxy_pod_manifest() {
     let lab = PodLab::kube_play(&manifest("http-proxy"));
@@ -335,6 +360,12 @@ fn kube_play_of_the_http_proxy_pod_manifest() {
         &get("http://www.example.com/", "www.example.com"),
     );
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert_ready(&lab, T);
+    let metrics = metrics_get(&lab, "/metrics");
+    assert!(
+        metrics.contains("egress_router_http_denials_total{line=\"1\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -357,6 +388,13 @@ fn kube_play_of_the_redirect_pod_manifest() {
         .expect("the redirect after the init container");
     let ok = exchange(c, &get("/", "web.test"));
     assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+    // The exporter in the pause container's place: ready, and it counts that flow.
+    assert_ready(&lab, Duration::from_secs(30));
+    let metrics = metrics_get(&lab, "/metrics");
+    assert!(
+        metrics.contains("egress_router_redirect_new_flows_total 1"),
+        "{metrics}"
+    );
 }
 
 /// The restart-safe legacy pod mounts the node's /sys/fs/bpf: its pins land there, in the
