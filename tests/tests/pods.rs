@@ -430,3 +430,41 @@ fn kube_play_of_the_legacy_redirect_pod_manifest_pins_on_the_nodes_bpffs() {
         root.display()
     );
 }
+
+/// The image `cargo xtask image` wrote: labelled with its version and source revision, its
+/// entrypoint the binary, and the binary static (the image holds nothing else to link against).
+#[test]
+fn the_image_is_labelled_and_runs_its_static_binary() {
+    let image = egress_tests::podman::load_image(false).unwrap();
+    let inspect = |format: &str| {
+        egress_tests::podman::podman_output(&["image", "inspect", "-f", format, &image]).unwrap()
+    };
+    let labels = inspect("{{json .Labels}}");
+    let labels: serde_json::Value = serde_json::from_str(&labels).unwrap();
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION"),
+        "{labels}"
+    );
+    let revision = labels["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        revision.len() >= 40 && revision[..40].chars().all(|c| c.is_ascii_hexdigit()),
+        "the source revision: {labels}"
+    );
+    assert!(
+        inspect("{{json .Config.Entrypoint}}").contains("/usr/bin/egress-router"),
+        "{labels}"
+    );
+    let out = egress_tests::podman::podman_output(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &image,
+        "--version",
+    ])
+    .unwrap();
+    assert!(out.starts_with("egress-router "), "{out}");
+}
