@@ -203,9 +203,14 @@ pub fn exporter(opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Resul
         let ready_opts = opts.clone();
         health.ready_when(move || metrics::redirect::ready(&ready_opts));
         metrics::listen(Some(addr), registry, health.clone(), &shutdown)?;
+        let dir = crate::dataplane::pindir::resolve(opts.bpffs_dir.as_deref())?;
+        let bpffs = dir.display();
         match health.check() {
-            Ok(()) => info!("exporting the redirect dataplane's metrics"),
-            Err(why) => warn!("exporting the redirect dataplane's metrics; not ready yet: {why}"),
+            Ok(()) => info!(%bpffs, "exporting the redirect dataplane's metrics"),
+            Err(why) => warn!(
+                %bpffs,
+                "exporting the redirect dataplane's metrics; not ready yet: {why}"
+            ),
         }
         shutdown.cancelled().await;
         Ok(())
