@@ -402,6 +402,8 @@ fn the_exporter_serves_an_init_mode_dataplane() {
         .arg("--bpffs-dir")
         .arg(&lab.bpffs)
         .env_clear()
+        // Without PATH, execvp would look in /bin first (busybox's setpriv in the VM tests).
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdout(Stdio::null())
         .stderr(lab.log("exporter.log"));
     let exporter = lab.topo.router.spawn(exporter).unwrap();

@@ -79,10 +79,11 @@ router_run() {
 # Which hook eth0's program sits on: the loader's own report, confirmed by the kernel's view
 # (a clsact filter is listed by bpftool net / tc; a tcx link is not a tc filter).
 attach_seen() {
-    loader=$(grep attached /tmp/attach.out | grep eth0)
-    if echo "$loader" | grep -q Clsact && grep -q 'clsact/ingress' /tmp/attach.out; then
+    # The loader's one startup line names the method: attach="tcx" or attach="clsact".
+    loader=$(grep -o 'attach="[a-z]*"' /tmp/attach.out | head -n 1)
+    if [ "$loader" = 'attach="clsact"' ] && grep -q 'clsact/ingress' /tmp/attach.out; then
         echo clsact
-    elif echo "$loader" | grep -q Tcx && ! grep -q 'clsact/ingress' /tmp/attach.out; then
+    elif [ "$loader" = 'attach="tcx"' ] && ! grep -q 'clsact/ingress' /tmp/attach.out; then
         echo tcx
     else
         echo unknown
