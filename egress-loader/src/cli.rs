@@ -118,9 +118,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the redirect dataplane's metrics and health probes from its pinned maps, until
-    /// SIGTERM: the long-running companion of init mode, whose process exits. Needs no
-    /// privilege but opening the pins under --bpffs-dir; changes nothing.
+    /// Serve the redirect dataplane's metrics and health probes until SIGTERM: the
+    /// long-running companion of init mode, whose process exits. Finds the maps as `status`
+    /// does (the pins, or the program attached to the cluster interface: CAP_SYS_ADMIN);
+    /// changes nothing.
     Exporter,
 }
 
