@@ -583,7 +583,10 @@ fn dns_proxy_container_is_ready_once_its_name_resolves_and_counts_per_line() {
         ],
         DEST_IP,
     );
-    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, _| s == 503);
+    // Before its listeners are bound (seen on slow machines) and until the name resolves: 503.
+    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, b| {
+        s == 503 && !b.contains("listeners are not bound yet")
+    });
     assert_eq!(
         why,
         "not ready: EGRESS_DNS_PROXY_DESTINATION names not resolved yet: web.test (line 1)\n"
