@@ -91,6 +91,13 @@ fn with_upstream_source(cfg: &Config, macvlan: &str) -> Result<Config> {
     let found = netsetup::interface_ipv4(macvlan)?;
     let mut cfg = cfg.clone();
     match (cfg.source.is_set(), found) {
+        (true, _) if !netsetup::has_address(cfg.source.addr)? => bail!(
+            "EGRESS_SOURCE {} is not an address of this pod, so upstream connections cannot \
+             leave from it: the pod's init container (EGRESS_ROUTER_MODE={}) adds it to \
+             {macvlan}; is it in this pod?",
+            cfg.source.addr,
+            cfg.mode
+        ),
         (true, _) => {}
         (false, Some(addr)) => {
             cfg.source = EgressSource {

@@ -199,6 +199,18 @@ fn a_proxy_container_without_its_init_container_says_why_and_exits() {
             && err.contains("EGRESS_ROUTER_MODE=http-proxy"),
         "{err}"
     );
+    // Nor with an EGRESS_SOURCE that no interface of the pod has.
+    let c = lab.start_proxy_container(&[
+        ("EGRESS_DNS_PROXY_DESTINATION", "9001 203.0.113.25 7"),
+        ("EGRESS_SOURCE", "192.168.12.99"),
+    ]);
+    assert_eq!(c.wait(T).unwrap(), Some(1), "{}", c.log());
+    let err = c.log();
+    assert!(
+        err.contains("EGRESS_SOURCE 192.168.12.99 is not an address of this pod")
+            && err.contains("EGRESS_ROUTER_MODE=dns-proxy"),
+        "{err}"
+    );
 }
 
 /// The redirect pod: the init container (EGRESS_ROUTER_MODE=init) sets up and exits 0 in its

@@ -40,6 +40,14 @@ pub fn interface_ipv4(iface: &str) -> Result<Option<Ipv4Addr>> {
         .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())))
 }
 
+/// Whether any interface of this network namespace has `addr`; needs no privilege.
+pub fn has_address(addr: Ipv4Addr) -> Result<bool> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing the interface addresses")?;
+    Ok(addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .any(|a| a == addr))
+}
+
 /// What [`apply`] sets up on the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Wanted {
