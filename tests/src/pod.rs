@@ -195,6 +195,8 @@ impl PodLab {
     /// interfaces built into its namespace, and then the pod started (init containers first).
     pub fn kube_play(manifest: &Path) -> PodLab {
         let image = load_image(false).expect("loading the image");
+        // A pod of this manifest left by an interrupted run would make the play fail.
+        let _ = podman().args(["kube", "down"]).arg(manifest).output();
         let out = podman_output(&[
             "kube",
             "play",
