@@ -28,6 +28,9 @@ pub const UDP_PPS: &str = "UDP 64-byte packets/s forwarded";
 pub const UDP_OFFERED: &str = "UDP packets/s offered by the generator";
 pub const UDP_CPU: &str = "kernel CPU time per forwarded UDP packet, ns";
 pub const UDP_BUSY: &str = "forwarding CPU busy during the UDP flood, %";
+pub const UDP_PPS_SCRAPED: &str = "UDP 64-byte packets/s forwarded, /metrics scraped every 100 ms";
+pub const UDP_CPU_SCRAPED: &str =
+    "kernel CPU time per forwarded UDP packet, /metrics scraped every 100 ms, ns";
 pub const TCP_GBPS: &str = "TCP throughput (iperf3, 1 stream), Gbit/s";
 pub const CRR: &str = "new TCP connections/s";
 pub const RR_P50: &str = "TCP request/response latency p50, µs";
@@ -84,6 +87,23 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         }
         Err(e) => ctx.fail(s, who, &format!("{UDP_PPS}: {e:#}")),
     }
+    if let Some(bpffs) = &lab.bpffs {
+        // The same flood while the exporter serves the dataplane's metrics and is scraped ten
+        // times as often as Prometheus usually does: the metrics are read from the maps at
+        // scrape time, so the packet path should not notice.
+        match scraped(ctx, &lab, &bpffs.0, || udp(ctx, &lab)) {
+            Ok((u, scrapes)) => {
+                println!("    {scrapes} scrapes of /metrics during the flood");
+                ctx.measure(s, UDP_PPS_SCRAPED, Better::Higher, who, || {
+                    Ok(u.forwarded_pps)
+                });
+                if let Some((ns, _)) = u.forwarding_cpu {
+                    ctx.measure(s, UDP_CPU_SCRAPED, Better::Lower, who, || Ok(ns));
+                }
+            }
+            Err(e) => ctx.fail(s, who, &format!("{UDP_PPS_SCRAPED}: {e:#}")),
+        }
+    }
     let p = ctx.p.clone();
     let target = lab.target;
     let secs = p.measure.as_secs().max(1) as u32;
@@ -122,6 +142,75 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
     }
     drop(lab);
     Ok(())
+}
+
+/// Where the exporter listens in the router namespace for [`scraped`].
+const EXPORTER: &str = "127.0.0.1:9190";
+
+/// One HTTP GET of `path` on the exporter; the whole response.
+fn http_get(path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut c =
+        std::net::TcpStream::connect_timeout(&EXPORTER.parse().unwrap(), Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {EXPORTER}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Runs `measure` while `egress-router exporter` serves the dataplane under `bpffs` in the
+/// router namespace and a thread there scrapes its /metrics every 100 ms; the figures and how
+/// many scrapes succeeded (at least one, or it fails).
+fn scraped<T: Send>(
+    ctx: &Ctx,
+    lab: &Lab,
+    bpffs: &Path,
+    measure: impl FnOnce() -> Result<T>,
+) -> Result<(T, u64)> {
+    let log = format!("exporter-{}.log", ctx.round);
+    let mut cmd = ctx.router_cmd("init", &log)?;
+    cmd.arg("exporter")
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .env("EGRESS_METRICS_ADDRESS", EXPORTER);
+    let exporter = lab.topo.router.spawn(cmd)?;
+    let ns = &lab.topo.router;
+    sys::wait_for(Duration::from_secs(20), "waiting for the exporter", || {
+        if let Some(st) = exporter.try_wait()? {
+            bail!("the exporter exited: {st}\n{}", ctx.log_tail(&log));
+        }
+        let r = ns.run(|| http_get("/readyz"))?;
+        ensure!(r.starts_with("HTTP/1.1 200"), "not ready: {r}");
+        Ok(())
+    })?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let scrapes = std::sync::atomic::AtomicU64::new(0);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.run(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if http_get("/metrics").is_ok_and(|r| r.contains("redirect_packets_total")) {
+                        scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        });
+        let r = measure();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    let _ = exporter.kill();
+    let scrapes = scrapes.into_inner();
+    ensure!(
+        scrapes > 0,
+        "no scrape of /metrics succeeded during the measurement"
+    );
+    Ok((result?, scrapes))
 }
 
 fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {
