@@ -450,7 +450,9 @@ impl PodLab {
     }
 }
 
-fn start_dnsmasq(topo: &Topology, dir: &Path) -> Proc {
+/// dnsmasq on the destination server, answering `*.web.test` with its address; returns once
+/// it accepts on port 53.
+pub fn start_dnsmasq(topo: &Topology, dir: &Path) -> Proc {
     let mut dnsmasq = Command::new("dnsmasq");
     dnsmasq
         .args([

@@ -605,28 +605,7 @@ fn dns_proxy_container_is_ready_once_its_name_resolves_and_counts_per_line() {
     }
     assert_eq!(wait_probe(&lab.topo.client, "/readyz", |_, _| true).0, 503);
     // Now the DNS server starts.
-    let mut dnsmasq = Command::new("dnsmasq");
-    dnsmasq
-        .args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--port=53",
-        ])
-        .arg(format!("--listen-address={DEST_IP}"))
-        .arg(format!("--address=/web.test/{DEST_IP}"))
-        .arg(format!(
-            "--pid-file={}",
-            lab.dir.join("dnsmasq.pid").display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _dns = lab
-        .topo
-        .dest
-        .spawn(dnsmasq)
-        .expect("dnsmasq (cargo xtask setup installs it)");
+    let _dns = egress_tests::pod::start_dnsmasq(&lab.topo, &lab.dir);
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
     for _ in 0..2 {
