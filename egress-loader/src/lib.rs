@@ -10,6 +10,7 @@ pub mod listener;
 pub mod metrics;
 pub mod modes;
 pub mod netsetup;
+pub mod protected;
 pub mod redirect;
 pub mod relay;
 pub mod resolver;

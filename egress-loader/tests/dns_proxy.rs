@@ -24,6 +24,7 @@ use egress_router::{
     config::{Config, DnsRule, DnsTarget, EgressSource, Mode, Role},
     dns_proxy::{DnsProxy, DnsProxyOptions, Engine},
     metrics::dns::DnsMetrics,
+    protected::Protected,
     resolver::ResolverOptions,
 };
 use hickory_resolver::TokioResolver;
@@ -399,6 +400,8 @@ fn options(slot: &Slot) -> DnsProxyOptions {
         min_ttl: Duration::from_millis(200),
         max_ttl: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(3),
+        // The upstream servers are on loopback, which a real proxy protects.
+        protected: Some(Protected::nothing()),
         ..DnsProxyOptions::default()
     }
 }
@@ -623,6 +626,49 @@ async fn name_that_does_not_resolve() {
     assert_refused(proxy.addrs[0]).await;
     assert_eq!(talk_checked(proxy.addrs[1], b"fine").await, ok.id);
     late.assert_from_source();
+    proxy.stop().await;
+}
+
+/// As the binary runs (the pod's loopback, link-local and own addresses protected): a name
+/// that resolves to the pod's loopback is refused, while a rule with that address itself names
+/// it and forwards. An IPv6 destination is refused, never reached from another address than
+/// EGRESS_SOURCE: here [::1] answers, and before it was reached from ::1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_by_name_and_ipv6_destinations_are_refused() {
+    init_logs();
+    let slot = Slot::new();
+    let inside = Server::start(SocketAddr::new(slot.ip(10).into(), 0)).await;
+    let port = inside.addr.port();
+    let six = Server::start("[::1]:0".parse().unwrap()).await;
+    let dns = Dnsmasq::start(slot.ip(53), &[("inside.test", &[slot.ip(10)])]).await;
+    let ports: Vec<u16> = (0..3).map(|_| slot.free_port(slot.ip(1))).collect();
+    let cfg = config(vec![
+        rule(ports[0], name("inside.test"), port),
+        rule(ports[1], addr(slot.ip(10)), port),
+        rule(
+            ports[2],
+            DnsTarget::Addr("::1".parse().unwrap()),
+            six.addr.port(),
+        ),
+    ]);
+    let opts = DnsProxyOptions {
+        protected: None,
+        ..options(&slot)
+    };
+    let proxy = Proxy::start(cfg, opts, dns.resolver_options()).await;
+    assert_eq!(talk_checked(proxy.addrs[1], b"named").await, inside.id);
+    // Give the name its first answer, then it must still be refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_refused(proxy.addrs[0]).await;
+        assert_refused(proxy.addrs[2]).await;
+    }
+    assert_eq!(
+        inside.count(),
+        1,
+        "only the rule with the address reached it"
+    );
+    assert_eq!(six.count(), 0, "nothing reached the IPv6 destination");
     proxy.stop().await;
 }
 

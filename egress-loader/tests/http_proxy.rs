@@ -25,6 +25,7 @@ use egress_router::{
     config::{Config, EgressSource, HttpMatch, HttpRule, Mode, Role},
     http_proxy::{self, HttpProxyOptions},
     metrics::http::HttpMetrics,
+    protected::Protected,
     resolver::ResolverOptions,
 };
 use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
@@ -105,11 +106,22 @@ fn config(lines: &[&str], debug: bool) -> Config {
     }
 }
 
+/// The origins here are on loopback, which a real proxy protects: these options protect
+/// nothing. The tests of the protection use [`protected_opts`].
 fn opts() -> HttpProxyOptions {
     HttpProxyOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         connect_timeout: Duration::from_secs(5),
+        protected: Some(Protected::nothing()),
         ..Default::default()
+    }
+}
+
+/// As the binary runs: this namespace's addresses, loopback and link-local protected.
+fn protected_opts() -> HttpProxyOptions {
+    HttpProxyOptions {
+        protected: None,
+        ..opts()
     }
 }
 
@@ -691,6 +703,128 @@ async fn addresses_and_cidrs_literal_and_resolved() {
     assert_eq!(good.seen().len(), 2);
     assert!(good.seen().iter().all(|s| peer_ip(s) == IpAddr::V4(SOURCE)));
     assert!(bad.seen().is_empty() && far.seen().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protected destinations and IPv6
+// ---------------------------------------------------------------------------------------------
+
+/// The router pod's loopback (and link-local, unspecified, its own addresses) is not the outside
+/// world: `*` and name rules never reach it, in any spelling, by name or CONNECT.
+#[tokio::test]
+async fn the_pods_loopback_and_link_local_are_not_reached_through_star_or_names() {
+    let origin = Origin::start("127.0.0.2").await;
+    let port = origin.addr.port();
+    let dns = Dns::start(&[
+        ("inside.test", "127.0.0.2"),
+        ("metadata.test", "169.254.169.254"),
+    ]);
+    let p = Proxy::start(&["*"], &dns.resolv, protected_opts()).await;
+    let how = "the proxy reaches it only through an address rule that names it";
+    let a = get(p.addr, &origin.url("127.0.0.2", "/")).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(
+        a.body,
+        format!(
+            "127.0.0.2 is the router pod's loopback: {how} (such as 127.0.0.0/8), not through \
+             rule 1 (line 1): *\n"
+        )
+    );
+    let a = get(p.addr, &origin.url("inside.test", "/")).await;
+    assert_eq!(
+        (a.status.as_u16(), a.body.as_str()),
+        (
+            403,
+            &*format!(
+                "inside.test resolves to 127.0.0.2, the router pod's loopback: {how} (such as \
+                 127.0.0.0/8), not through rule 1 (line 1): *\n"
+            )
+        )
+    );
+    for url in [
+        format!("http://[::ffff:127.0.0.2]:{port}/"),
+        format!("http://[::1]:{port}/"),
+        format!("http://0.0.0.0:{port}/"),
+        format!("http://169.254.169.254:{port}/"),
+        format!("http://metadata.test:{port}/"),
+    ] {
+        let a = get(p.addr, &url).await;
+        assert_eq!(a.status, 403, "{url}: {}", a.body);
+        assert!(a.body.contains(how), "{url}: {}", a.body);
+    }
+    let (status, body, _) = connect(p.addr, &format!("127.0.0.2:{port}")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("the router pod's loopback"), "{body}");
+    assert!(
+        origin.seen().is_empty(),
+        "nothing reached the pod's loopback"
+    );
+    drop(p);
+
+    // A name rule is no more than `*`; an address rule no wider than loopback names it.
+    let p = Proxy::start(&["*.test"], &dns.resolv, protected_opts()).await;
+    assert_eq!(
+        get(p.addr, &origin.url("inside.test", "/")).await.status,
+        403
+    );
+    drop(p);
+    let p = Proxy::start(&["0.0.0.0/0"], &dns.resolv, protected_opts()).await;
+    assert_eq!(get(p.addr, &origin.url("127.0.0.2", "/")).await.status, 403);
+    drop(p);
+    let p = Proxy::start(&["127.0.0.2", "*"], &dns.resolv, protected_opts()).await;
+    let a = get(p.addr, &origin.url("127.0.0.2", "/")).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = get(p.addr, &origin.url("inside.test", "/")).await;
+    assert_eq!(
+        a.status, 200,
+        "an address rule before * is checked per address: {}",
+        a.body
+    );
+    assert_eq!(origin.seen().len(), 2);
+}
+
+/// Connections leave only from EGRESS_SOURCE (IPv4): an IPv6 destination, literal or a name
+/// with only an AAAA record, is a 502 saying why, never a fetch from another address of the
+/// pod. Here ::1 would answer: before, the proxy fetched it from ::1.
+#[tokio::test]
+async fn ipv6_destinations_are_refused_not_fetched_from_another_source() {
+    let origin = Origin::start("::1").await;
+    let port = origin.addr.port();
+    let dns = Dns::start(&[
+        ("six.test", "::1"),
+        ("both.test", "::1"),
+        ("both.test", "127.0.0.7"),
+    ]);
+    let p = Proxy::start(&["*"], &dns.resolv, opts()).await;
+    let why = format!(
+        "::1 is an IPv6 address and connections leave only from EGRESS_SOURCE {SOURCE}: IPv6 \
+         egress is not supported"
+    );
+    let a = get(p.addr, &format!("http://[::1]:{port}/")).await;
+    assert_eq!(
+        (a.status.as_u16(), a.body.as_str()),
+        (502, &*format!("cannot connect to [::1]:{port}: {why}\n"))
+    );
+    let a = get(p.addr, &format!("http://six.test:{port}/")).await;
+    assert_eq!(
+        (a.status.as_u16(), a.body.as_str()),
+        (502, &*format!("cannot connect to [::1]:{port}: {why}\n"))
+    );
+    let (status, body, _) = connect(p.addr, &format!("[::1]:{port}")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (502, &*format!("cannot connect to [::1]:{port}: {why}\n"))
+    );
+    // A name with both: only its IPv4 address is tried (nothing listens there: refused).
+    let a = get(p.addr, &format!("http://both.test:{port}/")).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(
+        a.body
+            .starts_with(&format!("connecting to 127.0.0.7:{port}: ")),
+        "{}",
+        a.body
+    );
+    assert!(origin.seen().is_empty(), "nothing was fetched over IPv6");
 }
 
 #[tokio::test]

@@ -107,6 +107,47 @@ fn http_proxy_pod_in_podman() {
     http_proxy_pod(Runtime::podman());
 }
 
+/// An allow-all HTTP proxy (`*`) still does not open the router pod itself: a server on the
+/// pod's loopback, or on its eth0 or EGRESS_SOURCE address, is never reached through it, and the
+/// 403 says why. The world outside is (the origin on the destination network answers).
+#[test]
+fn an_allow_all_http_proxy_pod_does_not_open_the_pod_itself() {
+    let lab = PodLab::new(Runtime::Processes);
+    let inside = lab
+        .topo
+        .router
+        .tcp_listen(SocketAddr::from(([0, 0, 0, 0], 9099)))
+        .unwrap();
+    inside.set_nonblocking(true).unwrap();
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "http-proxy")]));
+    lab.proxy_container(&[("EGRESS_HTTP_PROXY_DESTINATION", "*")], 8080);
+    let ok = exchange(
+        lab.connect(8080).unwrap(),
+        &get("http://www.web.test/", "www.web.test"),
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    for host in [
+        "127.0.0.1".to_string(),
+        POD_IP.to_string(),
+        EGRESS_SOURCE.to_string(),
+        "[::1]".to_string(),
+    ] {
+        let url = format!("http://{host}:9099/");
+        let r = exchange(lab.connect(8080).unwrap(), &get(&url, &host));
+        assert!(r.starts_with("HTTP/1.1 403"), "{url}: {r}");
+        assert!(
+            r.contains("the proxy reaches it only through an address rule that names it"),
+            "{url}: {r}"
+        );
+    }
+    assert!(
+        inside
+            .accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a server in the router pod was reached through the proxy"
+    );
+}
+
 /// The DNS proxy pod, with a listener on port 80 as OpenShift documents it (which an unprivileged
 /// HAProxy could only bind through its image's cap_net_bind_service).
 fn dns_proxy_pod(runtime: Runtime) {

@@ -41,6 +41,7 @@ use crate::{
         self, Health, MetricsOptions, Role,
         dns::{DnsMetrics, LineMetrics, NameMetrics},
     },
+    protected::Protected,
     relay,
     resolver::ResolverOptions,
     upstream,
@@ -152,6 +153,11 @@ pub struct DnsProxyOptions {
         default_value_t = relay::DEFAULT_MAX_PIPES
     )]
     pub max_pipes: usize,
+    /// Destinations reached only through an address rule that names them. None (always, from
+    /// the command line): this network namespace's own addresses, loopback and link-local.
+    /// In-process tests whose servers are on loopback set their own.
+    #[arg(skip)]
+    pub protected: Option<Protected>,
 }
 
 impl Default for DnsProxyOptions {
@@ -167,6 +173,7 @@ impl Default for DnsProxyOptions {
             drain_timeout: Duration::from_secs(20),
             engine: Engine::default(),
             max_pipes: relay::DEFAULT_MAX_PIPES,
+            protected: None,
         }
     }
 }
@@ -296,6 +303,10 @@ impl DnsProxy {
             None
         };
 
+        let protected = Arc::new(match &opts.protected {
+            Some(p) => p.clone(),
+            None => Protected::of_this_namespace().context("listing this pod's addresses")?,
+        });
         let mut watchers = Vec::new();
         let mut names: HashMap<String, watch::Receiver<Addrs>> = HashMap::new();
         let mut name_lines: Vec<(String, Vec<usize>, NameMetrics)> = Vec::new();
@@ -311,7 +322,7 @@ impl DnsProxy {
                             if ip.is_ipv6() {
                                 warn!(
                                     line = rule.line,
-                                    "IPv6 destination {ip}: connections cannot leave from EGRESS_SOURCE (IPv4)"
+                                    "IPv6 destination {ip}: connections leave only from EGRESS_SOURCE (IPv4), so every connection to this rule is refused"
                                 );
                             }
                             (
@@ -327,6 +338,7 @@ impl DnsProxy {
                                     name.clone(),
                                     refresh,
                                     metrics.name(name),
+                                    protected.clone(),
                                 );
                                 watchers.push(task);
                                 rx

@@ -18,7 +18,10 @@ use hickory_resolver::TokioResolver;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::metrics::dns::{NameMetrics, Resolution};
+use crate::{
+    metrics::dns::{NameMetrics, Resolution},
+    protected::Protected,
+};
 
 /// What is known about a target's addresses right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +46,26 @@ pub struct Refresh {
 /// How often a name that keeps failing is logged again.
 const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// Removes from `addrs` those the proxy does not reach through a name (the router pod's own,
+/// loopback, link-local: only a rule with the address itself reaches them); returns why the
+/// first was removed, for the log.
+fn unprotected(name: &str, addrs: &mut Vec<IpAddr>, protected: &Protected) -> Option<String> {
+    let mut first = None;
+    addrs.retain(|&ip| match protected.admits(ip, None) {
+        Ok(()) => true,
+        Err(p) => {
+            first.get_or_insert_with(|| {
+                format!(
+                    "{name} resolves to {ip}, {p}: no connection is made to it (a rule with \
+                     the address instead of the name would)"
+                )
+            });
+            false
+        }
+    });
+    first
+}
+
 /// A channel that always holds `addr`.
 pub fn fixed(addr: IpAddr) -> watch::Receiver<Addrs> {
     let (tx, rx) = watch::channel(Addrs::Ready(Arc::from([addr])));
@@ -58,11 +81,12 @@ pub fn watch_name(
     name: String,
     refresh: Refresh,
     metrics: NameMetrics,
+    protected: Arc<Protected>,
 ) -> (watch::Receiver<Addrs>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Addrs::Pending);
     let task = tokio::spawn(async move {
         tokio::select! {
-            _ = watcher(&resolver, &name, refresh, &tx, &metrics) => {}
+            _ = watcher(&resolver, &name, refresh, &tx, &metrics, &protected) => {}
             _ = tx.closed() => {}
         }
     });
@@ -75,6 +99,7 @@ async fn watcher(
     refresh: Refresh,
     tx: &watch::Sender<Addrs>,
     metrics: &NameMetrics,
+    protected: &Protected,
 ) {
     let mut last_ok: Option<Instant> = None;
     // Since when the name has been failing, and when that was last logged.
@@ -88,7 +113,16 @@ async fn watcher(
                 addrs.sort();
                 addrs.dedup();
                 let ttl = lookup.valid_until().saturating_duration_since(now);
-                if addrs.is_empty() {
+                let refused = unprotected(name, &mut addrs, protected);
+                if addrs.is_empty()
+                    && let Some(why) = refused
+                {
+                    metrics.resolved(Resolution::Ok);
+                    (
+                        Err(why),
+                        ttl.clamp(refresh.min_ttl, refresh.max_ttl.max(refresh.min_ttl)),
+                    )
+                } else if addrs.is_empty() {
                     metrics.resolved(Resolution::NoAddresses);
                     (
                         Err("no addresses in the answer".to_string()),
@@ -97,7 +131,7 @@ async fn watcher(
                 } else {
                     metrics.resolved(Resolution::Ok);
                     (
-                        Ok(addrs),
+                        Ok((addrs, refused)),
                         ttl.clamp(refresh.min_ttl, refresh.max_ttl.max(refresh.min_ttl)),
                     )
                 }
@@ -137,7 +171,7 @@ async fn watcher(
             }
         };
         match next {
-            Ok(addrs) => {
+            Ok((addrs, refused)) => {
                 last_ok = Some(now);
                 if let Some((since, _)) = failing.take() {
                     info!(
@@ -154,6 +188,9 @@ async fn watcher(
                         Addrs::Ready(old) => Some(old.clone()),
                         Addrs::Pending | Addrs::Failed(_) => None,
                     };
+                    if let Some(why) = &refused {
+                        warn!(name, "{why}");
+                    }
                     match old {
                         Some(old) => info!(
                             name,

@@ -32,6 +32,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     metrics::{self, Health, MetricsOptions, Role, http::HttpMetrics},
+    protected::Protected,
     relay::{self, PipePool},
     resolver::{self, ResolverOptions},
 };
@@ -80,6 +81,11 @@ pub struct HttpProxyOptions {
     #[arg(long = "http-shutdown-grace", env = "EGRESS_HTTP_SHUTDOWN_GRACE",
           default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Destinations reached only through an address rule that names them. None (always, from
+    /// the command line): this network namespace's own addresses, loopback and link-local.
+    /// In-process tests whose servers are on loopback set their own.
+    #[arg(skip)]
+    pub protected: Option<Protected>,
 }
 
 impl Default for HttpProxyOptions {
@@ -92,6 +98,7 @@ impl Default for HttpProxyOptions {
             max_connections: 10_000,
             max_header_bytes: 65_536,
             shutdown_grace: Duration::from_secs(10),
+            protected: None,
         }
     }
 }
@@ -174,6 +181,10 @@ pub async fn serve(
     let pool = Arc::new(pool::Upstreams::new(pool::Limits::default()));
     let shared = Arc::new(proxy::Shared {
         rules,
+        protected: match &opts.protected {
+            Some(p) => p.clone(),
+            None => Protected::of_this_namespace().context("listing this pod's addresses")?,
+        },
         resolver,
         source: Some(cfg.source.addr.into()),
         connect_timeout: opts.connect_timeout,

@@ -35,6 +35,7 @@ use crate::{
         Active,
         http::{Decision, HttpMetrics, Kind, RequestError},
     },
+    protected::{self, Protected},
     relay::PipePool,
     upstream,
 };
@@ -42,6 +43,8 @@ use crate::{
 /// Everything the connections share; built once by `serve`.
 pub(super) struct Shared {
     pub rules: RuleSet,
+    /// Addresses reached only through a rule that names them.
+    pub protected: Protected,
     pub resolver: TokioResolver,
     pub source: Option<IpAddr>,
     pub connect_timeout: Duration,
@@ -496,19 +499,65 @@ impl Conn {
         target: &Target<'_>,
         decided_by: &mut Option<&'s Rule>,
     ) -> Result<Admitted<'s>, Reject> {
-        let rules = &self.shared.rules;
-        let name = match target.host {
-            Host::Ip(ip) => {
-                let v = rules.check_ip(ip);
-                *decided_by = v.rule();
-                return match v {
-                    Verdict::Allow(r) => Ok(vec![(ip, r)]),
-                    v => Err(denied(v, &ip.to_string(), None)),
-                };
-            }
-            Host::Name(name) => name,
+        let (host, admitted) = match target.host {
+            Host::Ip(ip) => (ip.to_string(), self.check_rules_ip(ip, decided_by)?),
+            Host::Name(name) => (
+                name.to_string(),
+                self.check_rules_name(name, decided_by).await?,
+            ),
         };
-        match rules.check_name(name) {
+        self.unprotected(&host, admitted)
+    }
+
+    /// Drops the addresses that are the router pod's own, loopback or link-local unless the
+    /// rule that allowed them names them; 403 when none is left.
+    fn unprotected<'s>(
+        &'s self,
+        host: &str,
+        admitted: Admitted<'s>,
+    ) -> Result<Admitted<'s>, Reject> {
+        let mut refused = None;
+        let kept: Admitted<'s> = admitted
+            .into_iter()
+            .filter(
+                |&(ip, rule)| match self.shared.protected.admits(ip, rule.net()) {
+                    Ok(()) => true,
+                    Err(p) => {
+                        refused.get_or_insert((ip, p, rule));
+                        false
+                    }
+                },
+            )
+            .collect();
+        match refused {
+            Some((ip, p, rule)) if kept.is_empty() => Err(Reject {
+                status: StatusCode::FORBIDDEN,
+                reason: protected::refusal(host, ip, &p, rule).into(),
+                error: None,
+            }),
+            _ => Ok(kept),
+        }
+    }
+
+    fn check_rules_ip<'s>(
+        &'s self,
+        ip: IpAddr,
+        decided_by: &mut Option<&'s Rule>,
+    ) -> Result<Admitted<'s>, Reject> {
+        let v = self.shared.rules.check_ip(ip);
+        *decided_by = v.rule();
+        match v {
+            Verdict::Allow(r) => Ok(vec![(ip, r)]),
+            v => Err(denied(v, &ip.to_string(), None)),
+        }
+    }
+
+    async fn check_rules_name<'s>(
+        &'s self,
+        name: &str,
+        decided_by: &mut Option<&'s Rule>,
+    ) -> Result<Admitted<'s>, Reject> {
+        match self.shared.rules.check_name(name) {
             NameCheck::Decided(v) => {
                 *decided_by = v.rule();
                 let Verdict::Allow(rule) = v else {
@@ -604,15 +653,32 @@ impl Conn {
     ) -> Result<(TcpStream, SocketAddr, &'r Rule), Reject> {
         let timeout = self.shared.connect_timeout;
         let deadline = Instant::now() + timeout;
+        let source = self.shared.source;
+        // Only addresses reachable from EGRESS_SOURCE are tried (IPv4 ones: a name's AAAA
+        // records are never connected to from another address of the pod).
+        let reachable: Vec<_> = admitted
+            .iter()
+            .filter(|(ip, _)| upstream::unreachable_from(source, *ip).is_none())
+            .collect();
+        if reachable.is_empty()
+            && let Some(&(ip, _)) = admitted.first()
+        {
+            let why = upstream::unreachable_from(source, ip).unwrap_or_default();
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                RequestError::ConnectFailure,
+                format!("cannot connect to {}: {why}", SocketAddr::new(ip, port)),
+            ));
+        }
         let mut last = None;
-        for &(ip, rule) in admitted {
+        for &&(ip, rule) in &reachable {
             let addr = SocketAddr::new(ip, port);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             let attempt = Instant::now();
-            match upstream::connect(self.shared.source, addr, left).await {
+            match upstream::connect(source, addr, left).await {
                 Ok(stream) => {
                     self.shared
                         .metrics

@@ -96,6 +96,16 @@ impl<'r> Verdict<'r> {
     }
 }
 
+impl Rule {
+    /// The network of an address rule; None for a name rule or `*`.
+    pub fn net(&self) -> Option<&IpNet> {
+        match &self.matcher {
+            Matcher::Net(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
