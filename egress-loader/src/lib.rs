@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod modes;
 pub mod netsetup;
 pub mod protected;
+pub mod ratelimit;
 pub mod redirect;
 pub mod relay;
 pub mod resolver;

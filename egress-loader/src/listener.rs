@@ -1,7 +1,10 @@
 //! Listening sockets of the proxies, and the open-files limit they need.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::warn;
+
+use crate::ratelimit::RateLimit;
 
 /// A listening TCP socket on `addr` (SO_REUSEADDR, so a restarted proxy binds at once).
 pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -38,5 +41,48 @@ pub fn raise_fd_limit() {
         && soft < hard
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// The next connection on `listener`. A failed accept is retried after 50 ms, so a shortage
+/// neither spins nor drops anything: connections wait in the backlog and are taken as soon as
+/// descriptors free up. The failure is logged through `log` (at most once per its interval).
+pub async fn accept(
+    listener: &TcpListener,
+    log: &RateLimit,
+    what: &str,
+) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(ok) => return ok,
+            Err(e) => {
+                if let Some(suppressed) = log.check() {
+                    let port = listener.local_addr().map_or(0, |a| a.port());
+                    warn!(port, error = %e, suppressed, "{what} cannot accept: {}", why(&e));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn why(e: &std::io::Error) -> String {
+    use nix::sys::resource::{Resource, getrlimit};
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => {
+            let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
+            format!(
+                "this process has all the files it may open (its open-files limit, {limit}); new \
+                 connections wait in the backlog until open ones close (raise the container's \
+                 nofile limit to serve more at once)"
+            )
+        }
+        Some(libc::ENFILE) => "the system-wide open-files limit (fs.file-max) is reached; new \
+             connections wait in the backlog"
+            .to_string(),
+        Some(libc::ENOBUFS | libc::ENOMEM) => {
+            "out of memory for sockets; new connections wait in the backlog".to_string()
+        }
+        _ => "retrying".to_string(),
     }
 }

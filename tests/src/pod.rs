@@ -306,12 +306,35 @@ impl PodLab {
         c
     }
 
+    /// The proxy container with its open-files limit (soft and hard) at `nofile`, as a
+    /// runtime's `ulimits` set it; waits until `port` accepts.
+    pub fn proxy_container_with_nofile(
+        &self,
+        env: &[(&str, &str)],
+        port: u16,
+        nofile: u64,
+    ) -> Container {
+        let c = self.start_with(env, &[], false, Some(nofile));
+        self.wait_listening(&c, port);
+        c
+    }
+
     /// A proxy container started without waiting for it.
     pub fn start_proxy_container(&self, env: &[(&str, &str)]) -> Container {
         self.start(env, &[], false)
     }
 
     fn start(&self, env: &[(&str, &str)], args: &[&str], privileged: bool) -> Container {
+        self.start_with(env, args, privileged, None)
+    }
+
+    fn start_with(
+        &self,
+        env: &[(&str, &str)],
+        args: &[&str],
+        privileged: bool,
+        nofile: Option<u64>,
+    ) -> Container {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let resolv = self.dir.join("resolv.conf");
@@ -331,6 +354,15 @@ impl PodLab {
                     .stdin(Stdio::null())
                     .stdout(out.try_clone().unwrap())
                     .stderr(out);
+                if let Some(n) = nofile {
+                    use nix::sys::resource::{Resource, setrlimit};
+                    // SAFETY: setrlimit is async-signal-safe; it runs between fork and exec.
+                    unsafe {
+                        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                            setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(std::io::Error::from)
+                        });
+                    }
+                }
                 let binds: &[(&Path, &Path)] = if privileged {
                     &[]
                 } else {
@@ -352,6 +384,9 @@ impl PodLab {
                     cmd.arg(format!("--user={PROXY_UID}:{PROXY_UID}"))
                         .args(["--cap-drop=ALL", "--security-opt=no-new-privileges"])
                         .arg(format!("--volume={}:/etc/resolv.conf:ro", resolv.display()));
+                }
+                if let Some(n) = nofile {
+                    cmd.arg(format!("--ulimit=nofile={n}:{n}"));
                 }
                 for (k, v) in env {
                     cmd.arg(format!("--env={k}={v}"));

@@ -26,11 +26,12 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",      // DNS proxy baseline
     "openssl",      // TLS server behind CONNECT tests
     "curl",
-    "ethtool",   // checksum offload switches in the partial-checksum test
-    "wrk",       // HTTP load generator of the proxy benchmark
-    "podman",    // the image (cargo xtask image) and the tests in real containers
-    "runc",      // podman's runtime here (crun fails on this machine's cgroup layout)
-    "catatonit", // the pause process of the pods `podman kube play` makes
+    "ethtool",      // checksum offload switches in the partial-checksum test
+    "wrk",          // HTTP load generator of the proxy benchmark
+    "slowhttptest", // slowloris, slow POST and slow read against the proxies (fault tests)
+    "podman",       // the image (cargo xtask image) and the tests in real containers
+    "runc",         // podman's runtime here (crun fails on this machine's cgroup layout)
+    "catatonit",    // the pause process of the pods `podman kube play` makes
     // A real Prometheus scraping the metrics listener, and promtool checking its output.
     // Installed with the service kept from starting (debian_packages' policy-rc.d).
     "prometheus",

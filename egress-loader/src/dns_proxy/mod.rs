@@ -18,8 +18,8 @@ use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -37,11 +37,13 @@ use names::{Addrs, Destination, Refresh};
 
 use crate::{
     config::{Config, DnsTarget},
+    listener,
     metrics::{
         self, Health, MetricsOptions, Role,
         dns::{DnsMetrics, LineMetrics, NameMetrics},
     },
     protected::Protected,
+    ratelimit::RateLimit,
     relay,
     resolver::ResolverOptions,
     upstream,
@@ -451,35 +453,6 @@ fn target_key(t: &DnsTarget) -> String {
     }
 }
 
-/// Logs at most once per interval, counting what it swallowed.
-struct RateLimit {
-    every: Duration,
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl RateLimit {
-    fn new(every: Duration) -> Self {
-        RateLimit {
-            every,
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// Some(number suppressed since the last log) when it is time to log.
-    fn check(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap();
-        if last.is_some_and(|t| now.duration_since(t) < self.every) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     dest: Arc<Destination>,
@@ -497,26 +470,16 @@ async fn accept_loop(
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => return,
-            r = listener.accept() => match r {
-                Ok((client, peer)) => {
-                    let (dest, shared, limits, guard, line) =
-                        (dest.clone(), shared.clone(), limits.clone(), drain.clone(), line.clone());
-                    tokio::spawn(async move {
-                        let _open = line.accepted();
-                        shared.active.fetch_add(1, Ordering::Relaxed);
-                        handle(client, peer, port, &dest, &shared, &limits, &line).await;
-                        shared.active.fetch_sub(1, Ordering::Relaxed);
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    // Out of descriptors or memory, a connection reset before accept: go on, after
-                    // a breather so an fd shortage does not spin.
-                    if let Some(n) = limits.accept.check() {
-                        warn!(port, error = %e, suppressed = n, "accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            (client, peer) = listener::accept(&listener, &limits.accept, "DNS proxy") => {
+                let (dest, shared, limits, guard, line) =
+                    (dest.clone(), shared.clone(), limits.clone(), drain.clone(), line.clone());
+                tokio::spawn(async move {
+                    let _open = line.accepted();
+                    shared.active.fetch_add(1, Ordering::Relaxed);
+                    handle(client, peer, port, &dest, &shared, &limits, &line).await;
+                    shared.active.fetch_sub(1, Ordering::Relaxed);
+                    drop(guard);
+                });
             }
         }
     }

@@ -33,6 +33,7 @@ use crate::{
     config::Config,
     metrics::{self, Health, MetricsOptions, Role, http::HttpMetrics},
     protected::Protected,
+    ratelimit::RateLimit,
     relay::{self, PipePool},
     resolver::{self, ResolverOptions},
 };
@@ -205,6 +206,7 @@ pub async fn serve(
     ));
     drop(pool);
     let limit = Arc::new(Semaphore::new(opts.max_connections as usize));
+    let accept_log = RateLimit::new(Duration::from_secs(10));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -213,15 +215,7 @@ pub async fn serve(
         };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(ok) => ok,
-                Err(e) => {
-                    // Out of descriptors or memory, or an aborted handshake: back off a little.
-                    tracing::warn!(error = %e, "HTTP proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = crate::listener::accept(&listener, &accept_log, "HTTP proxy") => c,
         };
         let _ = stream.set_nodelay(true);
         shared.tasks.spawn(proxy::serve_connection(

@@ -1,0 +1,345 @@
+//! The proxy pods (SPEC section 9, as processes: the init container, then the unprivileged proxy
+//! container) under faults and load: the open-files limit reached, slow clients (slowhttptest's
+//! slowloris, slow POST and slow read), thousands of idle connections. Each test has a bound on
+//! time, and a normal client must keep getting answers within a bound while the fault lasts.
+//! Clients are in the client namespace, origins on the destination server.
+//!
+//! Needs root and slowhttptest (`cargo xtask setup`).
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    DEST_IP, POD_IP,
+    pod::{Container, PodLab, Runtime},
+};
+
+/// The tests holding thousands of client sockets run one at a time: together they would pass
+/// this process's open-files limit.
+static MANY_SOCKETS: Mutex<()> = Mutex::new(());
+
+/// Polls `f` every 50 ms until it holds; panics with `what` after `limit`.
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP/1.1 origin on the destination server's `port`, answering every request (keep-alive)
+/// with `body_len` bytes, after reading a body announced by Content-Length.
+fn origin(lab: &PodLab, port: u16, body_len: usize) -> SocketAddr {
+    let addr = SocketAddr::from((DEST_IP, port));
+    let l = lab.topo.dest.tcp_listen(addr).unwrap();
+    let body = Arc::new(vec![b'x'; body_len]);
+    thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let body = body.clone();
+            thread::spawn(move || serve_http(c, &body));
+        }
+    });
+    addr
+}
+
+fn serve_http(c: TcpStream, body: &[u8]) {
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut w = c;
+    loop {
+        let mut len = 0u64;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if io::copy(&mut (&mut r).take(len), &mut io::sink()).is_err() {
+            return;
+        }
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        if w.write_all(head.as_bytes()).is_err() || w.write_all(body).is_err() {
+            return;
+        }
+    }
+}
+
+/// The HTTP proxy pod with `*` and room for 10,100 clients at once (the default, 10,000, would
+/// hold the 10,001st in the backlog); the proxy container's open-files limit at `nofile` if
+/// given.
+fn http_pod(nofile: Option<u64>) -> (PodLab, Container) {
+    let lab = PodLab::new(Runtime::Processes);
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "http-proxy")]));
+    let env = [
+        ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
+        ("EGRESS_HTTP_MAX_CONNECTIONS", "10100"),
+    ];
+    let proxy = match nofile {
+        Some(n) => lab.proxy_container_with_nofile(&env, 8080, n),
+        None => lab.proxy_container(&env, 8080),
+    };
+    (lab, proxy)
+}
+
+/// One GET through the proxy on a new connection from the client: its status line and how
+/// long it took.
+fn get_through(
+    lab: &PodLab,
+    origin: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(String, Duration)> {
+    let t0 = Instant::now();
+    let mut c = lab.connect(8080)?;
+    c.set_read_timeout(Some(timeout))?;
+    write!(
+        c,
+        "GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut status = String::new();
+    BufReader::new(&mut c).read_line(&mut status)?;
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest)?;
+    Ok((status.trim_end().to_string(), t0.elapsed()))
+}
+
+/// The value of the sample `name` (labels included, as exposed) on the pod's /metrics.
+fn metric(lab: &PodLab, name: &str) -> Option<f64> {
+    let mut c = lab.connect(9190).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: {POD_IP}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn rss_kib(c: &Container) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid().unwrap())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// `n` idle connections from the client to the router pod's `port`.
+fn hold(lab: &PodLab, port: u16, n: usize) -> Vec<TcpStream> {
+    lab.topo.client.run(|| {
+        (0..n)
+            .map(|i| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((POD_IP, port)),
+                    Duration::from_secs(10),
+                )
+                .unwrap_or_else(|e| panic!("connection {i} to {port}: {e}"))
+            })
+            .collect()
+    })
+}
+
+/// At its open-files limit the proxy says so, once, with the limit and what to do; a client
+/// arriving meanwhile waits in the backlog (neither answered nor refused) and is served as soon
+/// as descriptors free up.
+#[test]
+fn http_proxy_at_its_open_files_limit_says_why_and_serves_again() {
+    let (lab, proxy) = http_pod(Some(64));
+    let origin = origin(&lab, 8000, 2);
+    let held = hold(&lab, 8080, 100);
+    let said = "HTTP proxy cannot accept: this process has all the files it may open (its \
+                open-files limit, 64)";
+    wait_until(Duration::from_secs(10), "the limit is logged", || {
+        proxy.log().contains(said)
+    });
+    let mut waiting = lab.connect(8080).unwrap();
+    write!(
+        waiting,
+        "GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let e = waiting
+        .read(&mut [0u8; 1])
+        .expect_err("answered while out of descriptors");
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (status, _) = get_through(&lab, origin, Duration::from_secs(5)).unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        proxy.log().matches(said).count(),
+        1,
+        "logged once per 10 s, not once per failed accept:\n{}",
+        proxy.log()
+    );
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
+
+/// slowhttptest's three slow attacks through the proxy, 400 connections each for 8 s: while
+/// each runs, every request of a normal client is answered within 2 s.
+#[test]
+fn slow_clients_do_not_keep_others_waiting() {
+    let (lab, proxy) = http_pod(None);
+    let origin = origin(&lab, 8000, 256 * 1024);
+    let gauge = "egress_router_http_active_connections";
+    for (attack, flags) in [
+        ("slowloris", &["-H"][..]),
+        ("slow POST", &["-B", "-s", "100000"][..]),
+        (
+            "slow read",
+            &[
+                "-X", "-k", "4", "-n", "1", "-w", "16", "-y", "64", "-z", "32",
+            ][..],
+        ),
+    ] {
+        let mut cmd = Command::new("slowhttptest");
+        cmd.args(flags)
+            .args(["-c", "400", "-r", "400", "-i", "1", "-l", "8", "-p", "2"])
+            .args(["-u", &format!("http://{origin}/")])
+            .args(["-d", &format!("{POD_IP}:8080")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let slow = lab
+            .topo
+            .client
+            .spawn(cmd)
+            .expect("slowhttptest (Debian package slowhttptest, `cargo xtask setup`)");
+        wait_until(
+            Duration::from_secs(6),
+            &format!("{attack}: slowhttptest holds 200 connections on the proxy"),
+            || metric(&lab, gauge).unwrap_or(0.0) >= 200.0,
+        );
+        let mut slowest = Duration::ZERO;
+        for _ in 0..20 {
+            let (status, took) = get_through(&lab, origin, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("{attack}: a normal request failed: {e}"));
+            assert_eq!(status, "HTTP/1.1 200 OK", "{attack}");
+            slowest = slowest.max(took);
+            thread::sleep(Duration::from_millis(100));
+        }
+        let held = metric(&lab, gauge).unwrap_or(0.0);
+        eprintln!("{attack}: {held} connections held, slowest normal request {slowest:?}");
+        if slow
+            .wait_timeout(Duration::from_secs(20))
+            .unwrap()
+            .is_none()
+        {
+            slow.kill().unwrap();
+        }
+        assert!(proxy.is_running(), "{attack}: {}", proxy.log());
+    }
+}
+
+/// 10,000 idle client connections on the HTTP proxy: all accepted, a new client answered within
+/// 2 s, and all let go once they close.
+#[test]
+fn http_proxy_holds_ten_thousand_idle_connections() {
+    let _one = MANY_SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, proxy) = http_pod(None);
+    let origin = origin(&lab, 8000, 2);
+    let rss0 = rss_kib(&proxy);
+    let held = hold(&lab, 8080, 10_000);
+    let gauge = "egress_router_http_active_connections";
+    wait_until(
+        Duration::from_secs(30),
+        "10,000 connections accepted",
+        || metric(&lab, gauge) == Some(10_000.0),
+    );
+    let rss = rss_kib(&proxy);
+    let (status, took) = get_through(&lab, origin, Duration::from_secs(2)).unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    eprintln!(
+        "HTTP proxy, 10,000 idle connections: resident {rss0} KiB -> {rss} KiB ({} bytes each); a new request took {took:?}",
+        (rss.saturating_sub(rss0)) * 1024 / 10_000
+    );
+    drop(held);
+    wait_until(
+        Duration::from_secs(30),
+        "the connections are let go",
+        || metric(&lab, gauge) == Some(0.0),
+    );
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
+
+/// The DNS proxy with 9,000 idle connections, each also one to the destination: 18,000 sockets
+/// in the proxy, under the 20,000 open files this machine's hard limit allows a process (no
+/// CAP_SYS_RESOURCE to raise it). All forwarded, a new one echoed within 2 s, all let go after.
+#[test]
+fn dns_proxy_holds_nine_thousand_idle_connections() {
+    let _one = MANY_SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 9_000;
+    let lab = PodLab::new(Runtime::Processes);
+    // The echo server is a process of its own: with the clients here, this one would pass its
+    // open-files limit.
+    let mut echo = Command::new("python3");
+    echo.args([
+        "-c",
+        "import asyncio\n\
+         async def echo(r, w):\n    \
+             while data := await r.read(65536):\n        w.write(data); await w.drain()\n    \
+             w.close()\n\
+         async def main():\n    \
+             s = await asyncio.start_server(echo, '0.0.0.0', 7000, backlog=4096)\n    \
+             await s.serve_forever()\n\
+         asyncio.run(main())",
+    ]);
+    let _echo = lab.topo.dest.spawn(echo).unwrap();
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    let rules = format!("9000 {DEST_IP} 7000");
+    let proxy = lab.proxy_container(&[("EGRESS_DNS_PROXY_DESTINATION", &rules)], 9000);
+    let rss0 = rss_kib(&proxy);
+    let held = hold(&lab, 9000, N);
+    let gauge = "egress_router_dns_active_connections{line=\"1\"}";
+    wait_until(
+        Duration::from_secs(60),
+        "9,000 connections forwarded",
+        || metric(&lab, gauge) == Some(N as f64),
+    );
+    let rss = rss_kib(&proxy);
+    let t0 = Instant::now();
+    let mut c = lab.connect(9000).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    eprintln!(
+        "DNS proxy, {N} idle connections: resident {rss0} KiB -> {rss} KiB ({} bytes each); a new one echoed in {:?}",
+        (rss.saturating_sub(rss0)) * 1024 / N as u64,
+        t0.elapsed()
+    );
+    drop((held, c));
+    wait_until(
+        Duration::from_secs(30),
+        "the connections are let go",
+        || metric(&lab, gauge) == Some(0.0),
+    );
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
