@@ -1486,6 +1486,104 @@ async fn upstream_failures_are_502_and_504() {
     assert_eq!(status, 504, "{body}");
 }
 
+/// A server on `ip` that answers each connection's request with `respond` (after reading the
+/// request head).
+async fn scripted_server<F, Fut>(ip: &str, respond: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let respond = Arc::new(respond);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let respond = respond.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                respond(r.into_inner()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that resets in the middle of a body: the client gets the bytes sent so far and
+/// then the end of its connection (never a body that looks complete), within a bound; the
+/// proxy goes on serving.
+#[tokio::test]
+async fn upstream_reset_in_the_middle_of_a_body_ends_the_client_connection() {
+    let dns = Dns::start(&[]);
+    let cut = scripted_server("127.0.0.12", |mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            .await;
+        let _ = s.write_all(&[b'a'; 1000]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SO_LINGER 0: close sends a reset.
+        let _ = s.set_linger(Some(Duration::ZERO));
+    })
+    .await;
+    let good = Origin::start("127.0.0.13").await;
+    let proxy = Proxy::start(&["*"], &dns.resolv, opts()).await;
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("GET http://{cut}/ HTTP/1.1\r\nHost: {cut}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut got))
+        .await
+        .expect("the client connection ends");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    assert!(
+        body < 100_000,
+        "a truncated body must not arrive whole ({body} bytes, end {end:?})"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let a = get(proxy.addr, &good.url("127.0.0.13", "/")).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+/// An upstream that half-closes after its response (shutdown of its sending side, still
+/// reading), and one whose body ends with its connection (no length): both arrive whole.
+#[tokio::test]
+async fn upstream_half_close_and_close_delimited_bodies_arrive_whole() {
+    let dns = Dns::start(&[]);
+    let half = scripted_server("127.0.0.14", |mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            .await;
+        let _ = s.shutdown().await;
+        // Still reading: the proxy must not wait for more than the response.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let until_close = scripted_server("127.0.0.15", |mut s| async move {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+        for _ in 0..10 {
+            let _ = s.write_all(&[b'z'; 1000]).await;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let proxy = Proxy::start(&["*"], &dns.resolv, opts()).await;
+    let a = get(proxy.addr, &format!("http://{half}/")).await;
+    assert_eq!((a.status.as_u16(), a.body.as_str()), (200, "hello"));
+    let a = get(proxy.addr, &format!("http://{until_close}/")).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 10_000, "the whole close-delimited body");
+}
+
 #[tokio::test]
 async fn forwarding_loop_is_508() {
     let (_d, resolv) = no_dns();
