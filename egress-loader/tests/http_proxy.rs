@@ -1527,7 +1527,7 @@ async fn upstream_reset_in_the_middle_of_a_body_ends_the_client_connection() {
         let _ = s.write_all(&[b'a'; 1000]).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         // SO_LINGER 0: close sends a reset.
-        let _ = s.set_linger(Some(Duration::ZERO));
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     })
     .await;
     let good = Origin::start("127.0.0.13").await;
