@@ -13,12 +13,12 @@
 //! rounds with min and max, with ratios of medians and the targets of issue 7. A benchmark is
 //! not a test: missed targets are reported, never failed. `--smoke` runs one short round to
 //! prove the harness works end to end (CI) and does not touch BENCHMARKS.md.
-mod load;
-mod proxies;
-mod redirect;
+pub(crate) mod load;
+pub(crate) mod proxies;
+pub(crate) mod redirect;
 mod report;
-mod servers;
-mod sys;
+pub(crate) mod servers;
+pub(crate) mod sys;
 mod testrun;
 
 use std::{
@@ -182,24 +182,7 @@ impl Ctx {
     /// An egress-router command with the OpenShift environment every mode needs; output goes
     /// to `<dir>/<log>`.
     pub fn router_cmd(&self, mode: &str, log: &str) -> Result<Command> {
-        let mut cmd = Command::new(&self.bin);
-        let out = std::fs::File::create(self.dir.join(log))?;
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "EGRESS_SOURCE",
-                format!(
-                    "{}/{}",
-                    egress_tests::EGRESS_SOURCE,
-                    egress_tests::EGRESS_PREFIX
-                ),
-            )
-            .env("EGRESS_GATEWAY", egress_tests::GATEWAY_IP.to_string())
-            .env("EGRESS_ROUTER_MODE", mode)
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        Ok(cmd)
+        router_command(&self.bin, &self.dir, mode, log)
     }
 
     /// The file OpenShift's image writes for this mode and these variables (nft script,
@@ -234,6 +217,30 @@ impl Ctx {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
+}
+
+/// `bin` with the OpenShift environment every mode needs (EGRESS_SOURCE, EGRESS_GATEWAY,
+/// EGRESS_ROUTER_MODE=`mode`) and nothing else; output goes to `<dir>/<log>`. The one router
+/// environment of the bench and the soak.
+pub fn router_command(bin: &Path, dir: &Path, mode: &str, log: &str) -> Result<Command> {
+    let mut cmd = Command::new(bin);
+    let out = std::fs::File::create(dir.join(log))?;
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env(
+            "EGRESS_SOURCE",
+            format!(
+                "{}/{}",
+                egress_tests::EGRESS_SOURCE,
+                egress_tests::EGRESS_PREFIX
+            ),
+        )
+        .env("EGRESS_GATEWAY", egress_tests::GATEWAY_IP.to_string())
+        .env("EGRESS_ROUTER_MODE", mode)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    Ok(cmd)
 }
 
 /// Per-namespace settings every contender gets: a wide local port range and TIME_WAIT reuse
@@ -429,7 +436,7 @@ fn reexec_release() -> Result<()> {
 
 /// The egress-router binary: EGRESS_ROUTER_BIN if set, else built here (release for the full
 /// run; the smoke run uses the debug build `cargo xtask test` already made).
-fn router_bin(smoke: bool) -> Result<PathBuf> {
+pub(crate) fn router_bin(smoke: bool) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("EGRESS_ROUTER_BIN") {
         return Ok(p.into());
     }

@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench | vm-test | image | fuzz`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | soak | vm-test | image | fuzz`.
 mod bench;
 mod demo;
 mod elf;
 mod fuzz;
 mod image;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vm;
@@ -48,6 +49,12 @@ enum Task {
     /// The OCI image (every container of the pod specs; and a debug variant with bpftool),
     /// built with podman from scratch, written as OCI archives under target/image/.
     Image,
+    /// The three modes under a steady mixed load for N minutes, sampling memory, descriptors
+    /// and flow entries; fails on a leak or any lost connection. Writes target/soak/SOAK.md.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Run each fuzz target for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -65,5 +72,6 @@ fn main() -> Result<()> {
         Task::VmTest { kernels } => vm::run(&kernels),
         Task::Image => image::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Soak { minutes } => soak::run(minutes),
     }
 }

@@ -183,7 +183,7 @@ pub fn idle_connections(
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length body; returns its status.
-fn read_http_response(c: &mut TcpStream) -> Result<u16> {
+pub(crate) fn read_http_response(c: &mut TcpStream) -> Result<u16> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let end = loop {
