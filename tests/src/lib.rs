@@ -46,7 +46,7 @@ pub use netns::{
     NAME_PREFIX, NETNS_DIR, Netns, list_harness_namespaces, remove_stale, require_root,
 };
 pub use proc::Proc;
-pub use router::{router_bin, router_command, unprivileged_command};
+pub use router::{router_bin, router_command, router_command_of, unprivileged_command};
 pub use servers::{EchoServer, ping, tcp_roundtrip, udp_roundtrip};
 
 /// The client pod.

@@ -31,14 +31,20 @@ pub fn router_bin() -> PathBuf {
 /// EGRESS_GATEWAY and `mode`; output piped. Its pins go to the default directory of its network
 /// namespace unless the caller sets EGRESS_BPFFS_DIR.
 pub fn router_command(mode: &str) -> Command {
-    let mut cmd = Command::new(router_bin());
+    let mut cmd = router_command_of(router_bin(), mode);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// `bin` with the reference router environment (as [`router_command`]), output not redirected:
+/// the one router environment of the tests, the bench and the soak.
+pub fn router_command_of(bin: impl AsRef<std::ffi::OsStr>, mode: &str) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("EGRESS_SOURCE", format!("{EGRESS_SOURCE}/{EGRESS_PREFIX}"))
         .env("EGRESS_GATEWAY", GATEWAY_IP.to_string())
-        .env("EGRESS_ROUTER_MODE", mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("EGRESS_ROUTER_MODE", mode);
     cmd
 }
 

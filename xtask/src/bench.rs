@@ -220,24 +220,12 @@ impl Ctx {
 }
 
 /// `bin` with the OpenShift environment every mode needs (EGRESS_SOURCE, EGRESS_GATEWAY,
-/// EGRESS_ROUTER_MODE=`mode`) and nothing else; output goes to `<dir>/<log>`. The one router
-/// environment of the bench and the soak.
+/// EGRESS_ROUTER_MODE=`mode`: the tests' [`egress_tests::router_command_of`]) and nothing else;
+/// output goes to `<dir>/<log>`.
 pub fn router_command(bin: &Path, dir: &Path, mode: &str, log: &str) -> Result<Command> {
-    let mut cmd = Command::new(bin);
+    let mut cmd = egress_tests::router_command_of(bin, mode);
     let out = std::fs::File::create(dir.join(log))?;
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env(
-            "EGRESS_SOURCE",
-            format!(
-                "{}/{}",
-                egress_tests::EGRESS_SOURCE,
-                egress_tests::EGRESS_PREFIX
-            ),
-        )
-        .env("EGRESS_GATEWAY", egress_tests::GATEWAY_IP.to_string())
-        .env("EGRESS_ROUTER_MODE", mode)
-        .stdin(std::process::Stdio::null())
+    cmd.stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
     Ok(cmd)

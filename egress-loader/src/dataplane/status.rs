@@ -151,6 +151,14 @@ impl StatusMaps {
         let map = HashMap::<&MapData, RuleKey, RuleTarget>::try_from(&self.rules)?;
         Ok(map.keys().filter(|k| k.is_ok()).count())
     }
+
+    /// The loaded redirect rules, by protocol and port.
+    pub fn rules(&self) -> Result<Vec<(RuleKey, RuleTarget)>> {
+        let map = HashMap::<&MapData, RuleKey, RuleTarget>::try_from(&self.rules)?;
+        let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+        v.sort_by_key(|(k, _)| (k.proto, k.port));
+        Ok(v)
+    }
 }
 
 pub fn proto_name(p: u8) -> &'static str {
@@ -216,6 +224,22 @@ fn attachments(opts: &DataplaneOptions) -> Result<Vec<AttachedJson>> {
     Ok(all)
 }
 
+/// A loaded redirect rule.
+#[derive(Serialize)]
+struct RuleJson {
+    proto: &'static str,
+    local_port: u16,
+    to: String,
+}
+
+fn rule_json(k: &RuleKey, t: &RuleTarget) -> RuleJson {
+    RuleJson {
+        proto: proto_name(k.proto),
+        local_port: k.port,
+        to: format!("{}:{}", Ipv4Addr::from(t.daddr), t.dport),
+    }
+}
+
 #[derive(Serialize)]
 struct StatusJson {
     /// The pin directory of this network namespace's router (or the one given).
@@ -224,6 +248,10 @@ struct StatusJson {
     maps: String,
     /// Our programs on the two interfaces, each ingress in the order they run.
     attached: Vec<AttachedJson>,
+    /// The redirect rules the programs apply, and where unmatched traffic goes (None: to the
+    /// router itself).
+    rules: Vec<RuleJson>,
+    fallback: Option<String>,
     counters: serde_json::Map<String, serde_json::Value>,
     flows: Vec<FlowJson>,
 }
@@ -291,6 +319,9 @@ pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
     let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
     let counters = counters(&stats);
     let attached = attachments(opts)?;
+    let rules: Vec<RuleJson> = maps.rules()?.iter().map(|(k, t)| rule_json(k, t)).collect();
+    let cfg = maps.config()?;
+    let fallback = (cfg.has_fallback != 0).then(|| Ipv4Addr::from(cfg.fallback).to_string());
     if json {
         let counters = counters
             .iter()
@@ -300,6 +331,8 @@ pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
             bpffs_dir: maps.dir.display().to_string(),
             maps: maps.from.clone(),
             attached,
+            rules,
+            fallback,
             counters,
             flows,
         };
@@ -314,6 +347,13 @@ pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
             "attached: {} ingress: {} {} (program {}{link})",
             a.interface, a.method, a.program, a.program_id
         );
+    }
+    for r in &rules {
+        println!("rule: {} {} -> {}", r.proto, r.local_port, r.to);
+    }
+    match &fallback {
+        Some(f) => println!("fallback: everything else -> {f} (ports kept)"),
+        None => println!("fallback: none (unmatched traffic is the router's own)"),
     }
     println!("counters (all CPUs):");
     for (k, v) in counters {

@@ -1,0 +1,324 @@
+//! The redirect dataplane under faults while traffic runs (legacy mode, the long-running
+//! router, pinning on the harness's bpffs as a node's): restarts, by SIGTERM and SIGKILL, under
+//! a running iperf3 and a running stream, and rules replaced (validly and invalidly) under
+//! established connections. No connection may be lost; nothing may be half-applied.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    DEST_IP, POD_IP, PinDir, Proc, Topology, router_bin, router_command, tcp_roundtrip,
+};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(5);
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+struct Lab {
+    // Drop order: the pins after the namespaces' processes.
+    topo: Topology,
+    pins: PinDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let topo = Topology::new().expect("building the namespace topology");
+        let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}bpf", topo.prefix())));
+        Lab { topo, pins }
+    }
+
+    /// A legacy router for `destination`, its log in `log`.
+    fn legacy(&self, destination: &str, log: &std::path::Path) -> Proc {
+        let mut cmd = router_command("legacy");
+        cmd.env("EGRESS_BPFFS_DIR", &self.pins.0)
+            .env("EGRESS_DESTINATION", destination)
+            .env("EGRESS_METRICS_ADDRESS", "off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        self.topo.router.spawn(cmd).unwrap()
+    }
+
+    /// A legacy router for `destination`, returned once it says its dataplane runs (set up and
+    /// attached, rules written).
+    fn legacy_running(&self, destination: &str) -> Proc {
+        let log = std::env::temp_dir().join(format!(
+            "{}legacy-{}.log",
+            self.topo.prefix(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let p = self.legacy(destination, &log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("redirect dataplane running") {
+                let _ = std::fs::remove_file(&log);
+                return p;
+            }
+            assert!(p.is_running(), "the legacy router exited:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "the legacy router never ran:\n{text}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["status", "--json", "--bpffs-dir"])
+            .arg(&self.pins.0)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let out = self.topo.router.spawn(cmd).ok()?.output(T).ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())?
+    }
+
+    fn client_tcp(&self, port: u16) -> std::io::Result<TcpStream> {
+        self.topo
+            .client
+            .run(|| TcpStream::connect_timeout(&SocketAddr::from((POD_IP, port)), T))
+    }
+}
+
+/// A server on the destination's `port` that streams 8-byte big-endian counters to each client,
+/// a little at a time, until the client goes.
+fn counter_stream_server(lab: &Lab, port: u16) {
+    let l = lab
+        .topo
+        .dest
+        .tcp_listen(SocketAddr::from((DEST_IP, port)))
+        .unwrap();
+    thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut n = 0u64;
+                loop {
+                    let mut chunk = Vec::with_capacity(8 * 512);
+                    for _ in 0..512 {
+                        chunk.extend_from_slice(&n.to_be_bytes());
+                        n += 1;
+                    }
+                    if c.write_all(&chunk).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+    });
+}
+
+/// Reads the counter stream through the router until `stop`, checking that every counter
+/// follows the last: a lost, reset or corrupted connection fails. Returns the bytes read.
+fn read_counters(
+    mut c: TcpStream,
+    stop: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
+) -> Result<u64, String> {
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut expect = 0u64;
+    let mut buf = [0u8; 8];
+    while !stop.load(Ordering::Relaxed) {
+        c.read_exact(&mut buf)
+            .map_err(|e| format!("the stream broke after {expect} counters: {e}"))?;
+        let got = u64::from_be_bytes(buf);
+        if got != expect {
+            return Err(format!("counter {got} where {expect} was due"));
+        }
+        expect += 1;
+        read.store(expect * 8, Ordering::Relaxed);
+    }
+    Ok(expect * 8)
+}
+
+/// Five restarts of the legacy router (SIGTERM and SIGKILL in turn, each followed by a new
+/// router on the same pins) while iperf3 runs and a counter stream flows: iperf3 ends without an
+/// error, the stream never breaks nor skips, and both carry data after the last restart.
+#[test]
+fn five_restarts_under_iperf3_and_a_stream_lose_no_connection() {
+    let lab = Lab::new();
+    let rules = format!("5201 tcp {DEST_IP}\n9100 tcp {DEST_IP}");
+    counter_stream_server(&lab, 9100);
+    let mut iperf_server = Command::new("iperf3");
+    iperf_server.args(["-s", "-B", &DEST_IP.to_string(), "-p", "5201"]);
+    let _iperf_server = lab.topo.dest.spawn(iperf_server).unwrap();
+    let mut router = lab.legacy_running(&rules);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let read = Arc::new(AtomicU64::new(0));
+    let stream = lab.client_tcp(9100).unwrap();
+    let reader = {
+        let (stop, read) = (stop.clone(), read.clone());
+        thread::spawn(move || read_counters(stream, stop, read))
+    };
+    // Wait for the iperf3 server to listen, then run the client for the whole test.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab.client_tcp(5201).is_err() {
+        assert!(Instant::now() < deadline, "iperf3 -s never listened");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut iperf = Command::new("iperf3");
+    iperf.args([
+        "-c",
+        &POD_IP.to_string(),
+        "-p",
+        "5201",
+        "-t",
+        "24",
+        "-b",
+        "200M",
+        "-J",
+    ]);
+    iperf
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let iperf = lab.topo.client.spawn(iperf).unwrap();
+
+    for i in 0..5 {
+        thread::sleep(Duration::from_secs(3));
+        let sig = if i % 2 == 0 {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGKILL
+        };
+        router.signal(sig).unwrap();
+        router
+            .wait_timeout(T)
+            .unwrap()
+            .unwrap_or_else(|| panic!("restart {}: the router did not exit on {sig}", i + 1));
+        router = lab.legacy_running(&rules);
+        eprintln!(
+            "restart {} ({sig}): {} bytes of the stream so far",
+            i + 1,
+            read.load(Ordering::Relaxed)
+        );
+    }
+    let at_last_restart = read.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let total = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the stream: {e}"));
+    assert!(
+        total > at_last_restart,
+        "the stream carried on after the last restart"
+    );
+
+    let out = iperf.output(Duration::from_secs(40)).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 -J: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        out.status.success() && report.get("error").is_none(),
+        "iperf3 lost its connection: {}",
+        report.get("error").unwrap_or(&report["end"])
+    );
+    let intervals = report["intervals"].as_array().unwrap();
+    let last = &intervals[intervals.len() - 1]["sum"];
+    assert!(
+        last["bytes"].as_u64().unwrap_or(0) > 0,
+        "iperf3 carried data to the end: {last}"
+    );
+    let sent = report["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+    eprintln!("iperf3: {sent} bytes in 24 s across 5 restarts; the stream: {total} bytes");
+    router.signal(Signal::SIGTERM).unwrap();
+}
+
+/// Rules replaced under established connections: the new set takes effect whole (a removed
+/// port is refused, an added one works, `status` lists exactly the new rules) and established
+/// flows carry on, as under conntrack; an invalid replacement is refused and changes nothing.
+#[test]
+fn rules_replaced_under_traffic_take_effect_whole_and_invalid_ones_not_at_all() {
+    let lab = Lab::new();
+    let _echo = [80, 81, 82].map(|p| {
+        lab.topo
+            .dest
+            .tcp_echo(SocketAddr::from((DEST_IP, p)))
+            .unwrap()
+    });
+    let a = format!("80 tcp {DEST_IP}\n8080 tcp {DEST_IP} 81");
+    let b = format!("80 tcp {DEST_IP}\n9090 tcp {DEST_IP} 82");
+    let router = lab.legacy_running(&a);
+    let mut c80 = lab.client_tcp(80).unwrap();
+    let mut c8080 = lab.client_tcp(8080).unwrap();
+    let mut roundtrip = |c: &mut TcpStream, what: &str| {
+        c.set_read_timeout(Some(T)).unwrap();
+        c.write_all(what.as_bytes()).unwrap();
+        let mut back = vec![0u8; what.len()];
+        c.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(back, what.as_bytes());
+    };
+    roundtrip(&mut c80, "80 before");
+    roundtrip(&mut c8080, "8080 before");
+
+    router.signal(Signal::SIGTERM).unwrap();
+    router.wait_timeout(T).unwrap().expect("exits on SIGTERM");
+    let router = lab.legacy_running(&b);
+    let rules = |lab: &Lab| -> Vec<u64> {
+        let s = lab.status().expect("status");
+        let mut ports: Vec<u64> = s["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["local_port"].as_u64().unwrap_or(0))
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    assert_eq!(rules(&lab), [80, 9090], "exactly the new rules");
+    roundtrip(&mut c80, "80 after");
+    roundtrip(&mut c8080, "8080 established, after its rule went");
+    assert!(
+        lab.client_tcp(8080)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| tcp_roundtrip(c, b"new", T))
+            .is_err(),
+        "a new connection to the removed port is not forwarded"
+    );
+    let c = lab.client_tcp(9090).expect("the added rule forwards");
+    assert_eq!(tcp_roundtrip(c, b"9090", T).unwrap(), b"9090");
+
+    // An invalid replacement: refused with the reason, the running rules untouched.
+    router.signal(Signal::SIGTERM).unwrap();
+    router.wait_timeout(T).unwrap().expect("exits on SIGTERM");
+    let mut cmd = router_command("legacy");
+    cmd.env("EGRESS_BPFFS_DIR", &lab.pins.0).env(
+        "EGRESS_DESTINATION",
+        format!("80 tcp {DEST_IP}\n7070 tcp 300.1.1.1"),
+    );
+    let out = lab
+        .topo
+        .router
+        .spawn(cmd)
+        .unwrap()
+        .output(Duration::from_secs(20))
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an invalid configuration is refused: {err}"
+    );
+    assert!(err.contains("300.1.1.1"), "{err}");
+    assert_eq!(
+        rules(&lab),
+        [80, 9090],
+        "nothing of the invalid rules was applied"
+    );
+    roundtrip(&mut c80, "80 after the refusal");
+    let c = lab.client_tcp(9090).unwrap();
+    assert_eq!(tcp_roundtrip(c, b"9090 again", T).unwrap(), b"9090 again");
+}
