@@ -253,7 +253,7 @@ fn rules_replaced_under_traffic_take_effect_whole_and_invalid_ones_not_at_all() 
     let router = lab.legacy_running(&a);
     let mut c80 = lab.client_tcp(80).unwrap();
     let mut c8080 = lab.client_tcp(8080).unwrap();
-    let mut roundtrip = |c: &mut TcpStream, what: &str| {
+    let roundtrip = |c: &mut TcpStream, what: &str| {
         c.set_read_timeout(Some(T)).unwrap();
         c.write_all(what.as_bytes()).unwrap();
         let mut back = vec![0u8; what.len()];
