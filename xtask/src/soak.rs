@@ -116,7 +116,7 @@ pub fn run(minutes: u64) -> Result<()> {
                     started.elapsed()
                 );
             }
-            let s = sample(lab, &bin, started.elapsed())?;
+            let s = sample(lab, started.elapsed())?;
             lab.samples.push(s);
         }
         print_progress(&labs, started.elapsed());
@@ -127,7 +127,7 @@ pub fn run(minutes: u64) -> Result<()> {
     // Let the load threads notice and finish their operation in flight.
     thread::sleep(Duration::from_secs(2));
     for lab in &mut labs {
-        let s = sample(lab, &bin, started.elapsed())?;
+        let s = sample(lab, started.elapsed())?;
         lab.samples.push(s);
     }
     let (report, problems) = report(&labs, minutes);
@@ -144,13 +144,18 @@ pub fn run(minutes: u64) -> Result<()> {
     Ok(())
 }
 
-fn sample(lab: &Lab, bin: &Path, at: Duration) -> Result<Sample> {
+fn sample(lab: &Lab, at: Duration) -> Result<Sample> {
     let pid = lab.router.pid();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    let flows = match &lab.bpffs {
-        Some(dir) => Some(flow_entries(&lab.topo.router, bin, &dir.0)?),
-        None => None,
-    };
+    // Scraped as Prometheus would, from the router's own metrics listener: the scrape is part
+    // of the soak, and it reads the table's size without listing it.
+    let metrics = scrape(&lab.topo.router).context("scraping /metrics")?;
+    let flows = lab
+        .bpffs
+        .is_some()
+        .then(|| sample_value(&metrics, "egress_router_redirect_flow_table_entries"))
+        .flatten()
+        .map(|v| v as usize);
     Ok(Sample {
         at,
         rss_kib: sys::tree_rss_kib(pid)?,
@@ -159,13 +164,28 @@ fn sample(lab: &Lab, bin: &Path, at: Duration) -> Result<Sample> {
     })
 }
 
-/// The entries in the dataplane's connection table, as `egress-router status --json` lists them.
-fn flow_entries(router: &Netns, bin: &Path, bpffs: &Path) -> Result<usize> {
-    let mut cmd = std::process::Command::new(bin);
-    cmd.args(["status", "--json", "--bpffs-dir"]).arg(bpffs);
-    let out = sys::ns_output(router, cmd, IO_TIMEOUT)?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("status --json")?;
-    Ok(v["flows"].as_array().map_or(0, Vec::len))
+/// GET /metrics on the router's metrics listener (port 9190 of the router namespace).
+fn scrape(router: &Netns) -> Result<String> {
+    router.run(|| {
+        let mut c = connect(SocketAddr::from(([127, 0, 0, 1], 9190)))?;
+        write!(
+            c,
+            "GET /metrics HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        ensure!(
+            text.starts_with("HTTP/1.1 200"),
+            "{}",
+            text.lines().next().unwrap_or("")
+        );
+        Ok(text)
+    })
+}
+
+fn sample_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn print_progress(labs: &[Lab], at: Duration) {
