@@ -322,3 +322,108 @@ fn rules_replaced_under_traffic_take_effect_whole_and_invalid_ones_not_at_all() 
     let c = lab.client_tcp(9090).unwrap();
     assert_eq!(tcp_roundtrip(c, b"9090 again", T).unwrap(), b"9090 again");
 }
+
+/// A SYN flood from 20,000 source ports through a 1,024-entry connection table while an
+/// established connection exchanges a message every 10 ms: the table is LRU, so the flood
+/// evicts its own stale entries, never the flow in use; the connection never stalls, and the
+/// table stays within its size.
+#[test]
+fn a_syn_flood_through_a_small_table_does_not_evict_an_established_flow() {
+    let lab = Lab::new();
+    let _echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 80)))
+        .unwrap();
+    // Port 81 has no listener: the destination answers the SYNs with resets.
+    let rules = format!("80 tcp {DEST_IP}\n81 tcp {DEST_IP}");
+    let log = std::env::temp_dir().join(format!("{}flood.log", lab.topo.prefix()));
+    let mut cmd = router_command("init");
+    cmd.env("EGRESS_BPFFS_DIR", &lab.pins.0)
+        .env("EGRESS_DESTINATION", &rules)
+        .args(["--conntrack-size", "1024"])
+        .stderr(std::fs::File::create(&log).unwrap());
+    let out = lab
+        .topo
+        .router
+        .spawn(cmd)
+        .unwrap()
+        .output(Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&log);
+
+    let mut c = lab.client_tcp(80).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let client = lab.topo.client.path();
+        thread::spawn(move || {
+            let ns = std::fs::File::open(client).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let to: socket2::SockAddr = SocketAddr::from((POD_IP, 81)).into();
+            let mut sent = 0u32;
+            for port in 20_000u16..40_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // A non-blocking connect sends one SYN; the socket is then dropped.
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_nonblocking(true).unwrap();
+                s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+                    .unwrap();
+                let _ = s.connect(&to);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut exchanges = 0;
+    while !flood.is_finished() || exchanges < 100 {
+        let t = Instant::now();
+        c.write_all(b"established").unwrap();
+        let mut back = [0u8; 11];
+        c.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("the established flow broke after {exchanges}: {e}"));
+        assert_eq!(&back, b"established");
+        slowest = slowest.max(t.elapsed());
+        exchanges += 1;
+        thread::sleep(Duration::from_millis(10));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the flood did not end"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let status = lab.status().expect("status");
+    let new_flows = status["counters"]["new_flows"].as_u64().unwrap();
+    let restored = status["counters"]["flows_restored"].as_u64().unwrap();
+    let entries = status["flows"].as_array().unwrap().len();
+    eprintln!(
+        "{sent} SYNs, {new_flows} new flows, {entries} entries in a 1,024-entry table; \
+         {exchanges} exchanges on the established flow, the slowest {slowest:?}; \
+         {restored} entries restored"
+    );
+    assert_eq!(
+        restored, 0,
+        "the established flow was evicted (and restored)"
+    );
+    assert!(
+        new_flows > 10_000,
+        "the flood went through the dataplane: {new_flows}"
+    );
+    assert!(entries <= 1024, "{entries}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the established flow stalled: {slowest:?}"
+    );
+}
