@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: every fuzz target of fuzz/ (one per rule language: redirect, http, dns)
-//! for a bounded time each, with libFuzzer through cargo-fuzz and the nightly toolchain. A crash
+//! for a bounded time each, with libFuzzer through cargo-fuzz and the nightly toolchain, then
+//! the tc programs' mutation fuzzer (egress-loader/tests/program_fuzz.rs) for as long. A crash
 //! (a panic or a failed assertion in a target) fails the task; libFuzzer leaves the input under
 //! fuzz/artifacts/<target>/.
 use std::process::{Command, Stdio};
@@ -56,7 +57,31 @@ pub fn run(seconds_per_target: u64) -> Result<()> {
             )
         })?;
     }
-    eprintln!("fuzzing done: {} targets, no crash", targets.len());
+    // The tc programs, through BPF_PROG_TEST_RUN (root): a mutation fuzzer with invariants
+    // (egress-loader/tests/program_fuzz.rs), for the same time.
+    if !util::is_root() {
+        bail!("the program fuzzer loads the eBPF programs: run cargo xtask fuzz as root");
+    }
+    eprintln!("fuzzing the tc programs for {seconds_per_target} s");
+    util::run(
+        Command::new("cargo")
+            .current_dir(util::root())
+            .env("EGRESS_FUZZ_SECONDS", seconds_per_target.to_string())
+            .args([
+                "test",
+                "-p",
+                "egress-loader",
+                "--test",
+                "program_fuzz",
+                "--",
+                "--nocapture",
+            ]),
+    )
+    .context("the program fuzzer found a broken invariant (its output has the seed and frame)")?;
+    eprintln!(
+        "fuzzing done: {} targets and the tc programs, no crash",
+        targets.len()
+    );
     Ok(())
 }
 
