@@ -383,6 +383,14 @@ fn targets(r: &mut Report) {
     r.target(Http, proxies::RSS_IDLE_CONNS, Who::Base, false, 0.5);
     r.target(Dns, proxies::DNS_CRR, Who::Base, true, 1.0);
     r.target(Dns, proxies::DNS_GBPS, Who::Base, true, 1.0);
+    // Issue 19: cost per unit of work, which a bigger machine does not change.
+    r.target(Http, proxies::HTTP_KA_CPU, Who::Base, false, 0.25);
+    r.target(Http, proxies::HTTP_CLOSE_CPU, Who::Base, false, 0.25);
+    r.target(Http, proxies::HTTP_CONNECT, Who::Base, true, 2.0);
+    r.target(Http, proxies::HTTP_CONNECT_CPU, Who::Base, false, 0.5);
+    r.target(Dns, proxies::DNS_CRR_CPU, Who::Base, false, 0.8);
+    r.target(Redirect, redirect::UDP_CPU, Who::Ceiling, false, 0.95);
+    r.target(Redirect, redirect::UDP_CPU, Who::Base, false, 0.5);
 }
 
 /// The full run measures with the generators and servers in this process: `cargo xtask` builds

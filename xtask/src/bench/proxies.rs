@@ -25,10 +25,16 @@ pub const HTTP_CLOSE_RPS: &str = "requests/s, one connection per request";
 pub const HTTP_CLOSE_P50: &str = "latency p50, one connection per request, µs";
 pub const HTTP_CLOSE_P99: &str = "latency p99, one connection per request, µs";
 pub const HTTP_CONNECT: &str = "CONNECT tunnel throughput (1 stream), Gbit/s";
+pub const HTTP_KA_CPU: &str = "proxy CPU (user + system) per request, keep-alive, µs";
+pub const HTTP_CLOSE_CPU: &str =
+    "proxy CPU (user + system) per request, one connection per request, µs";
+pub const HTTP_CONNECT_CPU: &str = "proxy CPU (user + system) per GB through CONNECT, ms";
 pub const RSS_IDLE: &str = "resident memory, idle, MiB";
 pub const RSS_IDLE_CONNS: &str = "resident memory with the idle client connections, MiB";
 pub const DNS_CRR: &str = "new connections/s";
 pub const DNS_GBPS: &str = "throughput (iperf3, 1 stream), Gbit/s";
+pub const DNS_CRR_CPU: &str = "proxy CPU (user + system) per new connection, µs";
+pub const DNS_GB_CPU: &str = "proxy CPU (user + system) per GB, ms";
 pub const DNS_P50: &str = "request/response latency p50, µs";
 pub const DNS_P99: &str = "request/response latency p99, µs";
 
@@ -121,6 +127,12 @@ fn check_peers(servers: &Servers) -> Result<()> {
     Ok(())
 }
 
+/// `cost` per `units`, refusing a run that did no work.
+fn per(cost: f64, units: f64) -> Result<f64> {
+    ensure!(units > 0.0, "no work was done to divide the CPU time by");
+    Ok(cost / units)
+}
+
 fn rss_mib(p: &Proc) -> Result<f64> {
     Ok(sys::tree_rss_kib(p.pid())? as f64 / 1024.0)
 }
@@ -154,31 +166,44 @@ pub fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
         Err(e) => ctx.fail(s, who, &format!("{RSS_IDLE_CONNS}: {e:#}")),
     }
     std::thread::sleep(Duration::from_millis(500));
+    let pid = lab.proxy.pid();
     for keepalive in [true, false] {
-        let (rps, p50, p99) = if keepalive {
-            (HTTP_KA_RPS, HTTP_KA_P50, HTTP_KA_P99)
+        let (rps, p50, p99, cpu_name) = if keepalive {
+            (HTTP_KA_RPS, HTTP_KA_P50, HTTP_KA_P99, HTTP_KA_CPU)
         } else {
-            (HTTP_CLOSE_RPS, HTTP_CLOSE_P50, HTTP_CLOSE_P99)
+            (
+                HTTP_CLOSE_RPS,
+                HTTP_CLOSE_P50,
+                HTTP_CLOSE_P99,
+                HTTP_CLOSE_CPU,
+            )
         };
-        match load::wrk(
-            &lab.topo.client,
-            &ctx.dir,
-            proxy,
-            &url,
-            &host,
-            keepalive,
-            p.http_conns,
-            p.measure,
-        ) {
-            Ok(r) => {
+        let run = sys::cpu_during(pid, || {
+            load::wrk(
+                &lab.topo.client,
+                &ctx.dir,
+                proxy,
+                &url,
+                &host,
+                keepalive,
+                p.http_conns,
+                p.measure,
+            )
+        });
+        match run {
+            Ok((r, cpu)) => {
                 ctx.measure(s, rps, Better::Higher, who, || Ok(r.rps));
                 ctx.measure(s, p50, Better::Lower, who, || Ok(r.p50_us));
                 ctx.measure(s, p99, Better::Lower, who, || Ok(r.p99_us));
+                let requests = r.rps * p.measure.as_secs_f64();
+                ctx.measure(s, cpu_name, Better::Lower, who, || {
+                    per(cpu.as_secs_f64() * 1e6, requests)
+                });
             }
             Err(e) => ctx.fail(s, who, &format!("{rps}: {e:#}")),
         }
     }
-    ctx.measure(s, HTTP_CONNECT, Better::Higher, who, || {
+    let run = sys::cpu_during(pid, || {
         load::connect_stream(
             &lab.topo.client,
             proxy,
@@ -188,6 +213,17 @@ pub fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
             || lab.servers.sink_bytes(),
         )
     });
+    match run {
+        Ok((gbps, cpu)) => {
+            ctx.measure(s, HTTP_CONNECT, Better::Higher, who, || Ok(gbps));
+            // The CPU time covers the warm-up too, at about the same rate.
+            let gb = gbps / 8.0 * (p.warmup + p.measure).as_secs_f64();
+            ctx.measure(s, HTTP_CONNECT_CPU, Better::Lower, who, || {
+                per(cpu.as_secs_f64() * 1e3, gb)
+            });
+        }
+        Err(e) => ctx.fail(s, who, &format!("{HTTP_CONNECT}: {e:#}")),
+    }
     Ok(())
 }
 
@@ -215,19 +251,39 @@ pub fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
         Err(e) => ctx.fail(s, who, &format!("{RSS_IDLE_CONNS}: {e:#}")),
     }
     std::thread::sleep(Duration::from_millis(500));
-    ctx.measure(s, DNS_CRR, Better::Higher, who, || {
+    let pid = lab.proxy.pid();
+    match sys::cpu_during(pid, || {
         load::tcp_crr(&lab.topo.client, echo, p.crr_threads, p.measure)
-    });
+    }) {
+        Ok((rate, cpu)) => {
+            ctx.measure(s, DNS_CRR, Better::Higher, who, || Ok(rate));
+            let conns = rate * p.measure.as_secs_f64();
+            ctx.measure(s, DNS_CRR_CPU, Better::Lower, who, || {
+                per(cpu.as_secs_f64() * 1e6, conns)
+            });
+        }
+        Err(e) => ctx.fail(s, who, &format!("{DNS_CRR}: {e:#}")),
+    }
     let secs = p.measure.as_secs().max(1) as u32;
     let omit = p.warmup.as_secs() as u32;
-    ctx.measure(s, DNS_GBPS, Better::Higher, who, || {
+    match sys::cpu_during(pid, || {
         load::iperf3(
             &lab.topo.client,
             SocketAddr::from((POD_IP, IPERF_PORT)),
             secs,
             omit,
         )
-    });
+    }) {
+        Ok((gbps, cpu)) => {
+            ctx.measure(s, DNS_GBPS, Better::Higher, who, || Ok(gbps));
+            // iperf3 runs the omitted seconds first, at about the same rate.
+            let gb = gbps / 8.0 * f64::from(secs + omit);
+            ctx.measure(s, DNS_GB_CPU, Better::Lower, who, || {
+                per(cpu.as_secs_f64() * 1e3, gb)
+            });
+        }
+        Err(e) => ctx.fail(s, who, &format!("{DNS_GBPS}: {e:#}")),
+    }
     match load::tcp_rr(&lab.topo.client, echo, 64, p.measure, false) {
         Ok((p50, p99)) => {
             ctx.measure(s, DNS_P50, Better::Lower, who, || Ok(p50));

@@ -35,6 +35,12 @@ pub const TCP_GBPS: &str = "TCP throughput (iperf3, 1 stream), Gbit/s";
 pub const CRR: &str = "new TCP connections/s";
 pub const RR_P50: &str = "TCP request/response latency p50, µs";
 pub const RR_P99: &str = "TCP request/response latency p99, µs";
+pub const PROG_NS_UDP: &str =
+    "eBPF programs' own time per packet, UDP flood (kernel BPF stats), ns";
+pub const PROG_NS_TCP: &str =
+    "eBPF programs' own time per packet, TCP stream (kernel BPF stats), ns";
+pub const PROG_NS_CRR: &str =
+    "eBPF programs' own time per packet, new connections (kernel BPF stats), ns";
 pub const COST_EMPTY: &str = "BPF_PROG_TEST_RUN empty program (measuring floor), ns/packet";
 pub const COST_EST: &str = "BPF_PROG_TEST_RUN established flow (eth0), ns/packet";
 pub const COST_NEW: &str = "BPF_PROG_TEST_RUN new flow (eth0 SYN), ns/packet";
@@ -140,7 +146,111 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         }
         Err(e) => ctx.fail(s, who, &format!("request/response: {e:#}")),
     }
+    if let Some(bpffs) = &lab.bpffs {
+        // Again with the kernel's BPF statistics on (they cost two clock reads per run, so
+        // only here): what the programs themselves take per packet on real traffic.
+        if let Err(e) = program_time(ctx, &lab, &bpffs.0) {
+            ctx.fail(s, who, &format!("BPF statistics: {e:#}"));
+        }
+    }
     drop(lab);
+    Ok(())
+}
+
+/// Turns `kernel.bpf_stats_enabled` on while it lives (the previous value back after).
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(Self::PATH)?;
+        std::fs::write(Self::PATH, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats(old.trim().to_string()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// The ids of our programs attached in the router namespace, as `egress-router status` lists
+/// them.
+fn attached_programs(ctx: &Ctx, lab: &Lab, bpffs: &Path) -> Result<Vec<u32>> {
+    let mut cmd = Command::new(&ctx.bin);
+    cmd.args(["status", "--json", "--bpffs-dir"]).arg(bpffs);
+    let out = sys::ns_output(&lab.topo.router, cmd, Duration::from_secs(30))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("status --json")?;
+    let ids: Vec<u32> = v["attached"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["program_id"].as_u64().map(|i| i as u32))
+        .collect();
+    ensure!(!ids.is_empty(), "no program of ours attached: {out}");
+    Ok(ids)
+}
+
+/// Total run time (ns) and run count of the programs `ids`, from `bpftool prog show`.
+fn run_stats(ids: &[u32]) -> Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for id in ids {
+        let out = crate::util::output(Command::new("bpftool").args([
+            "prog",
+            "show",
+            "id",
+            &id.to_string(),
+            "--json",
+        ]))?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("bpftool prog show")?;
+        total.0 += v["run_time_ns"].as_u64().unwrap_or(0);
+        total.1 += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn program_time(ctx: &mut Ctx, lab: &Lab, bpffs: &Path) -> Result<()> {
+    let ids = attached_programs(ctx, lab, bpffs)?;
+    let _stats = BpfStats::enable()?;
+    let p = ctx.p.clone();
+    let target = lab.target;
+    let secs = p.measure.as_secs().max(1) as u32;
+    let runs: [(&str, &dyn Fn() -> Result<()>); 3] = [
+        (PROG_NS_UDP, &|| udp(ctx, lab).map(drop)),
+        (PROG_NS_TCP, &|| {
+            load::iperf3(
+                &lab.topo.client,
+                SocketAddr::from((target, IPERF_PORT)),
+                secs,
+                0,
+            )
+            .map(drop)
+        }),
+        (PROG_NS_CRR, &|| {
+            let _poll = sys::PollIdle::hold("the connection loops");
+            load::tcp_crr(
+                &lab.topo.client,
+                SocketAddr::from((target, ECHO_PORT)),
+                p.crr_threads,
+                p.measure,
+            )
+            .map(drop)
+        }),
+    ];
+    let mut figures = Vec::new();
+    for (name, run) in runs {
+        let before = run_stats(&ids)?;
+        run()?;
+        let after = run_stats(&ids)?;
+        let (ns, count) = (after.0 - before.0, after.1 - before.1);
+        ensure!(count > 0, "{name}: the programs did not run");
+        figures.push((name, ns as f64 / count as f64));
+    }
+    for (name, v) in figures {
+        ctx.measure(Section::Redirect, name, Better::Lower, Who::Ours, || Ok(v));
+    }
     Ok(())
 }
 

@@ -90,8 +90,8 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
-/// VmRSS of `pid` and of all its descendants, in KiB (squid and HAProxy may fork helpers).
-pub fn tree_rss_kib(pid: u32) -> Result<u64> {
+/// `pid` and all its descendants (squid and HAProxy may fork helpers).
+fn tree(pid: u32) -> Result<Vec<u32>> {
     let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
     for e in fs::read_dir("/proc")?.flatten() {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -101,20 +101,48 @@ pub fn tree_rss_kib(pid: u32) -> Result<u64> {
             parents.entry(ppid).or_default().push(p);
         }
     }
-    let mut total = 0;
+    let mut all = Vec::new();
     let mut todo = vec![pid];
-    let mut seen = 0;
     while let Some(p) = todo.pop() {
-        let kib = vm_rss_kib(p)
-            .with_context(|| format!("reading the memory of process {p} (is it still running?)"))?;
-        total += kib;
-        seen += 1;
+        all.push(p);
         todo.extend(parents.get(&p).into_iter().flatten().copied());
     }
-    if seen == 0 {
-        bail!("process {pid} not found");
+    Ok(all)
+}
+
+/// VmRSS of `pid` and of all its descendants, in KiB.
+pub fn tree_rss_kib(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for p in tree(pid)? {
+        total += vm_rss_kib(p)
+            .with_context(|| format!("reading the memory of process {p} (is it still running?)"))?;
     }
     Ok(total)
+}
+
+/// User plus system CPU time of `pid` and its descendants, all their threads included.
+pub fn tree_cpu(pid: u32) -> Result<Duration> {
+    let mut ticks = 0u64;
+    for p in tree(pid)? {
+        let stat = fs::read_to_string(format!("/proc/{p}/stat"))
+            .with_context(|| format!("reading the CPU time of process {p}"))?;
+        // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').context("odd /proc stat")? + 1..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    }
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// Runs `f` and returns its result with the CPU time `pid`'s process tree used meanwhile.
+pub fn cpu_during<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let before = tree_cpu(pid)?;
+    let r = f()?;
+    Ok((r, tree_cpu(pid)?.saturating_sub(before)))
 }
 
 fn ppid(pid: u32) -> Option<u32> {
