@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod dns_proxy;
+pub mod duration;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;

@@ -69,7 +69,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_CONNECT_TIMEOUT",
         value_name = "DURATION",
         default_value = "10s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub connect_timeout: Duration,
     /// A proxied connection with no byte either way for this long is closed.
@@ -79,7 +79,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_IDLE_TIMEOUT",
         value_name = "DURATION",
         default_value = "1m",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub idle_timeout: Duration,
     /// A name is re-resolved when its TTL runs out, but never sooner than this...
@@ -89,7 +89,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_MIN_TTL",
         value_name = "DURATION",
         default_value = "5s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub min_ttl: Duration,
     /// ...and never later than this (OpenShift's HAProxy held answers for 10 s).
@@ -99,7 +99,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_MAX_TTL",
         value_name = "DURATION",
         default_value = "10s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub max_ttl: Duration,
     /// When the DNS server does not answer (timeout, SERVFAIL), the last answer is kept this long
@@ -110,7 +110,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_STALE_HOLD",
         value_name = "DURATION",
         default_value = "30s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub stale_hold: Duration,
     /// An address that failed to connect is tried last for this long, when others exist.
@@ -120,7 +120,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_HOLDOFF",
         value_name = "DURATION",
         default_value = "10s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub holdoff: Duration,
     /// On SIGTERM: stop accepting, then let open connections finish for up to this long.
@@ -130,7 +130,7 @@ pub struct DnsProxyOptions {
         env = "EGRESS_DNS_PROXY_DRAIN_TIMEOUT",
         value_name = "DURATION",
         default_value = "20s",
-        value_parser = parse_duration
+        value_parser = crate::duration::parse_duration
     )]
     pub drain_timeout: Duration,
     /// How bytes are moved: auto (copy small chunks, splice bulk data), splice (zero-copy through
@@ -178,26 +178,6 @@ impl Default for DnsProxyOptions {
             protected: None,
         }
     }
-}
-
-/// `1500ms`, `10s`, `1m`, `2h`, or a bare number of seconds (fractions allowed).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 10s, 1m)"))?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        u => return Err(format!("unknown unit '{u}' in '{s}' (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("'{s}': {e}"))
 }
 
 /// Runs the DNS proxy until SIGTERM (or SIGINT), then drains; metrics and health probes on
@@ -615,18 +595,6 @@ mod tests {
     fn default_matches_clap_defaults() {
         let parsed = Cli::try_parse_from(["x"]).unwrap().o;
         assert_eq!(parsed, DnsProxyOptions::default());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("10x").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("").is_err());
     }
 
     #[test]

@@ -57,17 +57,17 @@ pub struct HttpProxyOptions {
     /// Time allowed for resolving a destination and, separately, for connecting to it
     /// (e.g. 10s, 500ms, 2m). 504 when exceeded.
     #[arg(long = "http-connect-timeout", env = "EGRESS_HTTP_CONNECT_TIMEOUT",
-          default_value = "10s", value_parser = parse_duration)]
+          default_value = "10s", value_parser = crate::duration::parse_duration)]
     pub connect_timeout: Duration,
     /// Time a client has to send a request's headers; also how long an idle kept-alive client
     /// connection stays open.
     #[arg(long = "http-header-timeout", env = "EGRESS_HTTP_HEADER_TIMEOUT",
-          default_value = "30s", value_parser = parse_duration)]
+          default_value = "30s", value_parser = crate::duration::parse_duration)]
     pub header_timeout: Duration,
     /// A CONNECT tunnel with no traffic either way for this long is closed; an upstream that
     /// sends no response headers for this long gets a 504.
     #[arg(long = "http-idle-timeout", env = "EGRESS_HTTP_IDLE_TIMEOUT",
-          default_value = "5m", value_parser = parse_duration)]
+          default_value = "5m", value_parser = crate::duration::parse_duration)]
     pub idle_timeout: Duration,
     /// Most client connections (tunnels included) served at once; more wait in the listen
     /// backlog until one ends.
@@ -80,7 +80,7 @@ pub struct HttpProxyOptions {
     pub max_header_bytes: u32,
     /// On SIGTERM: stop accepting, then give running requests and tunnels this long to finish.
     #[arg(long = "http-shutdown-grace", env = "EGRESS_HTTP_SHUTDOWN_GRACE",
-          default_value = "10s", value_parser = parse_duration)]
+          default_value = "10s", value_parser = crate::duration::parse_duration)]
     pub shutdown_grace: Duration,
     /// Destinations reached only through an address rule that names them. None (always, from
     /// the command line): this network namespace's own addresses, loopback and link-local.
@@ -101,23 +101,6 @@ impl Default for HttpProxyOptions {
             shutdown_grace: Duration::from_secs(10),
             protected: None,
         }
-    }
-}
-
-/// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 10s, 500ms, 2m)"))?;
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" | "min" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        u => Err(format!("'{s}': unknown unit '{u}' (use ms, s, m or h)")),
     }
 }
 
@@ -268,16 +251,5 @@ mod tests {
     fn default_matches_clap_defaults() {
         let parsed = Cli::try_parse_from(["x"]).unwrap().http;
         assert_eq!(parsed, HttpProxyOptions::default());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
     }
 }
