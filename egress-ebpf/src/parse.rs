@@ -71,11 +71,13 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
     if !ip.has_l4_header() {
         // A later fragment: its ports were recorded from the first one.
         let f = FRAGS.get_ptr_mut(&frag_key).ok_or(Error::Fragment)?;
-        // SAFETY: a valid map value pointer.
-        let f = unsafe { &mut *f };
-        f.last_seen_ns = now;
-        p.key.sport = f.sport;
-        p.key.dport = f.dport;
+        // SAFETY: a valid map value pointer, shared with other CPUs: accessed in place
+        // through the pointer, never through a reference (see entry.rs).
+        unsafe {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*f).last_seen_ns), now);
+            p.key.sport = core::ptr::read(core::ptr::addr_of!((*f).sport));
+            p.key.dport = core::ptr::read(core::ptr::addr_of!((*f).dport));
+        }
         return Ok(p);
     }
     let need = l4_min_len(ip.proto);
