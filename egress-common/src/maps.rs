@@ -47,6 +47,8 @@ pub struct Stats {
     pub drop_port_exhausted: u64,
     pub drop_malformed: u64,
     pub drop_unsolicited: u64,
+    /// Later fragments of datagrams that must be translated, whose first fragment was not seen
+    /// (later fragments of anything else go to the stack as their first fragment does).
     pub drop_fragment: u64,
     /// TTL would expire on forwarding.
     pub drop_ttl: u64,

@@ -29,7 +29,7 @@ use crate::{
     error::Error,
     flows::{create, lookup_live, now_ns, restore_peer, touch},
     forward::Route,
-    parse::{Kind, Parsed, parse},
+    parse::{Kind, Parsed, parse, remember_fragment},
     skb::Skb,
 };
 
@@ -82,6 +82,7 @@ fn handle(ctx: &TcContext, side: Side, stats: &mut Stats) -> Result<i32, Error> 
     }
     match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),
+        Kind::OrphanFragment => Err(orphan_fragment(&p, cfg, side)),
         Kind::IcmpError => icmp_error(&skb, &p, cfg, side, now, stats),
         Kind::Flow => flow(&skb, &p, cfg, side, now, stats),
     }
@@ -132,6 +133,7 @@ fn flow(
         }
     };
     rewrite::flow(skb, p, &tuple, route.forwards())?;
+    remember_fragment(p, now);
     count_out(side, len, stats);
     forward::send(skb, route)
 }
@@ -157,6 +159,34 @@ fn icmp_error(
     rewrite::icmp_error(skb, p, &q, &tuple, route.forwards())?;
     count_out(side, skb.len() as u64, stats);
     forward::send(skb, route)
+}
+
+/// Where a later fragment goes whose first fragment was not translated (it has not come yet, or
+/// it was not ours): its ports, and so its flow, are unknown, and this program cannot hold it
+/// until they are (the kernel's NAT reassembles first, in conntrack's defrag; a tc program
+/// cannot). So it goes where a packet that is not ours goes, to the stack, unless it provably
+/// belongs to a datagram this program translates:
+/// - macvlan0: only fragments for EGRESS_SOURCE get here (`handle` refused other unicast). That
+///   address is the router's own, so the stack reassembles them and forwards nothing into the
+///   cluster. It receives the router's own traffic too (pings to EGRESS_SOURCE), so a fragment
+///   is not provably a reply's.
+/// - eth0 with a fallback: every datagram is translated except TCP to the router's own port
+///   and ICMP that is not echo, so any other protocol is provably ours. Handed to the stack, it
+///   would wait in a reassembly that never completes (the pod IP) or be forwarded untranslated
+///   (another address): dropped and counted instead, as the datagram is lost either way.
+/// - eth0 otherwise: the rules name ports, which a later fragment lacks, so nothing is
+///   provable; the stack takes it as it takes the unmatched traffic its first fragment may be.
+///   (A reordered datagram of a rule is then lost in the stack's reassembly, as it would be
+///   dropped here.)
+#[inline(always)]
+fn orphan_fragment(p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Error {
+    let proto = p.key.proto;
+    let maybe_local = proto == PROTO_ICMP || (proto == PROTO_TCP && cfg.local_tcp_port != 0);
+    if side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
+        Error::Fragment
+    } else {
+        Error::NotOurs
+    }
 }
 
 /// Fails before anything is rewritten if the packet cannot be forwarded.

@@ -12,8 +12,8 @@ use std::{
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use egress_common::{
-    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
-    Stats,
+    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, FragKey, FragValue, MAP_FRAGS,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, Stats,
 };
 use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
@@ -151,6 +151,13 @@ impl Dp {
             .unwrap()
     }
 
+    /// Entries in the fragment table.
+    fn frags(&self) -> usize {
+        let map = self.dp.ebpf.map(MAP_FRAGS).expect("the FRAGS map");
+        let frags: aya::maps::HashMap<_, FragKey, FragValue> = map.try_into().unwrap();
+        frags.keys().count()
+    }
+
     fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
         status::StatusMaps::pinned(&self.dir)
             .and_then(|m| m.flows())
@@ -195,6 +202,27 @@ fn echo(src: [u8; 4], dst: [u8; 4], request: bool, id: u16) -> Vec<u8> {
         b.icmpv4_echo_reply(id, 1)
     };
     b.write(&mut v, b"ping payload").unwrap();
+    v
+}
+
+/// The first fragment's part of a UDP datagram (checksum 0: none): the header and `len`
+/// bytes, of a datagram whose later fragment carries 40 more.
+fn udp_l4(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&((8 + len + 40) as u16).to_be_bytes());
+    v.extend_from_slice(&[0, 0]);
+    v.extend(std::iter::repeat_n(0x55, len));
+    v
+}
+
+/// The first `8 + len` bytes of an ICMP echo message of type `icmp_type`.
+fn echo_l4(icmp_type: u8, id: u16, len: usize) -> Vec<u8> {
+    let mut v = vec![icmp_type, 0, 0, 0];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&[0, 1]);
+    v.extend(std::iter::repeat_n(0x66, len));
     v
 }
 
@@ -575,10 +603,102 @@ fn fragments_follow_their_first_fragment() {
     ]
     .concat();
     assert_eq!(sum(&[&pseudo, &whole]), 0, "reassembled UDP checksum");
-    // A later fragment whose first fragment never came is dropped, not guessed.
-    let orphan = raw_ipv4(17, CLIENT, POD, 0x9999, false, 3, &[], &datagram[24..]);
-    assert_eq!(dp.out(&orphan).0, TC_ACT_SHOT);
-    assert_eq!(dp.stats().drop_fragment, 1);
+    assert_eq!(dp.frags(), 1, "the translated datagram is recorded");
+    // The reply, fragmented too, comes back the same way.
+    let reply_h = Ipv4Header::new(0, 64, IpNumber::UDP, DEST, SOURCE).unwrap();
+    let reply_udp = UdpHeader::with_ipv4_checksum(5353, 5000, &reply_h, &datagram[8..]).unwrap();
+    let reply = [reply_udp.to_bytes().to_vec(), datagram[8..].to_vec()].concat();
+    let r1 = raw_ipv4(17, DEST, SOURCE, 0x0101, true, 0, &[], &reply[..24]);
+    let r2 = raw_ipv4(17, DEST, SOURCE, 0x0101, false, 3, &[], &reply[24..]);
+    let (_, b1) = dp.back(&r1);
+    let (v2, b2) = dp.back(&r2);
+    assert_eq!(v2, TC_ACT_OK);
+    for b in [&b1, &b2] {
+        assert_eq!((saddr(b), daddr(b)), (POD, CLIENT));
+    }
+    let whole = [l4(&b1), l4(&b2)].concat();
+    assert_eq!(u16::from_be_bytes([whole[0], whole[1]]), 53);
+    let s = dp.stats();
+    assert_eq!((s.out_packets, s.in_packets, s.drop_fragment), (2, 2, 0));
+}
+
+/// A later fragment whose first fragment was not translated (not seen yet, or not ours) goes
+/// where that first fragment goes: to the stack, which reassembles what is addressed to the
+/// router and forwards nothing from macvlan0 that is not for EGRESS_SOURCE. Nothing is
+/// recorded for datagrams that are not translated.
+#[test]
+fn later_fragments_whose_first_was_not_translated_are_left_to_the_stack() {
+    let dp = Dp::standard(); // rules only, no fallback
+    let payload = [9u8; 40];
+    // Reordered: a later fragment first; its ports (its rule) are unknown.
+    let orphan = raw_ipv4(17, CLIENT, POD, 0x7001, false, 3, &[], &payload);
+    assert_eq!(dp.out(&orphan), (TC_ACT_OK, orphan.clone()), "reordered");
+    // A datagram for the router itself (no rule for its port), in order.
+    let first = raw_ipv4(
+        17,
+        CLIENT,
+        POD,
+        0x7002,
+        true,
+        0,
+        &[],
+        &udp_l4(5000, 7777, 16),
+    );
+    let second = raw_ipv4(17, CLIENT, POD, 0x7002, false, 3, &[], &payload);
+    assert_eq!(dp.out(&first), (TC_ACT_OK, first.clone()));
+    assert_eq!(
+        dp.out(&second),
+        (TC_ACT_OK, second.clone()),
+        "follows its first"
+    );
+    assert_eq!(dp.frags(), 0, "nothing recorded for untranslated traffic");
+    // On macvlan0: a big ping to EGRESS_SOURCE (the router answers it), a reordered reply,
+    // and multicast: all the stack's.
+    let ping = raw_ipv4(1, GATEWAY, SOURCE, 0x7003, true, 0, &[], &echo_l4(8, 5, 16));
+    let ping2 = raw_ipv4(1, GATEWAY, SOURCE, 0x7003, false, 3, &[], &payload);
+    let mcast = raw_ipv4(17, DEST, [239, 1, 2, 3], 0x7004, false, 3, &[], &payload);
+    let reordered = raw_ipv4(17, DEST, SOURCE, 0x7005, false, 3, &[], &payload);
+    for (what, f) in [
+        ("ping", ping),
+        ("ping fragment", ping2),
+        ("multicast", mcast),
+        ("reordered reply", reordered),
+    ] {
+        assert_eq!(dp.back(&f), (TC_ACT_OK, f.clone()), "{what}");
+    }
+    assert_eq!(dp.frags(), 0, "nothing recorded for untranslated traffic");
+    // Unicast for another address is still refused (it would be routed into the cluster).
+    let stray = raw_ipv4(17, DEST, POD, 0x7006, false, 3, &[], &payload);
+    assert_eq!(dp.back(&stray).0, TC_ACT_SHOT);
+    let s = dp.stats();
+    assert_eq!(
+        (
+            s.drop_fragment,
+            s.drop_unsolicited,
+            s.out_packets,
+            s.in_packets
+        ),
+        (0, 1, 0, 0),
+        "{s:?}"
+    );
+}
+
+/// With a fallback (and no port of the router's own), every UDP and TCP datagram to the router
+/// is translated: a later fragment whose first was not seen is provably the fallback's, and is
+/// dropped rather than handed to a stack that would forward it untranslated (or hold it in a
+/// reassembly that never ends). ICMP is not provable (errors and other types are the stack's).
+#[test]
+fn a_later_fragment_for_the_fallback_whose_first_was_not_seen_is_dropped() {
+    let dp = Dp::new(vec![], Some(FALLBACK), |_| {});
+    let payload = [1u8; 40];
+    for proto in [17, 6] {
+        let orphan = raw_ipv4(proto, CLIENT, POD, 0x7101, false, 3, &[], &payload);
+        assert_eq!(dp.out(&orphan).0, TC_ACT_SHOT, "protocol {proto}");
+    }
+    assert_eq!(dp.stats().drop_fragment, 2);
+    let icmp = raw_ipv4(1, CLIENT, POD, 0x7102, false, 3, &[], &payload);
+    assert_eq!(dp.out(&icmp), (TC_ACT_OK, icmp.clone()), "ICMP");
+    assert_eq!(dp.stats().drop_fragment, 2);
 }
 
 #[test]

@@ -186,6 +186,12 @@ fn checksum(data: &[u8]) -> u16 {
 /// ICMP echo from the calling thread's namespace (raw socket; needs CAP_NET_RAW). Retries every
 /// 200 ms until a reply from `dst` arrives or `timeout` passes; returns the round-trip time.
 pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
+    ping_with(dst, b"egress-tests ping", timeout)
+}
+
+/// `ping` with this payload: one bigger than the path MTU is sent fragmented (and its reply,
+/// reassembled, must carry the same payload back).
+pub fn ping_with(dst: Ipv4Addr, payload: &[u8], timeout: Duration) -> Result<Duration> {
     let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
         .context("opening a raw ICMP socket")?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -198,7 +204,7 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
         let mut pkt = vec![8u8, 0, 0, 0];
         pkt.extend_from_slice(&id.to_be_bytes());
         pkt.extend_from_slice(&seq.to_be_bytes());
-        pkt.extend_from_slice(b"egress-tests ping");
+        pkt.extend_from_slice(payload);
         let c = checksum(&pkt);
         pkt[2..4].copy_from_slice(&c.to_be_bytes());
         let sent = Instant::now();
@@ -206,7 +212,7 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
         let _ = sock.send_to(&pkt, &to);
         let wait_until = (sent + Duration::from_millis(200)).min(deadline);
         while Instant::now() < wait_until {
-            let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+            let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 break;
             };
@@ -223,12 +229,63 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
                 && icmp[0] == 0
                 && icmp[4..6] == id.to_be_bytes()
                 && icmp[6..8] == seq.to_be_bytes()
+                && icmp[8..] == *payload
             {
                 return Ok(sent.elapsed());
             }
         }
     }
     bail!("no ICMP echo reply from {dst} within {timeout:?}")
+}
+
+/// Sends one UDP datagram from the calling thread's namespace as IPv4 fragments that carry at
+/// most `frag_len` bytes of it each (a multiple of 8), in the order `order` gives (indexes of
+/// the fragments; `[1, 0]`: the second first). A raw socket with IP_HDRINCL (CAP_NET_RAW),
+/// out of `dev`; the kernel fills in the header checksum. The UDP checksum is 0 (none).
+pub fn send_udp_fragments(
+    dev: &str,
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    id: u16,
+    payload: &[u8],
+    frag_len: usize,
+    order: &[usize],
+) -> Result<()> {
+    assert!(
+        frag_len.is_multiple_of(8) && frag_len > 0,
+        "fragment size {frag_len}"
+    );
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&sport.to_be_bytes());
+    datagram.extend_from_slice(&dport.to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(payload);
+    let frags: Vec<&[u8]> = datagram.chunks(frag_len).collect();
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .context("opening a raw socket")?;
+    sock.set_header_included_v4(true)?;
+    sock.bind_device(Some(dev.as_bytes()))
+        .with_context(|| format!("binding the raw socket to {dev}"))?;
+    let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+    for &i in order {
+        let chunk = frags
+            .get(i)
+            .with_context(|| format!("fragment {i} of {}", frags.len()))?;
+        let more = i + 1 < frags.len();
+        let flags_off = ((i * frag_len / 8) as u16) | if more { 0x2000 } else { 0 };
+        let mut pkt = vec![0x45, 0];
+        pkt.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&flags_off.to_be_bytes());
+        pkt.extend_from_slice(&[64, 17, 0, 0]);
+        pkt.extend_from_slice(&src.octets());
+        pkt.extend_from_slice(&dst.octets());
+        pkt.extend_from_slice(chunk);
+        sock.send_to(&pkt, &to)
+            .with_context(|| format!("sending fragment {i} to {dst}"))?;
+    }
+    Ok(())
 }
 
 fn rand_u16() -> u16 {

@@ -524,6 +524,98 @@ fn fragmented_udp_datagrams_cross_both_ways() {
     assert_eq!(lab.counter("drop_fragment"), 0);
 }
 
+/// A UDP socket in `ns` bound to `addr`, reading with the test timeout.
+fn receiver(ns: &egress_tests::Netns, addr: SocketAddr) -> std::net::UdpSocket {
+    let s = ns.udp_bind(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s
+}
+
+fn recv_datagram(s: &std::net::UdpSocket, what: &str) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = s
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{what}: no datagram within {T:?}: {e}"));
+    buf.truncate(n);
+    buf
+}
+
+/// Fragments of a datagram the router does not translate (no rule for its port) are the
+/// router's own: they reach its stack and are reassembled there, whether the first fragment
+/// comes first or last. The dataplane records nothing for them.
+#[test]
+fn fragmented_datagrams_for_the_router_itself_reach_it_in_order_or_not() {
+    let lab = Lab::new();
+    lab.init("7000 udp 203.0.113.25", &[]);
+    let local = receiver(&lab.topo.router, sock(POD_IP, 7001));
+    let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    for (id, order, what) in [
+        (0x1001, &[0usize, 1, 2][..], "in order"),
+        (0x1002, &[2, 1, 0][..], "last fragment first"),
+    ] {
+        lab.topo
+            .client
+            .run(|| {
+                egress_tests::send_udp_fragments(
+                    egress_tests::CLIENT_IF,
+                    (egress_tests::CLIENT_IP, 5000),
+                    (POD_IP, 7001),
+                    id,
+                    &big,
+                    1480,
+                    order,
+                )
+            })
+            .unwrap();
+        assert_eq!(recv_datagram(&local, what), big, "{what}");
+    }
+    let status = lab.status();
+    assert_eq!(status["counters"]["drop_fragment"], 0, "{status}");
+    assert_eq!(
+        status["counters"]["no_rule"], 2,
+        "two first fragments: {status}"
+    );
+}
+
+/// Fragmented traffic on macvlan0 that the router does not translate: a big ping to
+/// EGRESS_SOURCE (the router answers it) and a fragmented multicast datagram whose last
+/// fragment comes first. Both reach the router's stack whole.
+#[test]
+fn fragments_on_macvlan0_that_are_not_replies_reach_the_router() {
+    let lab = Lab::new();
+    lab.init("7000 udp 203.0.113.25", &[]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    lab.topo
+        .lan
+        .run(|| egress_tests::ping_with(EGRESS_SOURCE, &payload, T))
+        .expect("a 3000-byte ping to EGRESS_SOURCE, fragmented both ways, is answered");
+    let group = Ipv4Addr::new(239, 1, 2, 3);
+    let member = receiver(&lab.topo.router, sock(Ipv4Addr::UNSPECIFIED, 5000));
+    member.join_multicast_v4(&group, &EGRESS_SOURCE).unwrap();
+    lab.topo
+        .lan
+        .run(|| {
+            egress_tests::send_udp_fragments(
+                egress_tests::LAN_IF,
+                (egress_tests::GATEWAY_IP, 5000),
+                (group, 5000),
+                0x2001,
+                &payload,
+                1480,
+                &[2, 1, 0],
+            )
+        })
+        .unwrap();
+    assert_eq!(recv_datagram(&member, "multicast"), payload);
+    let status = lab.status();
+    let n = |k: &str| status["counters"][k].as_u64().unwrap();
+    assert_eq!(
+        (n("drop_fragment"), n("drop_unsolicited")),
+        (0, 0),
+        "{status}"
+    );
+}
+
 /// Client pods on the same node send partially checksummed packets (the checksum is finished
 /// by whoever transmits). Here macvlan0 computes it in software and the destination verifies
 /// it, so a checksum the translation broke would lose the packets.
