@@ -238,6 +238,89 @@ pub fn ping_with(dst: Ipv4Addr, payload: &[u8], timeout: Duration) -> Result<Dur
     bail!("no ICMP echo reply from {dst} within {timeout:?}")
 }
 
+/// An ICMP error about a ping: what a hop sent back for an echo request too big for it.
+#[derive(Debug)]
+pub struct IcmpError {
+    /// The outer source address.
+    pub from: Ipv4Addr,
+    /// The ICMP message, from its type byte on (the quoted packet included).
+    pub icmp: Vec<u8>,
+}
+
+/// Pings `dst` from the calling thread's namespace with `payload_len` bytes and the don't-
+/// fragment bit (IP_PMTUDISC_DO), every 200 ms, until an ICMP error quoting one of these
+/// requests arrives (raw socket; CAP_NET_RAW), and returns it. Fails after `timeout`, or when
+/// an echo reply arrives instead (nothing on the path was too small).
+pub fn ping_error(dst: Ipv4Addr, payload_len: usize, timeout: Duration) -> Result<IcmpError> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        .context("opening a raw ICMP socket")?;
+    let df = libc::IP_PMTUDISC_DO;
+    // SAFETY: setsockopt with a c_int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &df as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("IP_MTU_DISCOVER");
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let id = (std::process::id() as u16) ^ rand_u16();
+    let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+    let deadline = Instant::now() + timeout;
+    let mut seq: u16 = 0;
+    while Instant::now() < deadline {
+        seq = seq.wrapping_add(1);
+        let mut pkt = vec![8u8, 0, 0, 0];
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.resize(8 + payload_len, 0xa5);
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        // Once the error is taken, the kernel itself refuses (EMSGSIZE) the next big sends.
+        let _ = sock.send_to(&pkt, &to);
+        let wait_until = (Instant::now() + Duration::from_millis(200)).min(deadline);
+        while Instant::now() < wait_until {
+            let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let buf: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ihl = ((buf.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let icmp = buf.get(ihl..).unwrap_or_default().to_vec();
+            let from = from.as_socket_ipv4().map(|a| *a.ip());
+            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                bail!(
+                    "an echo reply from {from:?}: nothing on the way refused {payload_len} bytes"
+                );
+            }
+            // An error quotes the request's IP header and at least 8 bytes of it.
+            let quoted = icmp.get(8..).unwrap_or_default();
+            let qihl = ((quoted.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let quoted_echo = quoted.get(qihl..qihl + 8).unwrap_or_default();
+            if matches!(icmp.first(), Some(3 | 11 | 12))
+                && quoted_echo.len() == 8
+                && quoted_echo[0] == 8
+                && quoted_echo[4..6] == id.to_be_bytes()
+            {
+                return Ok(IcmpError {
+                    from: from.context("the error's source")?,
+                    icmp,
+                });
+            }
+        }
+    }
+    bail!("no ICMP error about a {payload_len}-byte ping to {dst} within {timeout:?}")
+}
+
 /// Sends one UDP datagram from the calling thread's namespace as IPv4 fragments that carry at
 /// most `frag_len` bytes of it each (a multiple of 8), in the order `order` gives (indexes of
 /// the fragments; `[1, 0]`: the second first). A raw socket with IP_HDRINCL (CAP_NET_RAW),

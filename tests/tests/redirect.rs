@@ -332,6 +332,84 @@ fn path_mtu_discovery_works_through_the_translation() {
     );
 }
 
+/// The path MTU the client's kernel has learnt for the pod IP (`ip route get`), if any.
+fn client_path_mtu(lab: &Lab) -> Option<u32> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["-4", "route", "get", &POD_IP.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = lab.topo.client.spawn(cmd).unwrap().output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "ip route get: {text}");
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    Some(words.next()?.parse().unwrap())
+}
+
+/// The kernel selftest conntrack_icmp_related, ported: a hop with a 1280-byte MTU behind the
+/// router. A ping and TCP bigger than that get their "fragmentation needed" back to the client
+/// through the router as errors about the client's own packets, and the client's kernel takes
+/// them: its path MTU to the pod IP becomes 1280, and the TCP transfer completes (TCP accepts
+/// such an error only when the quoted segment is one of its connection's, in its window).
+#[test]
+fn icmp_errors_from_a_1280_byte_hop_behind_the_router_reach_the_client() {
+    let lab = Lab::new();
+    set_mtu(&lab.topo.lan, egress_tests::LAN_DEST_IF, 1280);
+    let srv = sink(&lab, 9000);
+    lab.init("9000 tcp 203.0.113.25\n203.0.113.25", &[]);
+
+    // ICMP echo through the fallback: 1300 bytes of payload, don't fragment.
+    let err = lab
+        .topo
+        .client
+        .run(|| egress_tests::ping_error(POD_IP, 1300, T))
+        .expect("the error about the big ping reaches the client");
+    let icmp = &err.icmp;
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed: {err:?}");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1280, "{err:?}");
+    assert_eq!(
+        err.from, POD_IP,
+        "the error comes from the address the client pinged"
+    );
+    let quoted = &icmp[8..];
+    assert_eq!(
+        (&quoted[12..16], &quoted[16..20]),
+        (&egress_tests::CLIENT_IP.octets()[..], &POD_IP.octets()[..]),
+        "it quotes the client's own request: {err:?}"
+    );
+    assert_eq!(
+        client_path_mtu(&lab),
+        Some(1280),
+        "the client took the error"
+    );
+
+    // TCP, from a clean route cache: the client's segments are too big for the hop, the errors
+    // about them must come back for the transfer to go on.
+    let mut cmd = Command::new("ip");
+    cmd.args(["route", "flush", "cache"]);
+    assert!(
+        lab.topo
+            .client
+            .spawn(cmd)
+            .unwrap()
+            .output(T)
+            .unwrap()
+            .status
+            .success()
+    );
+    assert_eq!(client_path_mtu(&lab), None, "the route cache was flushed");
+    let c = lab.client_tcp(9000).unwrap();
+    assert_eq!(send_all(c, 300_000), "300000");
+    srv.join().unwrap();
+    assert_eq!(
+        client_path_mtu(&lab),
+        Some(1280),
+        "TCP's errors reached the client"
+    );
+    let status = lab.status();
+    assert_eq!(status["counters"]["drop_unsolicited"], 0, "{status}");
+}
+
 #[test]
 fn bulk_tcp_is_forwarded_by_the_program_gso_packets_included() {
     let lab = Lab::new();
