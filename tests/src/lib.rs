@@ -48,8 +48,8 @@ pub use netns::{
 pub use proc::Proc;
 pub use router::{router_bin, router_command, unprivileged_command};
 pub use servers::{
-    EchoServer, IcmpError, ping, ping_error, ping_with, send_udp_fragments, tcp_roundtrip,
-    udp_roundtrip,
+    EchoServer, IcmpError, checksum, ping, ping_error, ping_with, send_udp_fragments,
+    tcp_roundtrip, udp_roundtrip,
 };
 
 /// The client pod.

@@ -408,6 +408,51 @@ fn icmp_errors_from_a_1280_byte_hop_behind_the_router_reach_the_client() {
     );
     let status = lab.status();
     assert_eq!(status["counters"]["drop_unsolicited"], 0, "{status}");
+
+    // An error about no flow of the client's (a UDP datagram EGRESS_SOURCE never sent) is
+    // related to nothing translated: it stays with the router's stack, and the client sees
+    // nothing of it.
+    let raw_icmp = || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::ICMPV4),
+        )
+    };
+    let before = lab.status();
+    let count = |s: &serde_json::Value, k: &str| s["counters"][k].as_u64().unwrap();
+    let client_icmp = lab.topo.client.run(raw_icmp).unwrap();
+    client_icmp
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut quoted = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    quoted.extend(EGRESS_SOURCE.octets());
+    quoted.extend(DEST_IP.octets());
+    let c = egress_tests::checksum(&quoted);
+    quoted[10..12].copy_from_slice(&c.to_be_bytes());
+    quoted.extend([0, 1, 0, 9, 0, 8, 0, 0]); // UDP 1 -> 9
+    let mut err = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00]; // fragmentation needed, MTU 1280
+    err.extend(&quoted);
+    let c = egress_tests::checksum(&err);
+    err[2..4].copy_from_slice(&c.to_be_bytes());
+    lab.topo
+        .lan
+        .run(|| raw_icmp()?.send_to(&err, &sock(EGRESS_SOURCE, 0).into()))
+        .expect("sending the unrelated error from lan");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    let got = client_icmp.recv(&mut buf);
+    assert!(got.is_err(), "the client received ICMP: {got:?}");
+    let status = lab.status();
+    assert!(
+        count(&status, "macvlan_rx_packets") > count(&before, "macvlan_rx_packets"),
+        "the error reached the dataplane: {status}"
+    );
+    assert_eq!(
+        count(&status, "in_packets"),
+        count(&before, "in_packets"),
+        "nothing translated: {status}"
+    );
 }
 
 #[test]
