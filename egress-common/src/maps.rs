@@ -47,6 +47,8 @@ pub struct Stats {
     pub drop_port_exhausted: u64,
     pub drop_malformed: u64,
     pub drop_unsolicited: u64,
+    /// Later fragments of datagrams that must be translated, whose first fragment was not seen
+    /// (later fragments of anything else go to the stack as their first fragment does).
     pub drop_fragment: u64,
     /// TTL would expire on forwarding.
     pub drop_ttl: u64,
@@ -216,11 +218,17 @@ impl RouteCache {
     /// fresh and the frame fits the MTU with the kernel's own margin. Bigger frames (GSO ones)
     /// take the lookup, which checks them the way the kernel forwards them.
     pub const fn usable(&self, now: u64, frame_len: u32) -> bool {
-        self.ifindex != 0
-            && self.at_ns != 0
-            && now >= self.at_ns
-            && now - self.at_ns < ROUTE_CACHE_NS
-            && frame_len <= self.mtu + FRAME_OVERHEAD
+        RouteCache::fresh(self.at_ns, self.ifindex, self.mtu, now, frame_len)
+    }
+
+    /// `usable` on the fields themselves, as the eBPF program reads them one by one from a
+    /// shared map value.
+    pub const fn fresh(at_ns: u64, ifindex: u32, mtu: u32, now: u64, frame_len: u32) -> bool {
+        ifindex != 0
+            && at_ns != 0
+            && now >= at_ns
+            && now - at_ns < ROUTE_CACHE_NS
+            && frame_len <= mtu + FRAME_OVERHEAD
     }
 }
 

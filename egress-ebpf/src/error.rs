@@ -18,7 +18,8 @@ pub enum Error {
     PortExhausted,
     /// On macvlan0: not a reply to a flow a client opened.
     Unsolicited,
-    /// A later IPv4 fragment whose first fragment was not seen.
+    /// A later IPv4 fragment of a datagram that is translated, but whose ports are unknown: its
+    /// first fragment was not seen (reordered or lost), or its flow is gone.
     Fragment,
     TtlExpired,
 }

@@ -11,6 +11,7 @@ use egress_common::{
 };
 
 use crate::{
+    entry::FlowEntry,
     error::Error,
     maps::{FLOWS, NewEntries, RULES, scratch},
     mem::clear,
@@ -31,19 +32,14 @@ pub fn now_ns() -> u64 {
 /// The entry for `key` if its flow is still live: idle time is measured from the last packet
 /// in either direction, so the other direction's entry is consulted when this one looks stale.
 #[inline(always)]
-pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<*mut FlowValue> {
-    let v = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer.
-    let (last, flags) = unsafe { ((*v).last_seen_ns, (*v).flags) };
-    let timeout = idle_timeout_ns(cfg, key.proto, flags);
-    if !is_expired(now, last, timeout) {
+pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
+    let v = FlowEntry::find(key)?;
+    let timeout = idle_timeout_ns(cfg, key.proto, v.flags());
+    if !is_expired(now, v.last_seen_ns(), timeout) {
         return Some(v);
     }
-    // SAFETY: as above.
-    let peer = unsafe { (*v).translated_key(key.proto).reversed() };
-    let p = FLOWS.get_ptr(&peer)?;
-    // SAFETY: a valid map value pointer.
-    if is_expired(now, unsafe { (*p).last_seen_ns }, timeout) {
+    let peer = FlowEntry::find(&v.translated_key(key.proto).reversed())?;
+    if is_expired(now, peer.last_seen_ns(), timeout) {
         None
     } else {
         Some(v)
@@ -79,7 +75,7 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
 }
 
 /// Creates both entries of a new outbound flow, its first packet (`len` bytes) counted, and
-/// returns the outbound one as written (in this CPU's scratch slot, valid for this run).
+/// returns the outbound entry's translated tuple.
 #[inline(always)]
 pub fn create(
     p: &Parsed,
@@ -87,7 +83,7 @@ pub fn create(
     now: u64,
     len: u64,
     stats: &mut Stats,
-) -> Result<&'static FlowValue, Error> {
+) -> Result<FlowKey, Error> {
     if !p.ip.has_l4_header() {
         return Err(Error::Fragment);
     }
@@ -134,6 +130,7 @@ pub fn create(
         }
     }
     let (sport, rkey) = chosen.ok_or(Error::PortExhausted)?;
+    // In this CPU's scratch slot: only this program run touches it.
     let out: &FlowValue = {
         // SAFETY: plain data.
         let o = unsafe { clear(out) };
@@ -159,7 +156,7 @@ pub fn create(
         return Err(Error::TableFull);
     }
     stats.new_flows += 1;
-    Ok(out)
+    Ok(rkey.reversed())
 }
 
 /// The entry for the other direction of the flow whose packets arrive with `key`: it rewrites
@@ -183,10 +180,8 @@ fn peer_value(slot: &mut FlowValue, key: &FlowKey, direction: u8, flags: u8, now
 /// taking another port would change the flow's source port mid-connection).
 #[inline(always)]
 fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> bool {
-    // SAFETY: a valid map value pointer.
-    FLOWS
-        .get_ptr(rkey)
-        .is_none_or(|e| unsafe { (*e).answers(key) })
+    // The entry answers `key`: it rewrites back to exactly `key`'s tuple.
+    FlowEntry::find(rkey).is_none_or(|e| e.translated_key(key.proto) == key.reversed())
         || lookup_live(rkey, cfg, now).is_none()
 }
 
@@ -196,12 +191,12 @@ fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> b
 /// ROUTE_CACHE_NS and direction for frames the cache takes, and for every bigger (GSO) frame,
 /// so that a direction carrying only those keeps its peer too.
 #[inline(always)]
-pub fn restore_peer(key: &FlowKey, v: &FlowValue, now: u64, stats: &mut Stats) {
+pub fn restore_peer(key: &FlowKey, v: FlowEntry, now: u64, stats: &mut Stats) {
     let peer = v.translated_key(key.proto).reversed();
     if FLOWS.get_ptr(&peer).is_some() {
         return;
     }
-    let direction = if v.direction == DIR_OUT {
+    let direction = if v.direction() == DIR_OUT {
         DIR_IN
     } else {
         DIR_OUT
@@ -209,7 +204,7 @@ pub fn restore_peer(key: &FlowKey, v: &FlowValue, now: u64, stats: &mut Stats) {
     let Some(NewEntries { a: r, .. }) = scratch() else {
         return; // cannot happen: a one-slot per-CPU array
     };
-    peer_value(r, key, direction, v.flags, now);
+    peer_value(r, key, direction, v.flags(), now);
     if FLOWS.insert(&peer, r, BPF_NOEXIST as u64).is_ok() {
         stats.flows_restored += 1;
     }
@@ -218,20 +213,12 @@ pub fn restore_peer(key: &FlowKey, v: &FlowValue, now: u64, stats: &mut Stats) {
 /// Records a packet on a flow entry: timestamp, counters, and TCP close state (FIN or RST
 /// moves both directions to the short timeout; a new SYN on a closing tuple revives it).
 #[inline(always)]
-pub fn touch(v: *mut FlowValue, p: &Parsed, now: u64, len: u64) {
-    // SAFETY: a valid map value pointer. The per-flow counters are informational (status):
-    // the BPF target has no fetch_add in Rust, so a rare concurrent update may be lost; the
-    // exact totals are the per-CPU STATS.
-    unsafe {
-        (*v).last_seen_ns = now;
-        (*v).packets += 1;
-        (*v).bytes += len;
-    }
+pub fn touch(v: FlowEntry, p: &Parsed, now: u64, len: u64) {
+    v.count(now, len);
     if p.key.proto != PROTO_TCP {
         return;
     }
-    // SAFETY: as above.
-    let flags = unsafe { (*v).flags };
+    let flags = v.flags();
     let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let reopening = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flags & FLOW_CLOSING != 0;
     if !closing && !reopening {
@@ -242,13 +229,8 @@ pub fn touch(v: *mut FlowValue, p: &Parsed, now: u64, len: u64) {
     } else {
         flags & !FLOW_CLOSING
     };
-    // SAFETY: as above.
-    let peer = unsafe {
-        (*v).flags = new_flags;
-        (*v).translated_key(PROTO_TCP).reversed()
-    };
-    if let Some(pv) = FLOWS.get_ptr_mut(&peer) {
-        // SAFETY: a valid map value pointer.
-        unsafe { (*pv).flags = new_flags };
+    v.set_flags(new_flags);
+    if let Some(peer) = FlowEntry::find(&v.translated_key(PROTO_TCP).reversed()) {
+        peer.set_flags(new_flags);
     }
 }

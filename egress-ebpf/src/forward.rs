@@ -13,9 +13,9 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
 };
-use egress_common::{FlowValue, RouteCache, Stats};
+use egress_common::{FlowKey, Stats};
 
-use crate::{error::Error, mem::zero, skb::Skb};
+use crate::{entry::FlowEntry, error::Error, mem::zero, skb::Skb};
 
 const AF_INET: u8 = 2;
 
@@ -43,23 +43,22 @@ impl Route {
 
 /// The entry's cached route, if it stands for a lookup of a `frame_len`-byte frame at `now`.
 #[inline(always)]
-pub fn cached(v: &FlowValue, frame_len: u32, now: u64) -> Option<Route> {
-    let c = &v.route;
-    c.usable(now, frame_len).then_some(Route::Direct {
+pub fn cached(entry: FlowEntry, frame_len: u32, now: u64) -> Option<Route> {
+    let c = entry.cached_route(frame_len, now)?;
+    Some(Route::Direct {
         ifindex: c.ifindex,
         smac: c.smac,
         dmac: c.dmac,
     })
 }
 
-/// Looks up the route of a packet translated to `v` that arrived on `in_ifindex`; a direct
-/// answer is cached in `entry`, the flow's entry (`v` itself; none for a new flow's first
-/// packet, which `v` then describes from scratch space).
+/// Looks up the route of a packet translated to the tuple `t` that arrived on `in_ifindex`; a
+/// direct answer is cached in `entry`, the flow's entry (none for a new flow's first packet).
 #[inline(always)]
 pub fn lookup(
     skb: &Skb,
-    v: &FlowValue,
-    entry: Option<*mut FlowValue>,
+    t: &FlowKey,
+    entry: Option<FlowEntry>,
     proto: u8,
     in_ifindex: u32,
     now: u64,
@@ -76,8 +75,8 @@ pub fn lookup(
     // 64 KB) would fail the MTU check and every TCP segment in bulk would take the slow path
     // through the stack.
     params.ifindex = in_ifindex;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v.saddr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v.daddr);
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(t.saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(t.daddr);
     // SAFETY: params lives on the stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(
@@ -90,21 +89,11 @@ pub fn lookup(
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             if let Some(e) = entry {
-                // SAFETY: a valid map value pointer. Two CPUs caching at once write the same
-                // answer; `at_ns` goes last, so a reader never takes a half-written entry as
-                // fresh on a strongly ordered CPU, and elsewhere at worst uses another moment's
-                // answer of the same lookup.
-                unsafe {
-                    let c: &mut RouteCache = &mut (*e).route;
-                    c.ifindex = params.ifindex;
-                    // With tot_len 0 the lookup reports the egress device's MTU here (Linux
-                    // 5.12 and later; 0 before, which disables the cache).
-                    c.mtu = params.__bindgen_anon_1.mtu_result as u32;
-                    // Not `c.smac = params.smac`: that is a memmove call on this target.
-                    core::ptr::copy_nonoverlapping(&params.smac, &mut c.smac, 1);
-                    core::ptr::copy_nonoverlapping(&params.dmac, &mut c.dmac, 1);
-                    core::ptr::write_volatile(&mut c.at_ns, now);
-                }
+                // With tot_len 0 the lookup reports the egress device's MTU here (Linux 5.12
+                // and later; 0 before, which disables the cache).
+                // SAFETY: the lookup succeeded, so the union holds the MTU.
+                let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+                e.cache_route(params.ifindex, mtu, &params.smac, &params.dmac, now);
             }
             Route::Direct {
                 ifindex: params.ifindex,

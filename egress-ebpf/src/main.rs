@@ -8,6 +8,7 @@
 // Map calls take keys and values by reference on purpose: copies cost BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod entry;
 mod error;
 mod flows;
 mod forward;
@@ -19,15 +20,16 @@ mod skb;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
-    DataplaneConfig, FlowValue, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
+    DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
     packet::ICMP_ECHO_REQUEST,
 };
 
 use crate::{
+    entry::FlowEntry,
     error::Error,
     flows::{create, lookup_live, now_ns, restore_peer, touch},
     forward::Route,
-    parse::{Kind, Parsed, parse},
+    parse::{Kind, Parsed, parse, remember_fragment},
     skb::Skb,
 };
 
@@ -80,6 +82,7 @@ fn handle(ctx: &TcContext, side: Side, stats: &mut Stats) -> Result<i32, Error> 
     }
     match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),
+        Kind::OrphanFragment => Err(orphan_fragment(&p, cfg, side)),
         Kind::IcmpError => icmp_error(&skb, &p, cfg, side, now, stats),
         Kind::Flow => flow(&skb, &p, cfg, side, now, stats),
     }
@@ -95,13 +98,13 @@ fn flow(
     stats: &mut Stats,
 ) -> Result<i32, Error> {
     let len = skb.len() as u64;
-    let (val, entry) = match (lookup_live(&p.key, cfg, now), side) {
+    // The translated tuple, copied out of the entry: the entry itself is only ever accessed
+    // through FlowEntry (other CPUs write it meanwhile, and so does the route cache below).
+    let (tuple, entry) = match (lookup_live(&p.key, cfg, now), side) {
         (Some(v), _) => {
             check_ttl(p)?;
             touch(v, p, now, len);
-            // SAFETY: a valid map value pointer. Read in place: a copy costs stack and, at
-            // this size, a memmove call, and would not make the read atomic either.
-            (unsafe { &*v }, Some(v))
+            (v.translated_key(p.key.proto), Some(v))
         }
         // A new flow's first packet is looked up, not cached: its entry is written already.
         (None, Side::Cluster) => {
@@ -119,18 +122,18 @@ fn flow(
             });
         }
     };
-    let route = match forward::cached(val, len as u32, now) {
+    let route = match entry.and_then(|e| forward::cached(e, len as u32, now)) {
         Some(r) => r,
         None => {
             // With each lookup (see restore_peer), check the flow's other entry too.
             if let Some(e) = entry {
-                // SAFETY: a valid map value pointer.
-                restore_peer(&p.key, unsafe { &*e }, now, stats);
+                restore_peer(&p.key, e, now, stats);
             }
-            lookup_route(skb, val, entry, p, cfg, side, now, stats)
+            lookup_route(skb, &tuple, entry, p, cfg, side, now, stats)
         }
     };
-    rewrite::flow(skb, p, val, route.forwards())?;
+    rewrite::flow(skb, p, &tuple, route.forwards())?;
+    remember_fragment(p, now);
     count_out(side, len, stats);
     forward::send(skb, route)
 }
@@ -148,15 +151,42 @@ fn icmp_error(
     // Errors about anything but a translated flow are the stack's (the router's own traffic).
     let v = lookup_live(&q.reply_key, cfg, now).ok_or(Error::NotOurs)?;
     check_ttl(p)?;
-    // SAFETY: a valid map value pointer.
-    let val = unsafe { &*v };
-    let route = match forward::cached(val, skb.len() as u32, now) {
+    let tuple = v.translated_key(q.reply_key.proto);
+    let route = match forward::cached(v, skb.len() as u32, now) {
         Some(r) => r,
-        None => lookup_route(skb, val, Some(v), p, cfg, side, now, stats),
+        None => lookup_route(skb, &tuple, Some(v), p, cfg, side, now, stats),
     };
-    rewrite::icmp_error(skb, p, &q, val, route.forwards())?;
+    rewrite::icmp_error(skb, p, &q, &tuple, route.forwards())?;
     count_out(side, skb.len() as u64, stats);
     forward::send(skb, route)
+}
+
+/// Where a later fragment goes whose first fragment was not translated (it has not come yet, or
+/// it was not ours): its ports, and so its flow, are unknown, and this program cannot hold it
+/// until they are (the kernel's NAT reassembles first, in conntrack's defrag; a tc program
+/// cannot). So it goes where a packet that is not ours goes, to the stack, unless it provably
+/// belongs to a datagram this program translates:
+/// - macvlan0: only fragments for EGRESS_SOURCE get here (`handle` refused other unicast). That
+///   address is the router's own, so the stack reassembles them and forwards nothing into the
+///   cluster. It receives the router's own traffic too (pings to EGRESS_SOURCE), so a fragment
+///   is not provably a reply's.
+/// - eth0 with a fallback: every datagram is translated except TCP to the router's own port
+///   and ICMP that is not echo, so any other protocol is provably ours. Handed to the stack, it
+///   would wait in a reassembly that never completes (the pod IP) or be forwarded untranslated
+///   (another address): dropped and counted instead, as the datagram is lost either way.
+/// - eth0 otherwise: the rules name ports, which a later fragment lacks, so nothing is
+///   provable; the stack takes it as it takes the unmatched traffic its first fragment may be.
+///   (A reordered datagram of a rule is then lost in the stack's reassembly, as it would be
+///   dropped here.)
+#[inline(always)]
+fn orphan_fragment(p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Error {
+    let proto = p.key.proto;
+    let maybe_local = proto == PROTO_ICMP || (proto == PROTO_TCP && cfg.local_tcp_port != 0);
+    if side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
+        Error::Fragment
+    } else {
+        Error::NotOurs
+    }
 }
 
 /// Fails before anything is rewritten if the packet cannot be forwarded.
@@ -174,8 +204,8 @@ fn check_ttl(p: &Parsed) -> Result<(), Error> {
 #[allow(clippy::too_many_arguments)]
 fn lookup_route(
     skb: &Skb,
-    v: &FlowValue,
-    entry: Option<*mut FlowValue>,
+    t: &FlowKey,
+    entry: Option<FlowEntry>,
     p: &Parsed,
     cfg: &DataplaneConfig,
     side: Side,
@@ -186,7 +216,7 @@ fn lookup_route(
         Side::Cluster => cfg.eth0_ifindex,
         Side::Outside => cfg.macvlan_ifindex,
     };
-    forward::lookup(skb, v, entry, p.ip.proto, in_ifindex, now, stats)
+    forward::lookup(skb, t, entry, p.ip.proto, in_ifindex, now, stats)
 }
 
 #[inline(always)]

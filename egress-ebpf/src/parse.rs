@@ -16,6 +16,9 @@ pub enum Kind {
     IcmpError,
     /// An ICMP message we leave to the stack.
     OtherIcmp,
+    /// A later IPv4 fragment whose first fragment was not translated (not seen yet, or not
+    /// ours): its ports, and so its flow, are unknown. See `main.rs` for where it goes.
+    OrphanFragment,
 }
 
 pub struct Parsed {
@@ -61,21 +64,19 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
         tcp_flags: 0,
         icmp_type: 0,
     };
-    let frag_key = FragKey {
-        saddr: p.key.saddr,
-        daddr: p.key.daddr,
-        id: ip.id,
-        proto: ip.proto,
-        _pad: 0,
-    };
     if !ip.has_l4_header() {
-        // A later fragment: its ports were recorded from the first one.
-        let f = FRAGS.get_ptr_mut(&frag_key).ok_or(Error::Fragment)?;
-        // SAFETY: a valid map value pointer.
-        let f = unsafe { &mut *f };
-        f.last_seen_ns = now;
-        p.key.sport = f.sport;
-        p.key.dport = f.dport;
+        // A later fragment: its ports were recorded from the first one, if that was translated.
+        let Some(f) = FRAGS.get_ptr_mut(&frag_key(&p)) else {
+            p.kind = Kind::OrphanFragment;
+            return Ok(p);
+        };
+        // SAFETY: a valid map value pointer, shared with other CPUs: accessed in place
+        // through the pointer, never through a reference (see entry.rs).
+        unsafe {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*f).last_seen_ns), now);
+            p.key.sport = core::ptr::read(core::ptr::addr_of!((*f).sport));
+            p.key.dport = core::ptr::read(core::ptr::addr_of!((*f).dport));
+        }
         return Ok(p);
     }
     let need = l4_min_len(ip.proto);
@@ -104,15 +105,34 @@ pub fn parse(skb: &Skb, now: u64) -> Result<Parsed, Error> {
         p.key.sport = u16::from_be_bytes([h[0], h[1]]);
         p.key.dport = u16::from_be_bytes([h[2], h[3]]);
     }
-    if ip.more_frags {
-        let v = FragValue {
-            sport: p.key.sport,
-            dport: p.key.dport,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        // Best effort: if this fails, later fragments are counted and dropped.
-        let _ = FRAGS.insert(&frag_key, &v, 0);
-    }
     Ok(p)
+}
+
+#[inline(always)]
+fn frag_key(p: &Parsed) -> FragKey {
+    FragKey {
+        saddr: p.key.saddr,
+        daddr: p.key.daddr,
+        id: p.ip.id,
+        proto: p.ip.proto,
+        _pad: 0,
+    }
+}
+
+/// Records the ports of a translated first fragment (`p` as parsed, before the rewrite), so
+/// that the datagram's later fragments follow it. Only translated datagrams are recorded: the
+/// later fragments of anything else find no entry and go where their first fragment went.
+#[inline(always)]
+pub fn remember_fragment(p: &Parsed, now: u64) {
+    if !p.ip.more_frags || !p.ip.has_l4_header() {
+        return;
+    }
+    let v = FragValue {
+        sport: p.key.sport,
+        dport: p.key.dport,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // Best effort: if this fails, later fragments are orphans (main.rs).
+    let _ = FRAGS.insert(&frag_key(p), &v, 0);
 }

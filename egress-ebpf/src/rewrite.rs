@@ -1,7 +1,7 @@
 //! Header rewrites: fields written directly, checksums through the helpers (see skb.rs), one
 //! checksum update per header for the addresses and TTL together.
 use egress_common::{
-    FlowKey, FlowValue, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
     packet::{
         ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_SADDR_OFF, IP_TTL_OFF,
         IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, csum_diff, icmp_echo_ports,
@@ -16,12 +16,12 @@ fn raw(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
 
-/// Rewrites a packet of a flow to the entry's tuple: L4 first (ports, ids and the pseudo-header
+/// Rewrites a packet of a flow to its entry's translated tuple `v`: L4 first (ports, ids and the pseudo-header
 /// part of the checksum), then the IP header. `forwarding`: this program sends the packet on,
 /// so it decrements the TTL (the stack does that for packets it is handed). Later fragments
 /// carry no L4 header; their datagram's checksum was fixed in the first fragment.
 #[inline(always)]
-pub fn flow(skb: &Skb, p: &Parsed, v: &FlowValue, forwarding: bool) -> Result<(), Error> {
+pub fn flow(skb: &Skb, p: &Parsed, v: &FlowKey, forwarding: bool) -> Result<(), Error> {
     let old = [p.saddr, p.daddr];
     let new = [raw(v.saddr), raw(v.daddr)];
     let addr_diff = csum_diff(&old, &new, 0);
@@ -138,8 +138,8 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
     Ok(q)
 }
 
-/// Rewrites an ICMP error about a translated flow, `v` being the entry found with
-/// `q.reply_key`: the outer header goes (v.saddr -> v.daddr) and the quoted packet becomes
+/// Rewrites an ICMP error about a translated flow, `v` being the translated tuple of the entry
+/// found with `q.reply_key`: the outer header goes (v.saddr -> v.daddr) and the quoted packet becomes
 /// the one the other side sent, (v.daddr:v.dport -> v.saddr:v.sport). The quoted IP header
 /// keeps a valid checksum, so the ICMP checksum only follows the quoted ports.
 #[inline(always)]
@@ -147,7 +147,7 @@ pub fn icmp_error(
     skb: &Skb,
     p: &Parsed,
     q: &Quoted,
-    v: &FlowValue,
+    v: &FlowKey,
     forwarding: bool,
 ) -> Result<(), Error> {
     let icmp_csum = p.l4 + ICMP_CSUM_OFF;

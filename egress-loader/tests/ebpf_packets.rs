@@ -1,24 +1,28 @@
 //! Packet tests of the tc programs through BPF_PROG_TEST_RUN: every packet class, translated
 //! and checked byte by byte (addresses, ports, checksums), plus malformed input.
 //!
-//! Needs root (loading BPF programs, bpffs). The FIB lookup is made to fail on purpose (the
+//! Needs root (loading BPF programs, bpffs). Most tests make the FIB lookup fail on purpose (the
 //! configured interface indexes do not exist), so translated packets come back with TC_ACT_OK
-//! and their rewritten bytes; forwarding itself is covered by the namespace tests.
+//! and their rewritten bytes. The forwarding path (TTL, MACs, TC_ACT_REDIRECT) is checked byte
+//! for byte by the tests at the end, run in a namespace topology whose FIB resolves.
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use egress_common::{
-    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
-    Stats,
+    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, FragKey, FragValue, MAP_FRAGS,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, Stats,
 };
 use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
     dataplane::{Dataplane, DataplaneOptions, DataplaneSettings, status},
 };
+use egress_tests::{CLIENT_IF, LAN_IF, MACVLAN, ROUTER_ETH0, Topology};
 use etherparse::{
     Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, UdpHeader,
     checksum::Sum16BitWords, icmpv4::DestUnreachableHeader,
@@ -26,6 +30,7 @@ use etherparse::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: [u8; 4] = [10, 128, 0, 10];
 const CLIENT2: [u8; 4] = [10, 128, 0, 11];
@@ -71,6 +76,16 @@ impl Dp {
         fallback: Option<[u8; 4]>,
         tweak: impl FnOnce(&mut DataplaneOptions),
     ) -> Dp {
+        Dp::on(NO_IFINDEX, rules, fallback, tweak)
+    }
+
+    /// A dataplane configured with these (eth0, macvlan0) interface indexes.
+    fn on(
+        ifindex: (u32, u32),
+        rules: Vec<RedirectRule>,
+        fallback: Option<[u8; 4]>,
+        tweak: impl FnOnce(&mut DataplaneOptions),
+    ) -> Dp {
         assert!(
             nix::unistd::geteuid().is_root(),
             "eBPF packet tests need root (BPF_PROG_LOAD, bpffs)"
@@ -94,8 +109,8 @@ impl Dp {
         let settings = DataplaneSettings::new(
             &redirect,
             Ipv4Addr::from(SOURCE),
-            NO_IFINDEX.0,
-            NO_IFINDEX.1,
+            ifindex.0,
+            ifindex.1,
             &opts,
         )
         .unwrap();
@@ -151,6 +166,13 @@ impl Dp {
             .unwrap()
     }
 
+    /// Entries in the fragment table.
+    fn frags(&self) -> usize {
+        let map = self.dp.ebpf.map(MAP_FRAGS).expect("the FRAGS map");
+        let frags: aya::maps::HashMap<_, FragKey, FragValue> = map.try_into().unwrap();
+        frags.keys().count()
+    }
+
     fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
         status::StatusMaps::pinned(&self.dir)
             .and_then(|m| m.flows())
@@ -158,9 +180,36 @@ impl Dp {
     }
 }
 
+/// The Ethernet addresses and TTL of a frame: where it is on its way.
+#[derive(Clone, Copy)]
+struct Hop {
+    src: [u8; 6],
+    dst: [u8; 6],
+    ttl: u8,
+}
+
+/// What the tests without a FIB send.
+const TEST_HOP: Hop = Hop {
+    src: MAC_A,
+    dst: MAC_B,
+    ttl: 64,
+};
+
 fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
+    tcp_via(TEST_HOP, src, dst, sport, dport, flags, payload)
+}
+
+fn tcp_via(
+    hop: Hop,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(hop.src, hop.dst)
+        .ipv4(src, dst, hop.ttl)
         .tcp(sport, dport, 1000, 65000);
     for f in flags.chars() {
         b = match f {
@@ -177,9 +226,20 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: &str, payload:
 }
 
 fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    udp_via(TEST_HOP, src, dst, sport, dport, payload)
+}
+
+fn udp_via(
+    hop: Hop,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
+    PacketBuilder::ethernet2(hop.src, hop.dst)
+        .ipv4(src, dst, hop.ttl)
         .udp(sport, dport)
         .write(&mut v, payload)
         .unwrap();
@@ -187,14 +247,39 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Ve
 }
 
 fn echo(src: [u8; 4], dst: [u8; 4], request: bool, id: u16) -> Vec<u8> {
+    echo_via(TEST_HOP, src, dst, request, id)
+}
+
+fn echo_via(hop: Hop, src: [u8; 4], dst: [u8; 4], request: bool, id: u16) -> Vec<u8> {
     let mut v = Vec::new();
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
+    let b = PacketBuilder::ethernet2(hop.src, hop.dst).ipv4(src, dst, hop.ttl);
     let b = if request {
         b.icmpv4_echo_request(id, 1)
     } else {
         b.icmpv4_echo_reply(id, 1)
     };
     b.write(&mut v, b"ping payload").unwrap();
+    v
+}
+
+/// The first fragment's part of a UDP datagram (checksum 0: none): the header and `len`
+/// bytes, of a datagram whose later fragment carries 40 more.
+fn udp_l4(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&((8 + len + 40) as u16).to_be_bytes());
+    v.extend_from_slice(&[0, 0]);
+    v.extend(std::iter::repeat_n(0x55, len));
+    v
+}
+
+/// The first `8 + len` bytes of an ICMP echo message of type `icmp_type`.
+fn echo_l4(icmp_type: u8, id: u16, len: usize) -> Vec<u8> {
+    let mut v = vec![icmp_type, 0, 0, 0];
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&[0, 1]);
+    v.extend(std::iter::repeat_n(0x66, len));
     v
 }
 
@@ -575,10 +660,102 @@ fn fragments_follow_their_first_fragment() {
     ]
     .concat();
     assert_eq!(sum(&[&pseudo, &whole]), 0, "reassembled UDP checksum");
-    // A later fragment whose first fragment never came is dropped, not guessed.
-    let orphan = raw_ipv4(17, CLIENT, POD, 0x9999, false, 3, &[], &datagram[24..]);
-    assert_eq!(dp.out(&orphan).0, TC_ACT_SHOT);
-    assert_eq!(dp.stats().drop_fragment, 1);
+    assert_eq!(dp.frags(), 1, "the translated datagram is recorded");
+    // The reply, fragmented too, comes back the same way.
+    let reply_h = Ipv4Header::new(0, 64, IpNumber::UDP, DEST, SOURCE).unwrap();
+    let reply_udp = UdpHeader::with_ipv4_checksum(5353, 5000, &reply_h, &datagram[8..]).unwrap();
+    let reply = [reply_udp.to_bytes().to_vec(), datagram[8..].to_vec()].concat();
+    let r1 = raw_ipv4(17, DEST, SOURCE, 0x0101, true, 0, &[], &reply[..24]);
+    let r2 = raw_ipv4(17, DEST, SOURCE, 0x0101, false, 3, &[], &reply[24..]);
+    let (_, b1) = dp.back(&r1);
+    let (v2, b2) = dp.back(&r2);
+    assert_eq!(v2, TC_ACT_OK);
+    for b in [&b1, &b2] {
+        assert_eq!((saddr(b), daddr(b)), (POD, CLIENT));
+    }
+    let whole = [l4(&b1), l4(&b2)].concat();
+    assert_eq!(u16::from_be_bytes([whole[0], whole[1]]), 53);
+    let s = dp.stats();
+    assert_eq!((s.out_packets, s.in_packets, s.drop_fragment), (2, 2, 0));
+}
+
+/// A later fragment whose first fragment was not translated (not seen yet, or not ours) goes
+/// where that first fragment goes: to the stack, which reassembles what is addressed to the
+/// router and forwards nothing from macvlan0 that is not for EGRESS_SOURCE. Nothing is
+/// recorded for datagrams that are not translated.
+#[test]
+fn later_fragments_whose_first_was_not_translated_are_left_to_the_stack() {
+    let dp = Dp::standard(); // rules only, no fallback
+    let payload = [9u8; 40];
+    // Reordered: a later fragment first; its ports (its rule) are unknown.
+    let orphan = raw_ipv4(17, CLIENT, POD, 0x7001, false, 3, &[], &payload);
+    assert_eq!(dp.out(&orphan), (TC_ACT_OK, orphan.clone()), "reordered");
+    // A datagram for the router itself (no rule for its port), in order.
+    let first = raw_ipv4(
+        17,
+        CLIENT,
+        POD,
+        0x7002,
+        true,
+        0,
+        &[],
+        &udp_l4(5000, 7777, 16),
+    );
+    let second = raw_ipv4(17, CLIENT, POD, 0x7002, false, 3, &[], &payload);
+    assert_eq!(dp.out(&first), (TC_ACT_OK, first.clone()));
+    assert_eq!(
+        dp.out(&second),
+        (TC_ACT_OK, second.clone()),
+        "follows its first"
+    );
+    assert_eq!(dp.frags(), 0, "nothing recorded for untranslated traffic");
+    // On macvlan0: a big ping to EGRESS_SOURCE (the router answers it), a reordered reply,
+    // and multicast: all the stack's.
+    let ping = raw_ipv4(1, GATEWAY, SOURCE, 0x7003, true, 0, &[], &echo_l4(8, 5, 16));
+    let ping2 = raw_ipv4(1, GATEWAY, SOURCE, 0x7003, false, 3, &[], &payload);
+    let mcast = raw_ipv4(17, DEST, [239, 1, 2, 3], 0x7004, false, 3, &[], &payload);
+    let reordered = raw_ipv4(17, DEST, SOURCE, 0x7005, false, 3, &[], &payload);
+    for (what, f) in [
+        ("ping", ping),
+        ("ping fragment", ping2),
+        ("multicast", mcast),
+        ("reordered reply", reordered),
+    ] {
+        assert_eq!(dp.back(&f), (TC_ACT_OK, f.clone()), "{what}");
+    }
+    assert_eq!(dp.frags(), 0, "nothing recorded for untranslated traffic");
+    // Unicast for another address is still refused (it would be routed into the cluster).
+    let stray = raw_ipv4(17, DEST, POD, 0x7006, false, 3, &[], &payload);
+    assert_eq!(dp.back(&stray).0, TC_ACT_SHOT);
+    let s = dp.stats();
+    assert_eq!(
+        (
+            s.drop_fragment,
+            s.drop_unsolicited,
+            s.out_packets,
+            s.in_packets
+        ),
+        (0, 1, 0, 0),
+        "{s:?}"
+    );
+}
+
+/// With a fallback (and no port of the router's own), every UDP and TCP datagram to the router
+/// is translated: a later fragment whose first was not seen is provably the fallback's, and is
+/// dropped rather than handed to a stack that would forward it untranslated (or hold it in a
+/// reassembly that never ends). ICMP is not provable (errors and other types are the stack's).
+#[test]
+fn a_later_fragment_for_the_fallback_whose_first_was_not_seen_is_dropped() {
+    let dp = Dp::new(vec![], Some(FALLBACK), |_| {});
+    let payload = [1u8; 40];
+    for proto in [17, 6] {
+        let orphan = raw_ipv4(proto, CLIENT, POD, 0x7101, false, 3, &[], &payload);
+        assert_eq!(dp.out(&orphan).0, TC_ACT_SHOT, "protocol {proto}");
+    }
+    assert_eq!(dp.stats().drop_fragment, 2);
+    let icmp = raw_ipv4(1, CLIENT, POD, 0x7102, false, 3, &[], &payload);
+    assert_eq!(dp.out(&icmp), (TC_ACT_OK, icmp.clone()), "ICMP");
+    assert_eq!(dp.stats().drop_fragment, 2);
 }
 
 #[test]
@@ -850,4 +1027,281 @@ fn incompatible_pinned_maps_are_replaced() {
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
     assert_eq!(daddr(&out), DEST);
     assert_eq!(dp.flows().len(), 2, "the new FLOWS map works");
+}
+
+// The forwarding path, with a FIB that resolves.
+
+/// The router namespace of a reference topology, set up as egress-router leaves it (macvlan0
+/// configured, forwarding on) with permanent neighbours for the gateway and the client, so that
+/// every FIB lookup from it resolves and a translated packet takes the program's own forwarding
+/// path: TTL decremented, MACs rewritten, TC_ACT_REDIRECT.
+struct Lan {
+    topo: Topology,
+    l2: L2,
+}
+
+/// Interface indexes and MACs of the router namespace and its neighbours.
+#[derive(Clone, Copy)]
+struct L2 {
+    eth0: u32,
+    macvlan: u32,
+    eth0_mac: [u8; 6],
+    macvlan_mac: [u8; 6],
+    gw_mac: [u8; 6],
+    client_mac: [u8; 6],
+}
+
+/// The hops of a translated flow: client -> eth0, macvlan0 -> gateway, and back.
+impl L2 {
+    fn client_in(&self) -> Hop {
+        Hop {
+            src: self.client_mac,
+            dst: self.eth0_mac,
+            ttl: 64,
+        }
+    }
+    fn gateway_out(&self) -> Hop {
+        Hop {
+            src: self.macvlan_mac,
+            dst: self.gw_mac,
+            ttl: 63,
+        }
+    }
+    fn gateway_in(&self) -> Hop {
+        Hop {
+            src: self.gw_mac,
+            dst: self.macvlan_mac,
+            ttl: 64,
+        }
+    }
+    fn client_out(&self) -> Hop {
+        Hop {
+            src: self.eth0_mac,
+            dst: self.client_mac,
+            ttl: 63,
+        }
+    }
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+impl Lan {
+    fn new() -> Lan {
+        let topo = Topology::new().expect("building the namespace topology");
+        topo.configure_macvlan().expect("configuring macvlan0");
+        // Set, not assumed: the FIB answers only for interfaces that forward.
+        topo.router
+            .set_sysctl("net.ipv4.conf.all.forwarding", "1")
+            .unwrap();
+        let gw_mac = topo.lan.mac(LAN_IF).unwrap();
+        let client_mac = topo.client.mac(CLIENT_IF).unwrap();
+        for (ip, mac, dev) in [
+            (GATEWAY, gw_mac, MACVLAN),
+            (CLIENT, client_mac, ROUTER_ETH0),
+        ] {
+            let mut cmd = Command::new("ip");
+            cmd.args(["neigh", "replace", &Ipv4Addr::from(ip).to_string()])
+                .args(["lladdr", &mac_text(mac), "dev", dev, "nud", "permanent"])
+                .stderr(std::process::Stdio::piped());
+            let out = topo
+                .router
+                .spawn(cmd)
+                .unwrap()
+                .output(Duration::from_secs(10))
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip neigh replace {ip:?} on {dev}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let l2 = L2 {
+            eth0: topo.router.ifindex(ROUTER_ETH0).unwrap(),
+            macvlan: topo.router.ifindex(MACVLAN).unwrap(),
+            eth0_mac: topo.router.mac(ROUTER_ETH0).unwrap(),
+            macvlan_mac: topo.router.mac(MACVLAN).unwrap(),
+            gw_mac,
+            client_mac,
+        };
+        Lan { topo, l2 }
+    }
+
+    /// Runs `f` with a dataplane configured for the router namespace's interfaces, on a thread
+    /// inside that namespace: BPF_PROG_TEST_RUN makes the program's FIB lookups in the caller's.
+    fn run<T: Send>(
+        &self,
+        rules: Vec<RedirectRule>,
+        fallback: Option<[u8; 4]>,
+        f: impl FnOnce(&Dp, L2) -> T + Send,
+    ) -> T {
+        let l2 = self.l2;
+        self.topo.router.run(move || {
+            let dp = Dp::on((l2.eth0, l2.macvlan), rules, fallback, |_| {});
+            f(&dp, l2)
+        })
+    }
+}
+
+/// Asserts the program forwarded `frame` itself (TC_ACT_REDIRECT) as exactly `expected`.
+fn assert_forwarded(got: (u32, Vec<u8>), expected: &[u8], what: &str) {
+    assert_eq!(got.0, TC_ACT_REDIRECT, "{what}: verdict");
+    assert_eq!(
+        got.1, expected,
+        "{what}: every byte (MACs, TTL, addresses, ports, checksums)"
+    );
+    assert_checksums(&got.1, None);
+}
+
+#[test]
+fn forwarded_tcp_is_rewritten_byte_for_byte_and_redirected() {
+    let lan = Lan::new();
+    lan.run(vec![rule(8080, Protocol::Tcp, DEST, 80)], None, |dp, l2| {
+        let syn = tcp_via(l2.client_in(), CLIENT, POD, 40000, 8080, "S", b"");
+        let want = tcp_via(l2.gateway_out(), SOURCE, DEST, 40000, 80, "S", b"");
+        assert_forwarded(dp.out(&syn), &want, "SYN out");
+        let synack = tcp_via(l2.gateway_in(), DEST, SOURCE, 80, 40000, "SA", b"");
+        let want = tcp_via(l2.client_out(), POD, CLIENT, 8080, 40000, "SA", b"");
+        assert_forwarded(dp.back(&synack), &want, "SYN-ACK back");
+        // A new flow's first packet is looked up without caching (its entry was just written
+        // from scratch space): the second packet out looks up again and caches the answer.
+        let body = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let data = tcp_via(l2.client_in(), CLIENT, POD, 40000, 8080, "A", body);
+        let want = tcp_via(l2.gateway_out(), SOURCE, DEST, 40000, 80, "A", body);
+        assert_forwarded(dp.out(&data), &want, "data out");
+        assert_eq!(dp.stats().fib_lookups, 3);
+        // From then on both directions take the cached route: the same bytes, no lookup.
+        assert_forwarded(dp.out(&data), &want, "data out, cached route");
+        let ack = tcp_via(l2.gateway_in(), DEST, SOURCE, 80, 40000, "A", b"");
+        let want = tcp_via(l2.client_out(), POD, CLIENT, 8080, 40000, "A", b"");
+        assert_forwarded(dp.back(&ack), &want, "ACK back, cached route");
+        let s = dp.stats();
+        assert_eq!(
+            (s.fib_lookups, s.fib_pass, s.out_packets, s.in_packets),
+            (3, 0, 3, 2),
+            "{s:?}"
+        );
+        // Where each direction is redirected: the cached egress device and next hop.
+        for (k, v) in dp.flows() {
+            let (ifindex, dmac) = if v.direction == DIR_OUT {
+                (l2.macvlan, l2.gw_mac)
+            } else {
+                (l2.eth0, l2.client_mac)
+            };
+            assert_eq!((v.route.ifindex, v.route.dmac), (ifindex, dmac), "{k:?}");
+        }
+    });
+}
+
+#[test]
+fn forwarded_udp_and_icmp_echo_are_rewritten_byte_for_byte_and_redirected() {
+    let lan = Lan::new();
+    let rules = vec![rule(53, Protocol::Udp, DEST, 5353)];
+    lan.run(rules, Some(FALLBACK), |dp, l2| {
+        let q = udp_via(l2.client_in(), CLIENT, POD, 5000, 53, b"query");
+        let want = udp_via(l2.gateway_out(), SOURCE, DEST, 5000, 5353, b"query");
+        assert_forwarded(dp.out(&q), &want, "UDP out");
+        let a = udp_via(l2.gateway_in(), DEST, SOURCE, 5353, 5000, b"answer");
+        let want = udp_via(l2.client_out(), POD, CLIENT, 53, 5000, b"answer");
+        assert_forwarded(dp.back(&a), &want, "UDP back");
+        // A zero UDP checksum ("none") stays zero; a TTL of 2 leaves with 1.
+        let csum = 14 + 20 + 6;
+        let mut q = udp_via(l2.client_in(), CLIENT, POD, 5000, 53, b"query");
+        q[csum..csum + 2].fill(0);
+        let mut want = udp_via(l2.gateway_out(), SOURCE, DEST, 5000, 5353, b"query");
+        want[csum..csum + 2].fill(0);
+        assert_forwarded(dp.out(&q), &want, "UDP without checksum");
+        let hop = Hop {
+            ttl: 2,
+            ..l2.client_in()
+        };
+        let q = udp_via(hop, CLIENT, POD, 5000, 53, b"query");
+        let hop = Hop {
+            ttl: 1,
+            ..l2.gateway_out()
+        };
+        let want = udp_via(hop, SOURCE, DEST, 5000, 5353, b"query");
+        assert_forwarded(dp.out(&q), &want, "TTL 2");
+        // ICMP echo through the fallback, both ways.
+        let ping = echo_via(l2.client_in(), CLIENT, POD, true, 77);
+        let want = echo_via(l2.gateway_out(), SOURCE, FALLBACK, true, 77);
+        assert_forwarded(dp.out(&ping), &want, "echo request out");
+        let pong = echo_via(l2.gateway_in(), FALLBACK, SOURCE, false, 77);
+        let want = echo_via(l2.client_out(), POD, CLIENT, false, 77);
+        assert_forwarded(dp.back(&pong), &want, "echo reply back");
+        assert_eq!(dp.stats().fib_pass, 0);
+    });
+}
+
+/// "Fragmentation needed" from the gateway about a translated packet reaches the client as an
+/// error about the packet it sent: outer and quoted headers rewritten, every byte checked.
+#[test]
+fn a_forwarded_icmp_error_is_rewritten_byte_for_byte_and_redirected() {
+    let lan = Lan::new();
+    lan.run(vec![rule(8080, Protocol::Tcp, DEST, 80)], None, |dp, l2| {
+        let payload = [7u8; 100];
+        let syn = tcp_via(l2.client_in(), CLIENT, POD, 40000, 8080, "S", &payload);
+        let (v, out) = dp.out(&syn);
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let frag_needed =
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1400,
+            });
+        let mut err = Vec::new();
+        PacketBuilder::ethernet2(l2.gw_mac, l2.macvlan_mac)
+            .ipv4(GATEWAY, SOURCE, 64)
+            .icmpv4(frag_needed.clone())
+            .write(&mut err, &ip(&out)[..20 + 28])
+            .unwrap();
+        // The quoted packet as the client sent it (with the TTL it left the router with), but
+        // for its TCP checksum: only the outer ICMP checksum covers the quoted bytes, so the
+        // translated packet's stays.
+        let sent = tcp_via(
+            Hop {
+                ttl: 63,
+                ..l2.client_in()
+            },
+            CLIENT,
+            POD,
+            40000,
+            8080,
+            "S",
+            &payload,
+        );
+        let mut quoted = ip(&sent)[..20 + 28].to_vec();
+        quoted[36..38].copy_from_slice(&ip(&out)[36..38]);
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(l2.eth0_mac, l2.client_mac)
+            .ipv4(POD, CLIENT, 63)
+            .icmpv4(frag_needed)
+            .write(&mut want, &quoted)
+            .unwrap();
+        assert_forwarded(dp.back(&err), &want, "fragmentation needed back");
+    });
+}
+
+/// A next hop without a neighbour entry: the kernel resolves it (bpf_redirect_neigh), so the
+/// program leaves the MACs alone and still forwards the packet itself, TTL decremented.
+#[test]
+fn a_next_hop_without_a_neighbour_is_redirected_for_the_kernel_to_resolve() {
+    let lan = Lan::new();
+    lan.run(vec![rule(80, Protocol::Tcp, DEST, 80)], None, |dp, l2| {
+        let syn = tcp_via(l2.client_in(), CLIENT2, POD, 40000, 80, "S", b"");
+        dp.out(&syn);
+        let synack = tcp_via(l2.gateway_in(), DEST, SOURCE, 80, 40000, "SA", b"");
+        let (v, back) = dp.back(&synack);
+        let hop = Hop {
+            ttl: 63,
+            ..l2.gateway_in()
+        };
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(
+            back,
+            tcp_via(hop, POD, CLIENT2, 80, 40000, "SA", b""),
+            "MACs as they came, the rest translated"
+        );
+        let s = dp.stats();
+        assert_eq!((s.fib_pass, s.in_packets), (0, 1), "{s:?}");
+    });
 }

@@ -47,7 +47,10 @@ pub use netns::{
 };
 pub use proc::Proc;
 pub use router::{router_bin, router_command, router_command_of, unprivileged_command};
-pub use servers::{EchoServer, ping, tcp_roundtrip, udp_roundtrip};
+pub use servers::{
+    EchoServer, IcmpError, checksum, ping, ping_error, ping_with, send_udp_fragments,
+    tcp_roundtrip, udp_roundtrip,
+};
 
 /// The client pod.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 10);

@@ -172,7 +172,8 @@ pub fn udp_roundtrip(
     Ok(buf)
 }
 
-fn checksum(data: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
@@ -186,6 +187,12 @@ fn checksum(data: &[u8]) -> u16 {
 /// ICMP echo from the calling thread's namespace (raw socket; needs CAP_NET_RAW). Retries every
 /// 200 ms until a reply from `dst` arrives or `timeout` passes; returns the round-trip time.
 pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
+    ping_with(dst, b"egress-tests ping", timeout)
+}
+
+/// `ping` with this payload: one bigger than the path MTU is sent fragmented (and its reply,
+/// reassembled, must carry the same payload back).
+pub fn ping_with(dst: Ipv4Addr, payload: &[u8], timeout: Duration) -> Result<Duration> {
     let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
         .context("opening a raw ICMP socket")?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -198,7 +205,7 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
         let mut pkt = vec![8u8, 0, 0, 0];
         pkt.extend_from_slice(&id.to_be_bytes());
         pkt.extend_from_slice(&seq.to_be_bytes());
-        pkt.extend_from_slice(b"egress-tests ping");
+        pkt.extend_from_slice(payload);
         let c = checksum(&pkt);
         pkt[2..4].copy_from_slice(&c.to_be_bytes());
         let sent = Instant::now();
@@ -206,7 +213,7 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
         let _ = sock.send_to(&pkt, &to);
         let wait_until = (sent + Duration::from_millis(200)).min(deadline);
         while Instant::now() < wait_until {
-            let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+            let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 break;
             };
@@ -223,12 +230,146 @@ pub fn ping(dst: Ipv4Addr, timeout: Duration) -> Result<Duration> {
                 && icmp[0] == 0
                 && icmp[4..6] == id.to_be_bytes()
                 && icmp[6..8] == seq.to_be_bytes()
+                && icmp[8..] == *payload
             {
                 return Ok(sent.elapsed());
             }
         }
     }
     bail!("no ICMP echo reply from {dst} within {timeout:?}")
+}
+
+/// An ICMP error about a ping: what a hop sent back for an echo request too big for it.
+#[derive(Debug)]
+pub struct IcmpError {
+    /// The outer source address.
+    pub from: Ipv4Addr,
+    /// The ICMP message, from its type byte on (the quoted packet included).
+    pub icmp: Vec<u8>,
+}
+
+/// Pings `dst` from the calling thread's namespace with `payload_len` bytes and the don't-
+/// fragment bit (IP_PMTUDISC_DO), every 200 ms, until an ICMP error quoting one of these
+/// requests arrives (raw socket; CAP_NET_RAW), and returns it. Fails after `timeout`, or when
+/// an echo reply arrives instead (nothing on the path was too small).
+pub fn ping_error(dst: Ipv4Addr, payload_len: usize, timeout: Duration) -> Result<IcmpError> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        .context("opening a raw ICMP socket")?;
+    let df = libc::IP_PMTUDISC_DO;
+    // SAFETY: setsockopt with a c_int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &df as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("IP_MTU_DISCOVER");
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let id = (std::process::id() as u16) ^ rand_u16();
+    let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+    let deadline = Instant::now() + timeout;
+    let mut seq: u16 = 0;
+    while Instant::now() < deadline {
+        seq = seq.wrapping_add(1);
+        let mut pkt = vec![8u8, 0, 0, 0];
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.resize(8 + payload_len, 0xa5);
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        // Once the error is taken, the kernel itself refuses (EMSGSIZE) the next big sends.
+        let _ = sock.send_to(&pkt, &to);
+        let wait_until = (Instant::now() + Duration::from_millis(200)).min(deadline);
+        while Instant::now() < wait_until {
+            let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let buf: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ihl = ((buf.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let icmp = buf.get(ihl..).unwrap_or_default().to_vec();
+            let from = from.as_socket_ipv4().map(|a| *a.ip());
+            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                bail!(
+                    "an echo reply from {from:?}: nothing on the way refused {payload_len} bytes"
+                );
+            }
+            // An error quotes the request's IP header and at least 8 bytes of it.
+            let quoted = icmp.get(8..).unwrap_or_default();
+            let qihl = ((quoted.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
+            let quoted_echo = quoted.get(qihl..qihl + 8).unwrap_or_default();
+            if matches!(icmp.first(), Some(3 | 11 | 12))
+                && quoted_echo.len() == 8
+                && quoted_echo[0] == 8
+                && quoted_echo[4..6] == id.to_be_bytes()
+            {
+                return Ok(IcmpError {
+                    from: from.context("the error's source")?,
+                    icmp,
+                });
+            }
+        }
+    }
+    bail!("no ICMP error about a {payload_len}-byte ping to {dst} within {timeout:?}")
+}
+
+/// Sends one UDP datagram from the calling thread's namespace as IPv4 fragments that carry at
+/// most `frag_len` bytes of it each (a multiple of 8), in the order `order` gives (indexes of
+/// the fragments; `[1, 0]`: the second first). A raw socket with IP_HDRINCL (CAP_NET_RAW),
+/// out of `dev`; the kernel fills in the header checksum. The UDP checksum is 0 (none).
+pub fn send_udp_fragments(
+    dev: &str,
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    id: u16,
+    payload: &[u8],
+    frag_len: usize,
+    order: &[usize],
+) -> Result<()> {
+    assert!(
+        frag_len.is_multiple_of(8) && frag_len > 0,
+        "fragment size {frag_len}"
+    );
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&sport.to_be_bytes());
+    datagram.extend_from_slice(&dport.to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(payload);
+    let frags: Vec<&[u8]> = datagram.chunks(frag_len).collect();
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .context("opening a raw socket")?;
+    sock.set_header_included_v4(true)?;
+    sock.bind_device(Some(dev.as_bytes()))
+        .with_context(|| format!("binding the raw socket to {dev}"))?;
+    let to = SockAddr::from(SocketAddrV4::new(dst, 0));
+    for &i in order {
+        let chunk = frags
+            .get(i)
+            .with_context(|| format!("fragment {i} of {}", frags.len()))?;
+        let more = i + 1 < frags.len();
+        let flags_off = ((i * frag_len / 8) as u16) | if more { 0x2000 } else { 0 };
+        let mut pkt = vec![0x45, 0];
+        pkt.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&flags_off.to_be_bytes());
+        pkt.extend_from_slice(&[64, 17, 0, 0]);
+        pkt.extend_from_slice(&src.octets());
+        pkt.extend_from_slice(&dst.octets());
+        pkt.extend_from_slice(chunk);
+        sock.send_to(&pkt, &to)
+            .with_context(|| format!("sending fragment {i} to {dst}"))?;
+    }
+    Ok(())
 }
 
 fn rand_u16() -> u16 {
