@@ -20,7 +20,7 @@ mod skb;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
-    DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
+    DIR_IN, DIR_OUT, DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
     packet::ICMP_ECHO_REQUEST,
 };
 
@@ -39,6 +39,17 @@ enum Side {
     Cluster,
     /// Arrived on macvlan0 (outside).
     Outside,
+}
+
+impl Side {
+    /// The direction of the flow entries packets arriving on this side use: a client's
+    /// packets go out, the outside's replies come in.
+    fn direction(self) -> u8 {
+        match self {
+            Side::Cluster => DIR_OUT,
+            Side::Outside => DIR_IN,
+        }
+    }
 }
 
 #[classifier]
@@ -101,6 +112,10 @@ fn flow(
     // The translated tuple, copied out of the entry: the entry itself is only ever accessed
     // through FlowEntry (other CPUs write it meanwhile, and so does the route cache below).
     let (tuple, entry) = match (lookup_live(&p.key, cfg, now), side) {
+        // The other side's half of a flow (a packet from the cluster shaped like an outside
+        // reply, or the reverse): translating it would inject it into that flow, and making a
+        // new flow would overwrite the entry. Found by the program fuzzer.
+        (Some(v), _) if v.direction() != side.direction() => return Err(Error::Unsolicited),
         (Some(v), _) => {
             check_ttl(p)?;
             touch(v, p, now, len);
@@ -149,7 +164,9 @@ fn icmp_error(
 ) -> Result<i32, Error> {
     let q = rewrite::quoted(skb, p)?;
     // Errors about anything but a translated flow are the stack's (the router's own traffic).
-    let v = lookup_live(&q.reply_key, cfg, now).ok_or(Error::NotOurs)?;
+    let v = lookup_live(&q.reply_key, cfg, now)
+        .filter(|v| v.direction() == side.direction())
+        .ok_or(Error::NotOurs)?;
     check_ttl(p)?;
     let tuple = v.translated_key(q.reply_key.proto);
     let route = match forward::cached(v, skb.len() as u32, now) {

@@ -95,9 +95,19 @@ pub struct Quoted {
 #[inline(always)]
 pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
     let ip = p.l4 + 8;
+    // The quoted headers must lie within the error's IP total length: bytes past it are the
+    // frame's padding, not part of the packet (found by the program fuzzer: a truncated
+    // error had its padding rewritten as if quoted).
+    let end = ETH_HLEN + p.ip.total_len;
+    if ip + IPV4_MIN_HLEN > end {
+        return Err(Error::NotOurs);
+    }
     let hdr: [u8; IPV4_MIN_HLEN] = skb.load(ip)?;
     let info = Ipv4Info::parse_quoted(&hdr).map_err(|_| Error::Malformed)?;
     let l4 = ip + info.hlen;
+    if l4 + 8 > end {
+        return Err(Error::NotOurs);
+    }
     let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
     let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
     let mut q = Quoted {

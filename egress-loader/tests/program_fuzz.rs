@@ -325,6 +325,10 @@ fn seeds() -> Vec<(bool, Vec<u8>)> {
 fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, other: &[u8]) {
     let interesting_u16: [u16; 9] = [0, 1, 53, 80, 8080, 1024, 40000, 0xffff, 0x8000];
     for _ in 0..=rng.below(3) {
+        if frame.is_empty() {
+            // A truncation took everything: start again from one byte.
+            frame.push(rng.next() as u8);
+        }
         let len = frame.len();
         match rng.below(10) {
             // A bit flip anywhere.
@@ -594,6 +598,38 @@ fn a_packet_shaped_like_the_other_sides_half_of_a_flow_is_not_translated() {
         hex(&out)
     );
     assert_eq!(dp.flow_count(), before, "no entry was made or replaced");
+}
+
+/// Found by the fuzzer: an ICMP error whose IP total length ends before the quoted headers,
+/// the frame's padding holding what looks like them, is not treated as quoting anything.
+#[test]
+fn an_icmp_error_too_short_to_quote_a_header_is_not_translated() {
+    let dp = Dp::new();
+    let (v, _) = dp
+        .run(PROG_ETH0_INGRESS, &tcp(CLIENT, POD, 40000, 80, "S"))
+        .unwrap();
+    assert_eq!(v, TC_ACT_OK, "the flow is made");
+    let out = tcp(SOURCE, DEST, 40000, 80, "S");
+    let whole = icmp_error(DEST, SOURCE, &out);
+    let (_, translated) = dp.run(PROG_MACVLAN_INGRESS, &whole).unwrap();
+    assert_ne!(
+        translated, whole,
+        "a whole error about the flow is translated"
+    );
+    // The same frame with a total length of the IP header and 9 bytes of ICMP.
+    let mut short = whole.clone();
+    short[16..18].copy_from_slice(&29u16.to_be_bytes());
+    short[24..26].copy_from_slice(&[0, 0]);
+    let c = Sum16BitWords::new()
+        .add_slice(&short[14..34])
+        .ones_complement();
+    short[24..26].copy_from_slice(&c.to_be_bytes());
+    let (v, after) = dp.run(PROG_MACVLAN_INGRESS, &short).unwrap();
+    assert!(
+        v == TC_ACT_SHOT || after == short,
+        "padding was rewritten as a quoted packet: {}",
+        hex(&after)
+    );
 }
 
 #[test]
