@@ -215,6 +215,10 @@ fn init_logging(debug: bool, format: LogFormat) {
 }
 
 pub fn main() -> ExitCode {
+    // Invoked by a container runtime as the `egress-router` CNI plugin (OpenShift 4.x).
+    if crate::cni::invoked() {
+        return crate::cni::main();
+    }
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Status { json }) => {
