@@ -386,11 +386,15 @@ fn add_then_traffic_leaves_from_the_configured_address_check_then_del_leaves_not
     let tcp = lab.dest.tcp_echo(sock(DEST, 8000)).unwrap();
     let udp = lab.dest.udp_echo(sock(DEST, 53)).unwrap();
     let fallback = lab.dest.tcp_echo(sock(FALLBACK_DEST, 9000)).unwrap();
-    let config = rendered(
+    let log = std::env::temp_dir().join(format!("{}plugin.log", lab.prefix));
+    let mut config: Value = serde_json::from_str(&rendered(
         "0.4.0",
         &["80 TCP 203.0.113.25 8000", "53 udp 203.0.113.25"],
         Some("203.0.113.26"),
-    );
+    ))
+    .unwrap();
+    config["log_file"] = json!(log);
+    let config = config.to_string();
 
     let add = lab.egress("ADD", &config).expect_ok("egress-router ADD");
     // The result, in the 0.4.0 layout: the interface, the address with its gateway.
@@ -424,6 +428,14 @@ fn add_then_traffic_leaves_from_the_configured_address_check_then_del_leaves_not
 
     lab.egress("CHECK", &config)
         .expect_ok("egress-router CHECK after ADD");
+    // log_file and log_level (debug) are honoured.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        logged.contains("CNI ADD") && logged.contains("DEBUG") && logged.contains("CNI CHECK"),
+        "{}: {logged}",
+        log.display()
+    );
 
     // What ADD made, as bpftool sees it: a tcx link on each interface (this kernel has tcx:
     // the pins are on the host's bpffs) with its program, and the maps.
@@ -472,6 +484,32 @@ fn add_twice_del_twice_and_del_after_the_namespace_is_gone() {
     let conn = lab.client.tcp_connect(sock(router_ip, 8080), T).unwrap();
     assert_eq!(tcp_roundtrip(conn, b"twice", T).unwrap(), b"twice");
     assert_leaves_from_source(&tcp);
+
+    // CHECK notices what is no longer as ADD left it: here the default route via net1.
+    let idx = lab.router().ifindex(IFNAME).unwrap();
+    lab.router()
+        .netlink(|h| async move {
+            let mut del = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(GATEWAY)
+                .output_interface(idx)
+                .build();
+            del.header.scope = netlink_packet_route::route::RouteScope::Universe;
+            h.route().del(del).execute().await?;
+            Ok(())
+        })
+        .unwrap();
+    let (code, msg) = lab.egress("CHECK", &config).error();
+    assert_eq!(code, 101, "{msg}");
+    assert!(
+        msg.starts_with("the default route is not via 192.168.12.1 on net1 (ip.gateway)"),
+        "{msg}"
+    );
+    // ADD again repairs it in place.
+    lab.egress("ADD", &config)
+        .expect_ok("ADD over a changed attachment");
+    lab.egress("CHECK", &config)
+        .expect_ok("CHECK after the repair");
+
     lab.egress("DEL", &config).expect_ok("the first DEL");
     lab.egress("DEL", &config).expect_ok("the second DEL");
     assert!(lab.router().ifindex(IFNAME).is_err());
@@ -739,15 +777,43 @@ fn version_status_and_gc() {
     lab.egress("STATUS", &status.to_string())
         .expect_ok("STATUS");
 
-    // GC removes an attachment the runtime no longer lists.
+    // GC removes an attachment the runtime no longer lists. GC covers every attachment of
+    // its network, so this test's network has a name of its own (the other tests run beside
+    // it with the operator's name), and a second attachment that the runtime lists stays.
     let (router_ip, _) = lab.pods();
-    let config = rendered("1.1.0", &["80 tcp 203.0.113.25 8000"], None);
+    let mut config: Value =
+        serde_json::from_str(&rendered("1.1.0", &["80 tcp 203.0.113.25 8000"], None)).unwrap();
+    config["name"] = json!(format!("{}gc", lab.prefix));
+    let config = config.to_string();
     lab.egress("ADD", &config).expect_ok("ADD (1.1.0)");
+    let kept = Netns::create(&format!("{}kept", lab.prefix)).unwrap();
+    lab.primary(&kept, "kept");
+    let kept_id = lab.container("kept");
+    lab.invoke(
+        &router_bin(),
+        "ADD",
+        (&kept_id, Some(&kept.path()), IFNAME),
+        &config,
+        &[],
+    )
+    .expect_ok("ADD of the attachment GC keeps");
     let pins = lab.pin_dir();
     let mut gc: Value = serde_json::from_str(&config).unwrap();
-    gc["cni.dev/valid-attachments"] = json!([{"containerID": "someone-else", "ifname": "net1"}]);
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": kept_id, "ifname": IFNAME}]);
     lab.egress("GC", &gc.to_string()).expect_ok("GC");
     assert!(lab.router().ifindex(IFNAME).is_err(), "GC left {IFNAME}");
+    assert!(
+        kept.ifindex(IFNAME).is_ok(),
+        "GC removed the listed attachment"
+    );
+    lab.invoke(
+        &router_bin(),
+        "DEL",
+        (&kept_id, Some(&kept.path()), IFNAME),
+        &config,
+        &[],
+    )
+    .expect_ok("DEL of the kept attachment");
     assert!(!pins.exists(), "GC left {}", pins.display());
     let conn = lab
         .client
