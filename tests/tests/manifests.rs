@@ -75,10 +75,12 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    // Only the NetworkAttachmentDefinitions are unknown to it; they are checked below.
+    // Only the NetworkAttachmentDefinitions (checked below) and the EgressRouter (an
+    // OpenShift CRD) are unknown to it.
     for line in text.lines().filter(|l| !l.starts_with("INFO")) {
         assert!(
-            line.contains("Couldn't find schema for kind NetworkAttachmentDefinition"),
+            line.contains("Couldn't find schema for kind NetworkAttachmentDefinition")
+                || line.contains("Couldn't find schema for kind EgressRouter"),
             "{line}\n{text}"
         );
     }
@@ -91,7 +93,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         .map(|f| {
             documents(f)
                 .iter()
-                .filter(|d| kind(d) != "NetworkAttachmentDefinition")
+                .filter(|d| !matches!(kind(d), "NetworkAttachmentDefinition" | "EgressRouter"))
                 .count()
         })
         .sum();
@@ -124,7 +126,8 @@ fn network_attachment_definitions_match_their_crd_schema() {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            // The CNI config is JSON: a macvlan, named as the pods' annotation names it.
+            // The CNI config is JSON: a macvlan, named as the pods' annotation names it; or the
+            // egress-router CNI plugin's (OpenShift 4.x), which the plugin's parser accepts.
             let config: String = doc
                 .split("config: |\n")
                 .nth(1)
@@ -132,8 +135,27 @@ fn network_attachment_definitions_match_their_crd_schema() {
                 .to_string();
             let cni: serde_json::Value = serde_json::from_str(&config)
                 .unwrap_or_else(|e| panic!("{}: the CNI config is not JSON: {e}", f.display()));
-            assert_eq!(cni["type"], "macvlan", "{}", f.display());
             let text = std::fs::read_to_string(&f).unwrap();
+            if cni["type"] == "egress-router" {
+                let keys: std::collections::HashMap<String, serde_json::Value> =
+                    serde_json::from_value(cni.clone()).unwrap();
+                if let Err(problems) = egress_router::config::cni::parse_cni(&keys) {
+                    panic!(
+                        "{}: the plugin refuses its config: {problems:?}",
+                        f.display()
+                    );
+                }
+                let annotation = format!(r#"[{{"name": "{}", "#, cni["name"].as_str().unwrap());
+                assert!(
+                    text.contains(&annotation),
+                    "{}: no pod asks for the network {}",
+                    f.display(),
+                    cni["name"]
+                );
+                checked += 1;
+                continue;
+            }
+            assert_eq!(cni["type"], "macvlan", "{}", f.display());
             assert!(
                 text.contains(r#"[{"name": "egress-macvlan", "interface": "macvlan0"}]"#),
                 "{}: no pod asks for this network as macvlan0",
