@@ -236,3 +236,44 @@ fn each_modes_four_forms_run_the_same_containers() {
         }
     }
 }
+
+/// deploy/egressrouter/openshift-rendered.yaml is exactly what `egress-router
+/// render-egressrouter` prints for deploy/egressrouter/egressrouter.yaml (regenerate it with
+/// that command), and an invalid resource is refused naming the field.
+#[test]
+fn the_rendered_egressrouter_objects_are_what_the_command_prints() {
+    let dir = deploy().join("egressrouter");
+    let out = Command::new(egress_tests::router_bin())
+        .arg("render-egressrouter")
+        .arg(dir.join("egressrouter.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render-egressrouter failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = std::fs::read_to_string(dir.join("openshift-rendered.yaml")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        want,
+        "deploy/egressrouter/openshift-rendered.yaml is not the command's output"
+    );
+    let bad = std::env::temp_dir().join(format!("er-bad-egressrouter-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(dir.join("egressrouter.yaml"))
+        .unwrap()
+        .replace("port: 8443", "port: 84430");
+    std::fs::write(&bad, text).unwrap();
+    let out = Command::new(egress_tests::router_bin())
+        .arg("render-egressrouter")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains("spec.redirect.redirectRules[2].port: 84430 is not a port"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@
 pub mod cni;
 mod describe;
 mod dns;
+pub mod egressrouter;
 mod http;
 mod lines;
 mod openshift;
