@@ -21,7 +21,9 @@ use std::{
     time::Duration,
 };
 
-use egress_tests::{NAME_PREFIX, Netns, require_root, router_bin, tcp_roundtrip, udp_roundtrip};
+use egress_tests::{
+    NAME_PREFIX, Netns, kernel_has_tcx, require_root, router_bin, tcp_roundtrip, udp_roundtrip,
+};
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
@@ -346,6 +348,33 @@ fn pinned_objects(dir: &Path) -> Vec<(&'static str, u64, String)> {
     found
 }
 
+/// The programs of the tc filters (clsact) on `iface` of `ns`, as `bpftool net show` lists
+/// them: ("prog", id, name).
+fn clsact_programs(ns: &Netns, iface: &str) -> Vec<(&'static str, u64, String)> {
+    let mut cmd = bpftool();
+    cmd.args(["-j", "net", "show", "dev", iface])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = ns.spawn(cmd).unwrap().output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool net show dev {iface}: {out:?}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["tc"].as_array().cloned().unwrap_or_default())
+        .map(|tc| {
+            (
+                "prog",
+                tc["prog_id"].as_u64().unwrap_or(0),
+                format!("{} on {iface}", tc["name"].as_str().unwrap_or("?")),
+            )
+        })
+        .collect()
+}
+
 /// Whether the kernel still has the object (`prog`, `link`, `map`) with this id, waiting up
 /// to 5 s for it to go (programs and maps are freed after an RCU grace period).
 fn bpf_object_lingers(kind: &str, id: u64) -> bool {
@@ -437,14 +466,20 @@ fn add_then_traffic_leaves_from_the_configured_address_check_then_del_leaves_not
         log.display()
     );
 
-    // What ADD made, as bpftool sees it: a tcx link on each interface (this kernel has tcx:
-    // the pins are on the host's bpffs) with its program, and the maps.
+    // What ADD made, as bpftool sees it: the maps, and on each interface a program, through a
+    // pinned tcx link (kernel >= 6.6: the pins are on the host's bpffs) or a clsact filter.
     let pins = lab.pin_dir();
-    let objects = pinned_objects(&pins);
+    let mut objects = pinned_objects(&pins);
+    let tcx = kernel_has_tcx();
+    if !tcx {
+        for iface in ["eth0", IFNAME] {
+            objects.extend(clsact_programs(lab.router(), iface));
+        }
+    }
     let count = |k: &str| objects.iter().filter(|o| o.0 == k).count();
     assert_eq!(
         (count("link"), count("prog"), count("map")),
-        (2, 2, 5),
+        (if tcx { 2 } else { 0 }, 2, 5),
         "links, programs, maps: {objects:?}"
     );
 
@@ -454,6 +489,8 @@ fn add_then_traffic_leaves_from_the_configured_address_check_then_del_leaves_not
         "{IFNAME} still in the pod after DEL"
     );
     assert!(!pins.exists(), "{} still there after DEL", pins.display());
+    let left = clsact_programs(lab.router(), "eth0");
+    assert!(left.is_empty(), "a filter is left on eth0: {left:?}");
     for (kind, id, what) in &objects {
         assert!(
             !bpf_object_lingers(kind, *id),
@@ -748,6 +785,16 @@ fn every_bad_field_gives_its_code_and_a_message_naming_it_and_nothing_is_applied
         &[],
     );
     assert_eq!(r.error().0, 3);
+    // An invalid dataplane setting in the runtime's environment: code 4 too, with JSON.
+    let r = lab.egress_with(
+        "ADD",
+        &rendered("1.0.0", &["80 tcp 203.0.113.25"], None),
+        &[("EGRESS_PORT_RANGE", "9-1")],
+    );
+    let (code, msg) = r.error();
+    assert_eq!(code, 4, "{msg}");
+    assert!(msg.contains("9-1"), "{msg}");
+    assert!(lab.router().ifindex(IFNAME).is_err());
     // Missing CNI variables: the spec's code 4.
     let r = lab.invoke(
         &router_bin(),

@@ -85,12 +85,35 @@ fn ids(args: &Args) -> Ids {
     }
 }
 
-fn options(ifname: &str) -> DataplaneOptions {
-    DataplaneOptions {
+/// The dataplane settings: the defaults, or what the runtime's environment sets
+/// (EGRESS_CONNTRACK_SIZE, EGRESS_PORT_RANGE, EGRESS_TC_ATTACH, ...); an invalid one is the
+/// spec's code 4 (invalid environment), not a usage message without JSON.
+fn options(ifname: &str) -> Result<DataplaneOptions, Error> {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        o: DataplaneOptions,
+    }
+    let o = <FromEnv as clap::Parser>::try_parse_from(["egress-router"])
+        .map_err(|e| {
+            let first = e.to_string();
+            let first = first
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            err(
+                code::INVALID_ENV,
+                format!("the environment's dataplane settings: {first}"),
+                None,
+            )
+        })?
+        .o;
+    Ok(DataplaneOptions {
         cluster_interface: CLUSTER_IF.to_string(),
         macvlan_interface: ifname.to_string(),
-        ..DataplaneOptions::default()
-    }
+        ..o
+    })
 }
 
 /// The configuration redirect mode's setup reads, from the plugin's.
@@ -261,7 +284,7 @@ pub fn add(args: &Args) -> Result<CNIResult, Error> {
             previous_default(&rt, &pod).map_err(|e| setup("reading the pod's default route", e))?
         }
     };
-    let opts = options(&ids.ifname);
+    let opts = options(&ids.ifname)?;
     let preflight = Dataplane::preflight(&opts, Mode::Init)
         .map_err(|e| setup("the redirect dataplane cannot run here", e))?;
 

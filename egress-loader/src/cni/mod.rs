@@ -31,6 +31,8 @@ pub mod code {
     pub const UNSUPPORTED_FIELD: u32 = 2;
     /// CNI: the container (its network namespace) does not exist.
     pub const NO_CONTAINER: u32 = 3;
+    /// CNI: invalid necessary environment variables.
+    pub const INVALID_ENV: u32 = 4;
     /// CNI: invalid network configuration.
     pub const INVALID_CONFIG: u32 = 7;
     /// CNI STATUS: the plugin cannot serve ADD.
