@@ -59,10 +59,15 @@ impl Record {
         let p = path(&self.network, &self.container_id, &self.ifname);
         match fs::remove_file(&p) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", p.display()))
+                return Err(e).with_context(|| format!("removing {}", p.display()));
             }
-            _ => Ok(()),
+            _ => {}
         }
+        // The network's directory goes with its last attachment (fails while others remain).
+        if let Some(dir) = p.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(())
     }
 }
 
