@@ -123,6 +123,14 @@ pub enum Command {
     /// does (the pins, or the program attached to the cluster interface: CAP_SYS_ADMIN);
     /// changes nothing.
     Exporter,
+    /// Render an EgressRouter (network.operator.openshift.io/v1, YAML or JSON) into what
+    /// OpenShift's cluster network operator creates for it (the NetworkAttachmentDefinition of
+    /// the egress-router CNI plugin and the Deployment), plus a Service; print them as YAML.
+    /// Invalid resources are refused, naming the field. Needs no cluster.
+    RenderEgressrouter {
+        /// The EgressRouter manifest (`-` for stdin).
+        file: std::path::PathBuf,
+    },
 }
 
 /// The OpenShift contract, read raw; `config::parse` validates all of it at once.
@@ -215,12 +223,17 @@ fn init_logging(debug: bool, format: LogFormat) {
 }
 
 pub fn main() -> ExitCode {
+    // Invoked by a container runtime as the `egress-router` CNI plugin (OpenShift 4.x).
+    if crate::cni::invoked() {
+        return crate::cni::main();
+    }
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Status { json }) => {
             init_logging(false, cli.log_format);
             return report(crate::dataplane::status::print(&cli.dataplane, *json));
         }
+        Some(Command::RenderEgressrouter { file }) => return render_egressrouter(file),
         Some(Command::Exporter) => {
             // The exporter reads no EGRESS_* variable but the debug switch.
             let debug = cli
@@ -254,6 +267,42 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => report(modes::run(&cfg, &cli)),
+    }
+}
+
+fn render_egressrouter(file: &std::path::Path) -> ExitCode {
+    let text = if file == std::path::Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("egress-router: reading {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    // YAML is a superset of JSON: one parser for both.
+    let resource: serde_json::Value = match serde_norway::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("egress-router: {} is not YAML: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    match config::egressrouter::render_egressrouter(&resource) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{}: {p}", file.display());
+            }
+            ExitCode::from(1)
+        }
     }
 }
 

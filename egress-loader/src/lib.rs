@@ -2,6 +2,7 @@
 //! and HTTP and DNS proxy modes served in user space.
 
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod dns_proxy;

@@ -62,8 +62,9 @@ pub fn run(cfg: &Config, opts: &DataplaneOptions, metrics_opts: &MetricsOptions)
     Ok(())
 }
 
-/// Sets up macvlan0 and forwarding, loads and configures the dataplane and attaches it.
-fn set_up(
+/// Sets up macvlan0 and forwarding, loads and configures the dataplane and attaches it (also the
+/// CNI plugin's ADD, inside the pod's network namespace).
+pub fn set_up(
     cfg: &Config,
     opts: &DataplaneOptions,
     settings: &DataplaneSettings,

@@ -75,10 +75,12 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    // Only the NetworkAttachmentDefinitions are unknown to it; they are checked below.
+    // Only the NetworkAttachmentDefinitions (checked below) and the EgressRouter (an
+    // OpenShift CRD) are unknown to it.
     for line in text.lines().filter(|l| !l.starts_with("INFO")) {
         assert!(
-            line.contains("Couldn't find schema for kind NetworkAttachmentDefinition"),
+            line.contains("Couldn't find schema for kind NetworkAttachmentDefinition")
+                || line.contains("Couldn't find schema for kind EgressRouter"),
             "{line}\n{text}"
         );
     }
@@ -91,7 +93,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         .map(|f| {
             documents(f)
                 .iter()
-                .filter(|d| kind(d) != "NetworkAttachmentDefinition")
+                .filter(|d| !matches!(kind(d), "NetworkAttachmentDefinition" | "EgressRouter"))
                 .count()
         })
         .sum();
@@ -124,7 +126,8 @@ fn network_attachment_definitions_match_their_crd_schema() {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            // The CNI config is JSON: a macvlan, named as the pods' annotation names it.
+            // The CNI config is JSON: a macvlan, named as the pods' annotation names it; or the
+            // egress-router CNI plugin's (OpenShift 4.x), which the plugin's parser accepts.
             let config: String = doc
                 .split("config: |\n")
                 .nth(1)
@@ -132,8 +135,27 @@ fn network_attachment_definitions_match_their_crd_schema() {
                 .to_string();
             let cni: serde_json::Value = serde_json::from_str(&config)
                 .unwrap_or_else(|e| panic!("{}: the CNI config is not JSON: {e}", f.display()));
-            assert_eq!(cni["type"], "macvlan", "{}", f.display());
             let text = std::fs::read_to_string(&f).unwrap();
+            if cni["type"] == "egress-router" {
+                let keys: std::collections::HashMap<String, serde_json::Value> =
+                    serde_json::from_value(cni.clone()).unwrap();
+                if let Err(problems) = egress_router::config::cni::parse_cni(&keys) {
+                    panic!(
+                        "{}: the plugin refuses its config: {problems:?}",
+                        f.display()
+                    );
+                }
+                let annotation = format!(r#"[{{"name": "{}", "#, cni["name"].as_str().unwrap());
+                assert!(
+                    text.contains(&annotation),
+                    "{}: no pod asks for the network {}",
+                    f.display(),
+                    cni["name"]
+                );
+                checked += 1;
+                continue;
+            }
+            assert_eq!(cni["type"], "macvlan", "{}", f.display());
             assert!(
                 text.contains(r#"[{"name": "egress-macvlan", "interface": "macvlan0"}]"#),
                 "{}: no pod asks for this network as macvlan0",
@@ -213,4 +235,45 @@ fn each_modes_four_forms_run_the_same_containers() {
             }
         }
     }
+}
+
+/// deploy/egressrouter/openshift-rendered.yaml is exactly what `egress-router
+/// render-egressrouter` prints for deploy/egressrouter/egressrouter.yaml (regenerate it with
+/// that command), and an invalid resource is refused naming the field.
+#[test]
+fn the_rendered_egressrouter_objects_are_what_the_command_prints() {
+    let dir = deploy().join("egressrouter");
+    let out = Command::new(egress_tests::router_bin())
+        .arg("render-egressrouter")
+        .arg(dir.join("egressrouter.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render-egressrouter failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = std::fs::read_to_string(dir.join("openshift-rendered.yaml")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        want,
+        "deploy/egressrouter/openshift-rendered.yaml is not the command's output"
+    );
+    let bad = std::env::temp_dir().join(format!("er-bad-egressrouter-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(dir.join("egressrouter.yaml"))
+        .unwrap()
+        .replace("port: 8443", "port: 84430");
+    std::fs::write(&bad, text).unwrap();
+    let out = Command::new(egress_tests::router_bin())
+        .arg("render-egressrouter")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains("spec.redirect.redirectRules[2].port: 84430 is not a port"),
+        "{err}"
+    );
 }

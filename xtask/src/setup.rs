@@ -35,6 +35,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // A real Prometheus scraping the metrics listener, and promtool checking its output.
     // Installed with the service kept from starting (debian_packages' policy-rc.d).
     "prometheus",
+    // The reference CNI plugins (/usr/lib/cni: bridge, host-local): the primary network that
+    // makes the pod's eth0 before the egress-router CNI plugin runs, in the CNI tests.
+    "containernetworking-plugins",
 ];
 
 pub fn run() -> Result<()> {

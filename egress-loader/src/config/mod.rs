@@ -3,8 +3,10 @@
 //! [`parse`] is pure (no environment, no IO): it reads the variables from a map, validates all of
 //! them, and returns either the typed [`Config`] or every problem found, one message each, naming
 //! the variable, the line, the offending text and the expected form.
+pub mod cni;
 mod describe;
 mod dns;
+pub mod egressrouter;
 mod http;
 mod lines;
 mod openshift;
@@ -24,7 +26,7 @@ pub use openshift::{
     haproxy_cfg, nft_script, openshift_config, resolv_conf_nameservers, squid_acls, squid_conf,
     unit_test_output,
 };
-pub use redirect::parse_redirect;
+pub use redirect::{parse_redirect, parse_redirect_at};
 pub use render::{render, render_dns, render_http, render_redirect};
 pub use source::{parse_gateway, parse_source};
 pub use types::*;

@@ -75,6 +75,17 @@ enum Parsed {
 /// Parses EGRESS_DESTINATION (`None` or empty: unset). On error, one message per problem, for
 /// every line.
 pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<ConfigError>> {
+    parse_redirect_at(value, &|n| format!("{VAR} line {n}"))
+}
+
+/// [`parse_redirect`] for rules that come from somewhere else than the variable (the CNI
+/// plugin's `ip.destinations`, one rule an element): `place(n)` names line `n` (1-based) at the
+/// start of each message, instead of `EGRESS_DESTINATION line <n>`. The rest of each message,
+/// OpenShift's wording included, is the same.
+pub fn parse_redirect_at(
+    value: Option<&str>,
+    place: &dyn Fn(usize) -> String,
+) -> Result<RedirectConfig, Vec<ConfigError>> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Err(vec![ConfigError::new(
             format!("{VAR} unspecified: not set ({EXPECTED}, one rule a line)"),
@@ -89,7 +100,7 @@ pub fn parse_redirect(value: Option<&str>) -> Result<RedirectConfig, Vec<ConfigE
     for line in rule_lines(value) {
         let n = line.number;
         let text = show(line.text);
-        let prefix = format!("{VAR} line {n}: '{text}': ");
+        let prefix = format!("{}: '{text}': ", place(n));
         let openshift_invalid = format!("{VAR} value '{text}' is invalid");
         let invalid = |detail: String| {
             ConfigError::new(

@@ -238,3 +238,40 @@ fn explain_program_error(name: &str, e: aya::programs::ProgramError) -> anyhow::
         "the kernel rejected eBPF program {name} (a missing privilege, or a kernel without a helper it uses)"
     ))
 }
+
+/// Our programs attached to `iface`'s ingress, each described ("the tcx program on eth0");
+/// empty when there are none or there is no such interface.
+pub fn attachments(iface: &str) -> Result<Vec<String>> {
+    Ok(recover::attached(iface)?
+        .iter()
+        .map(recover::OnInterface::describe)
+        .collect())
+}
+
+/// Undoes what attaching did, for the CNI plugin's DEL: our programs come off each of
+/// `ifaces` that exists (tcx links detached by id, which stops them whatever still holds
+/// them; our clsact filter removed), then the pin directory `dir` goes with the maps and link
+/// pins in it. Returns what was removed; nothing there is not an error.
+pub fn remove(ifaces: &[&str], dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for iface in ifaces {
+        for on in recover::attached(iface)? {
+            match on.link_id {
+                Some(id) if id != 0 => tcx::detach(id)?,
+                Some(_) => continue,
+                None => {
+                    let ifindex = nix::net::if_::if_nametoindex(*iface)
+                        .with_context(|| format!("interface {iface} not found"))?;
+                    clsact::remove(iface, ifindex)?;
+                }
+            }
+            removed.push(on.describe());
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => removed.push(format!("the pins in {}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+    Ok(removed)
+}

@@ -48,6 +48,9 @@ const HOST_TOOLS: &[&str] = &[
     "prometheus",
     "promtool",
 ];
+/// The reference CNI plugins the CNI tests give the pods their eth0 with (package
+/// containernetworking-plugins), at the path the tests run them from.
+const CNI_PLUGINS: &[&str] = &["/usr/lib/cni/bridge", "/usr/lib/cni/host-local"];
 /// Of those, the ones the VM run cannot do without.
 const REQUIRED_TOOLS: &[&str] = &["bpftool", "ip", "tc"];
 
@@ -121,6 +124,14 @@ pub fn common(
                 )
             }
             None => missing_tools.push(tool.to_string()),
+        }
+    }
+    for plugin in CNI_PLUGINS {
+        let p = Path::new(plugin);
+        if p.is_file() {
+            add_elf(&mut a, p, plugin)?;
+        } else {
+            missing_tools.push(plugin.to_string());
         }
     }
     for lib in libraries(&elves)? {
