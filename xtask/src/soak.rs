@@ -130,7 +130,23 @@ pub fn run(minutes: u64) -> Result<()> {
         let s = sample(lab, started.elapsed())?;
         lab.samples.push(s);
     }
-    let (report, problems) = report(&labs, minutes);
+    let (mut report, problems) = report(&labs, minutes);
+    // What the dataplane counted: drops by reason, flows made and restored after an eviction.
+    if let Some(lab) = labs.iter().find(|l| l.bpffs.is_some())
+        && let Ok(text) = scrape(&lab.topo.router)
+    {
+        report.push_str("\nThe redirect dataplane's counters at the end:\n\n```\n");
+        for l in text.lines().filter(|l| {
+            l.starts_with("egress_router_redirect_drops")
+                || l.starts_with("egress_router_redirect_new_flows")
+                || l.starts_with("egress_router_redirect_restored_flows")
+                || l.starts_with("egress_router_redirect_flow_table_")
+        }) {
+            report.push_str(l);
+            report.push('\n');
+        }
+        report.push_str("```\n");
+    }
     let out = util::target_dir()?.join("soak");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("SOAK.md"), &report)?;
