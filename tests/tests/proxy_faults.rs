@@ -343,3 +343,126 @@ fn dns_proxy_holds_nine_thousand_idle_connections() {
     );
     assert!(proxy.is_running(), "{}", proxy.log());
 }
+
+/// The DNS proxy at an open-files limit of 64 (each forwarded connection holds two): it says
+/// so once, and a client arriving meanwhile is forwarded once descriptors free up.
+#[test]
+fn dns_proxy_at_its_open_files_limit_says_why_and_serves_again() {
+    let lab = PodLab::new(Runtime::Processes);
+    let _echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
+        .unwrap();
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    let rules = format!("9000 {DEST_IP} 7");
+    let proxy =
+        lab.proxy_container_with_nofile(&[("EGRESS_DNS_PROXY_DESTINATION", &rules)], 9000, 64);
+    let held = hold(&lab, 9000, 60);
+    let said = "DNS proxy cannot accept: this process has all the files it may open (its \
+                open-files limit, 64)";
+    wait_until(Duration::from_secs(10), "the limit is logged", || {
+        proxy.log().contains(said)
+    });
+    let mut waiting = lab.connect(9000).unwrap();
+    waiting.write_all(b"waiting").unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let e = waiting
+        .read(&mut [0u8; 1])
+        .expect_err("forwarded while out of descriptors");
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut back = [0u8; 7];
+    waiting.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"waiting");
+    assert_eq!(proxy.log().matches(said).count(), 1, "{}", proxy.log());
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
+
+/// A request flood (wrk, 200 connections, keep-alive, as fast as it can) and a header flood
+/// (clients sending 100 KB header sections, each answered 431) through the HTTP proxy: a normal
+/// client's requests are each answered within 2 s meanwhile.
+#[test]
+fn request_and_header_floods_do_not_keep_others_waiting() {
+    let (lab, proxy) = http_pod(None);
+    let origin = origin(&lab, 8000, 128);
+    // wrk sends origin-form requests to the host it connects to; through the proxy they must be
+    // absolute: a Lua script sets the path to the whole URL and connects to the proxy.
+    let script = lab.dir.join("flood.lua");
+    std::fs::write(
+        &script,
+        format!("wrk.path = \"http://{origin}/\"\nwrk.headers[\"Host\"] = \"{origin}\"\n"),
+    )
+    .unwrap();
+    let mut wrk = Command::new("wrk");
+    wrk.args(["-t", "2", "-c", "200", "-d", "8s", "-s"])
+        .arg(&script)
+        .arg(format!("http://{POD_IP}:8080/"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let flood = lab.topo.client.spawn(wrk).expect("wrk (cargo xtask setup)");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let headers = {
+        let stop = stop.clone();
+        let client = lab.topo.client.path();
+        thread::spawn(move || {
+            let ns = std::fs::File::open(client).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let big = format!("X-Flood: {}\r\n", "a".repeat(1000)).repeat(100);
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut c) = TcpStream::connect((POD_IP, 8080)) else {
+                    continue;
+                };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = write!(
+                    c,
+                    "GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n{big}\r\n"
+                );
+                let mut status = String::new();
+                if BufReader::new(&mut c).read_line(&mut status).is_ok()
+                    && status.starts_with("HTTP/1.1 431")
+                {
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    };
+    thread::sleep(Duration::from_secs(1));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..30 {
+        let (status, took) = get_through(&lab, origin, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("a normal request during the floods failed: {e}"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        slowest = slowest.max(took);
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rejected = headers.join().unwrap();
+    let out = flood.output(Duration::from_secs(30)).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let requests = report
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    eprintln!(
+        "floods: wrk {requests}; {rejected} header floods answered 431; slowest normal request {slowest:?}"
+    );
+    assert!(rejected > 0, "the header flood was never answered 431");
+    assert!(!requests.is_empty(), "wrk ran: {report}");
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
