@@ -20,6 +20,10 @@ pub enum Error {
     Unsolicited,
     /// A later IPv4 fragment whose first fragment was not seen.
     Fragment,
+    /// The first fragment of an SCTP packet whose ports change: its CRC32c covers the whole
+    /// datagram, whose length no fragment but the last tells (SCTP sets DF and splits its own
+    /// chunks, so it rarely comes to this). Counted with the fragments.
+    SctpFragment,
     TtlExpired,
 }
 
@@ -48,7 +52,7 @@ impl Error {
                 s.drop_unsolicited += 1;
                 TC_ACT_SHOT
             }
-            Error::Fragment => {
+            Error::Fragment | Error::SctpFragment => {
                 s.drop_fragment += 1;
                 TC_ACT_SHOT
             }
