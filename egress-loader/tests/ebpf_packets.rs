@@ -731,6 +731,48 @@ fn a_zero_sctp_checksum_is_left_for_offload() {
     assert_eq!(l4(&out), &want[..]);
 }
 
+/// "Fragmentation needed" about a translated SCTP packet reaches the client about the packet
+/// it sent: quoted addresses and ports back to the client's (SCTP's path-MTU discovery
+/// matches the error to its association by them and the verification tag; the quoted CRC32c
+/// covers bytes the quote cuts off and stays as quoted).
+#[test]
+fn icmp_error_about_an_sctp_flow_quotes_the_clients_ports() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, DEST, 80)], None, |_| {});
+    let (_, out) = dp.out(&sctp_frame(
+        CLIENT,
+        POD,
+        &sctp(40000, 8080, 0x0a0b_0c0d, &data_chunk(1, &[9; 1200])),
+    ));
+    let quoted = &ip(&out)[..20 + 28];
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(GATEWAY, SOURCE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1000 },
+        ))
+        .write(&mut err, quoted)
+        .unwrap();
+    let (v, back) = dp.back(&err);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&back), daddr(&back)), (POD, CLIENT));
+    let inner = &l4(&back)[8..];
+    assert_eq!((&inner[12..16], &inner[16..20]), (&CLIENT[..], &POD[..]));
+    assert_eq!(u16::from_be_bytes([inner[20], inner[21]]), 40000);
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 8080);
+    assert_eq!(
+        inner[24..28],
+        0x0a0b_0c0du32.to_be_bytes(),
+        "verification tag"
+    );
+    assert_eq!(
+        inner[28..],
+        quoted[28..],
+        "the quoted CRC32c and chunk bytes as quoted"
+    );
+    assert_eq!(sum(&[&inner[..20]]), 0, "quoted IPv4 header checksum");
+    assert_checksums(&back, None);
+}
+
 /// The first fragment of an SCTP packet whose ports change is dropped (counted with the
 /// fragments): its CRC32c covers the whole datagram, whose length it does not tell.
 #[test]
