@@ -771,8 +771,10 @@ fn sctp_socket(ns: &egress_tests::Netns) -> socket2::Socket {
 /// that cannot offload it), then with the senders computing it. No veth upgrades a packet to
 /// "checksum verified" (rx checksumming off on every veth end), and the last device before
 /// each receiver computes an offloaded CRC in software, so each end's SCTP checks every CRC
-/// and a checksum the rewrite broke would lose the association. 3000-byte messages make
-/// packets of several DATA chunks, and SCTP GSO packets where the kernel builds them.
+/// and a checksum the rewrite broke would lose the association (checked: without the CRC
+/// update, the second half times out; with the zero field overwritten, the first). A
+/// 3000-byte message is split over several packets (or one SCTP GSO packet, where the kernel
+/// builds one).
 #[test]
 fn sctp_with_a_remote_port_reaches_the_server_from_egress_source() {
     let lab = Lab::new();
