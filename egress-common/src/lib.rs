@@ -8,5 +8,6 @@
 
 pub mod maps;
 pub mod packet;
+pub mod sctp;
 
 pub use maps::*;

@@ -21,6 +21,10 @@ pub enum Error {
     /// A later IPv4 fragment of a datagram that is translated, but whose ports are unknown: its
     /// first fragment was not seen (reordered or lost), or its flow is gone.
     Fragment,
+    /// The first fragment of an SCTP packet whose ports change: its CRC32c covers the whole
+    /// datagram, whose length no fragment but the last tells (SCTP sets DF and splits its own
+    /// chunks, so it rarely comes to this). Counted with the fragments.
+    SctpFragment,
     TtlExpired,
 }
 
@@ -49,7 +53,7 @@ impl Error {
                 s.drop_unsolicited += 1;
                 TC_ACT_SHOT
             }
-            Error::Fragment => {
+            Error::Fragment | Error::SctpFragment => {
                 s.drop_fragment += 1;
                 TC_ACT_SHOT
             }

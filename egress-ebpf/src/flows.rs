@@ -89,13 +89,14 @@ pub fn create(
     }
     let (daddr, dport) = target(p, cfg)?;
     let proto = p.key.proto;
-    // Ports can only be changed where a checksum helper can follow: SCTP's CRC32c and
-    // protocols without ports keep the client's own.
-    let tries = if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_ICMP {
-        PORT_TRIES
-    } else {
-        1
-    };
+    // Protocols without ports keep the client's own (SCTP's CRC32c follows a port change:
+    // see sctp.rs).
+    let tries =
+        if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_ICMP || proto == PROTO_SCTP {
+            PORT_TRIES
+        } else {
+            1
+        };
     // A flow may start closing (a lone FIN or RST): it then gets the short timeout at once.
     let flags = if proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_CLOSING

@@ -16,6 +16,7 @@ mod maps;
 mod mem;
 mod parse;
 mod rewrite;
+mod sctp;
 mod skb;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};

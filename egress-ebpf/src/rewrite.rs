@@ -1,7 +1,7 @@
 //! Header rewrites: fields written directly, checksums through the helpers (see skb.rs), one
 //! checksum update per header for the addresses and TTL together.
 use egress_common::{
-    FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     packet::{
         ETH_HLEN, ICMP_CSUM_OFF, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_SADDR_OFF, IP_TTL_OFF,
         IPV4_MIN_HLEN, Ipv4Info, TCP_CSUM_OFF, UDP_CSUM_OFF, csum_diff, icmp_echo_ports,
@@ -9,7 +9,7 @@ use egress_common::{
     },
 };
 
-use crate::{error::Error, parse::Parsed, skb::Skb};
+use crate::{error::Error, parse::Parsed, sctp, skb::Skb};
 
 #[inline(always)]
 fn raw(a: [u8; 4]) -> u32 {
@@ -46,7 +46,9 @@ pub fn flow(skb: &Skb, p: &Parsed, v: &FlowKey, forwarding: bool) -> Result<(), 
                 };
                 skb.set_l4_u16(p.l4 + 4, p.l4 + ICMP_CSUM_OFF, old, new)?;
             }
-            // SCTP: CRC32c covers no addresses and ports are kept. Others: addresses only.
+            // The CRC32c covers no addresses, only the ports.
+            PROTO_SCTP => sctp::set_ports(skb, p, v.sport, v.dport)?,
+            // Others: addresses only.
             _ => {}
         }
     }
@@ -151,7 +153,9 @@ pub fn quoted(skb: &Skb, p: &Parsed) -> Result<Quoted, Error> {
 /// Rewrites an ICMP error about a translated flow, `v` being the translated tuple of the entry
 /// found with `q.reply_key`: the outer header goes (v.saddr -> v.daddr) and the quoted packet becomes
 /// the one the other side sent, (v.daddr:v.dport -> v.saddr:v.sport). The quoted IP header
-/// keeps a valid checksum, so the ICMP checksum only follows the quoted ports.
+/// keeps a valid checksum, so the ICMP checksum only follows the quoted ports. (A quoted
+/// SCTP header's CRC32c stays as quoted: it covers bytes the quote cuts off, and the stack
+/// matches an error to its association by ports and verification tag.)
 #[inline(always)]
 pub fn icmp_error(
     skb: &Skb,
@@ -170,7 +174,7 @@ pub fn icmp_error(
             };
             skb.set_l4_u16(q.l4 + 4, icmp_csum, old, new)?;
         }
-        PROTO_TCP | PROTO_UDP => {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             skb.set_l4_u16(q.l4, icmp_csum, q.sport, v.dport)?;
             skb.set_l4_u16(q.l4 + 2, icmp_csum, q.dport, v.sport)?;
         }

@@ -9,9 +9,10 @@
 //! packet data unclone the head before it runs, and every byte changed here is covered by a
 //! checksum update of equal and opposite weight (so skb->csum of CHECKSUM_COMPLETE packets
 //! stays right), except the pseudo-header addresses, which the helpers' BPF_F_PSEUDO_HDR path
-//! accounts for.
+//! accounts for. Fields no one's-complement checksum covers (SCTP's ports and CRC32c) are
+//! written with `store`, whose helper keeps skb->csum right by itself.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
 
@@ -60,6 +61,16 @@ impl<'a> Skb<'a> {
         // SAFETY: bounds checked against the current data_end; the head is writable (above).
         unsafe { p.write_unaligned(v) };
         Ok(())
+    }
+
+    /// Writes a `T` at `off` through `bpf_skb_store_bytes`, which also updates skb->csum of
+    /// CHECKSUM_COMPLETE packets for the bytes changed: for fields that no checksum helper
+    /// accounts for (SCTP's ports and its CRC32c field).
+    #[inline(always)]
+    pub fn store<T: Copy>(&self, off: usize, v: T) -> Result<(), Error> {
+        self.ctx
+            .store(off, &v, BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| Error::Helper)
     }
 
     #[inline(always)]

@@ -47,8 +47,8 @@ EGRESS_DESTINATION (redirect modes), one rule a line, '#' comments and blank lin
   <ip>                                   203.0.113.26   (fallback: everything else; last line)
   proto is tcp, udp or sctp in any case; tabs and trailing '# comments' are accepted.
   Destinations are IPv4 (the eBPF dataplane is IPv4-only); numbers take no leading zeros.
-  SCTP rules keep the port (no <remoteport> other than <localport>): SCTP's CRC32c checksum
-  cannot be updated by the kernel's checksum helpers.
+  SCTP rules may change the port too (the dataplane updates SCTP's CRC32c); unit-test mode
+  refuses SCTP rules, as OpenShift's router image has no SCTP.
 
 EGRESS_HTTP_PROXY_DESTINATION (http-proxy mode), checked in order, first match wins:
   www.example.com      exactly that host

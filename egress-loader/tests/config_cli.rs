@@ -205,16 +205,14 @@ fn missing_and_invalid_variables() {
             ("EGRESS_GATEWAY", "1.1.1.1"),
             (
                 "EGRESS_DESTINATION",
-                "80 sctp 10.0.0.1 81\n80 tcp 2001:db8::1",
+                "80 sctp 10.0.0.1 0\n80 tcp 2001:db8::1",
             ),
         ],
     );
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
-        err.contains(
-            "the SCTP checksum is CRC32c, which the kernel checksum helpers cannot update"
-        ),
+        err.contains("Invalid port: 0, must be in the range 1 to 65535"),
         "{err}"
     );
     assert!(err.contains("IPv4-only"), "{err}");

@@ -758,24 +758,208 @@ fn a_later_fragment_for_the_fallback_whose_first_was_not_seen_is_dropped() {
     assert_eq!(dp.stats().drop_fragment, 2);
 }
 
+/// An SCTP packet: the common header (ports, verification tag, checksum) and `chunks`, with
+/// its CRC32c computed from scratch (the bitwise reference, not the dataplane's arithmetic).
+fn sctp(sport: u16, dport: u16, vtag: u32, chunks: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&vtag.to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(chunks);
+    let crc = egress_common::sctp::crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+/// An INIT (type 1) or INIT ACK (type 2) chunk without parameters.
+fn init_chunk(kind: u8, tag: u32, tsn: u32) -> Vec<u8> {
+    let mut c = vec![kind, 0, 0, 20];
+    c.extend_from_slice(&tag.to_be_bytes());
+    c.extend_from_slice(&106_496u32.to_be_bytes()); // a_rwnd
+    c.extend_from_slice(&10u16.to_be_bytes()); // outbound streams
+    c.extend_from_slice(&10u16.to_be_bytes()); // inbound streams
+    c.extend_from_slice(&tsn.to_be_bytes());
+    c
+}
+
+/// A DATA chunk (unfragmented user message), padded to four bytes.
+fn data_chunk(tsn: u32, payload: &[u8]) -> Vec<u8> {
+    let mut c = vec![0, 0x03];
+    c.extend_from_slice(&((16 + payload.len()) as u16).to_be_bytes());
+    c.extend_from_slice(&tsn.to_be_bytes());
+    c.extend_from_slice(&[0, 0, 0, 0]); // stream 0, sequence 0
+    c.extend_from_slice(&0u32.to_be_bytes()); // payload protocol id
+    c.extend_from_slice(payload);
+    c.resize(c.len().next_multiple_of(4), 0);
+    c
+}
+
+fn sctp_frame(src: [u8; 4], dst: [u8; 4], l4: &[u8]) -> Vec<u8> {
+    raw_ipv4(132, src, dst, 0x5c7b, false, 0, &[], l4)
+}
+
+fn crc_valid(frame: &[u8]) -> bool {
+    let pkt = l4(frame);
+    egress_common::sctp::checksum_field(pkt) == pkt[8..12]
+}
+
+/// OpenShift's QE rule `8080 SCTP 203.0.113.26 80`: the association's packets, INIT and DATA
+/// each way, come out as the same packets built from scratch with the translated addresses
+/// and ports: every byte equal, the CRC32c valid.
 #[test]
-fn sctp_keeps_ports_and_crc() {
+fn sctp_with_a_remote_port_gets_its_ports_and_crc32c_rewritten_both_ways() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, FALLBACK, 80)], None, |_| {});
+    let payload: Vec<u8> = (0..=255u8).cycle().take(1001).collect();
+    let out_chunks = [init_chunk(1, 0x1111_2222, 7), data_chunk(7, &payload)];
+    let back_chunks = [init_chunk(2, 0x3333_4444, 900), data_chunk(900, b"pong")];
+    for (i, (out_c, back_c)) in out_chunks.iter().zip(&back_chunks).enumerate() {
+        let vtag = if i == 0 { 0 } else { 0x3333_4444 };
+        let frame = sctp_frame(CLIENT, POD, &sctp(40000, 8080, vtag, out_c));
+        let (v, out) = dp.out(&frame);
+        assert_eq!(v, TC_ACT_OK);
+        let want = sctp_frame(SOURCE, FALLBACK, &sctp(40000, 80, vtag, out_c));
+        assert_eq!(out, want, "chunk {i} out: {out:02x?}");
+        assert!(crc_valid(&out));
+        assert_checksums(&out, None);
+
+        let frame = sctp_frame(FALLBACK, SOURCE, &sctp(80, 40000, 0x1111_2222, back_c));
+        let (v, back) = dp.back(&frame);
+        assert_eq!(v, TC_ACT_OK);
+        let want = sctp_frame(POD, CLIENT, &sctp(8080, 40000, 0x1111_2222, back_c));
+        assert_eq!(back, want, "chunk {i} back: {back:02x?}");
+        assert!(crc_valid(&back));
+    }
+    let s = dp.stats();
+    assert_eq!((s.out_packets, s.in_packets, s.new_flows), (2, 2, 1));
+}
+
+/// Address-only SCTP rules leave the SCTP packet alone: the CRC32c covers no IP field (the
+/// checksum here is not even valid, and stays as it was).
+#[test]
+fn sctp_keeping_its_port_is_translated_by_address_only() {
     let dp = Dp::new(vec![rule(9000, Protocol::Sctp, DEST, 9000)], None, |_| {});
-    // SCTP common header: ports, verification tag, CRC32c (covers no IP addresses).
-    let mut sctp = vec![0u8; 12];
-    sctp[0..2].copy_from_slice(&7000u16.to_be_bytes());
-    sctp[2..4].copy_from_slice(&9000u16.to_be_bytes());
-    sctp[8..12].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-    let frame = raw_ipv4(132, CLIENT, POD, 1, false, 0, &[], &sctp);
-    let (v, out) = dp.out(&frame);
+    let mut pkt = vec![0u8; 12];
+    pkt[0..2].copy_from_slice(&7000u16.to_be_bytes());
+    pkt[2..4].copy_from_slice(&9000u16.to_be_bytes());
+    pkt[8..12].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    let (v, out) = dp.out(&sctp_frame(CLIENT, POD, &pkt));
     assert_eq!(v, TC_ACT_OK);
     assert_eq!((saddr(&out), daddr(&out)), (SOURCE, DEST));
-    assert_eq!(l4(&out), &sctp[..], "SCTP header and CRC untouched");
+    assert_eq!(l4(&out), &pkt[..], "SCTP header and CRC untouched");
     assert_checksums(&out, None);
-    // A second association from another client on the same port cannot be remapped.
-    let frame2 = raw_ipv4(132, CLIENT2, POD, 1, false, 0, &[], &sctp);
-    assert_eq!(dp.out(&frame2).0, TC_ACT_SHOT);
-    assert_eq!(dp.stats().drop_port_exhausted, 1);
+}
+
+/// A second association from another client on the same source port gets another port, its
+/// CRC32c following, and its replies find their way back.
+#[test]
+fn a_second_sctp_association_on_the_same_port_gets_another_port() {
+    let dp = Dp::new(vec![rule(9000, Protocol::Sctp, DEST, 9000)], None, |_| {});
+    let init = init_chunk(1, 5, 1);
+    let (_, a) = dp.out(&sctp_frame(CLIENT, POD, &sctp(7000, 9000, 0, &init)));
+    let (v, b) = dp.out(&sctp_frame(CLIENT2, POD, &sctp(7000, 9000, 0, &init)));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(sport(&a), 7000, "the first keeps its port");
+    let port = sport(&b);
+    assert_ne!(port, 7000, "the second gets another");
+    assert_eq!(b, sctp_frame(SOURCE, DEST, &sctp(port, 9000, 0, &init)));
+    let ack = init_chunk(2, 6, 1);
+    let (_, back) = dp.back(&sctp_frame(DEST, SOURCE, &sctp(9000, port, 5, &ack)));
+    assert_eq!(back, sctp_frame(POD, CLIENT2, &sctp(9000, 7000, 5, &ack)));
+    assert_eq!(dp.stats().drop_port_exhausted, 0);
+}
+
+/// A packet that arrives with a bad CRC32c is translated, and leaves wrong by exactly what it
+/// arrived wrong by: the router verifies no L4 checksum (the receiver discards it, as it
+/// would have without the router), and never makes a corrupted packet look valid.
+#[test]
+fn a_bad_sctp_checksum_stays_bad_by_the_same_error() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, DEST, 80)], None, |_| {});
+    let chunk = data_chunk(1, b"corrupted in flight");
+    let mut pkt = sctp(40000, 8080, 9, &chunk);
+    let error = 0x0400_0001u32;
+    let good = u32::from_le_bytes(pkt[8..12].try_into().unwrap());
+    pkt[8..12].copy_from_slice(&(good ^ error).to_le_bytes());
+    let (v, out) = dp.out(&sctp_frame(CLIENT, POD, &pkt));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(dport(&out), 80);
+    assert!(!crc_valid(&out), "a bad checksum must not come out valid");
+    let right = sctp(40000, 80, 9, &chunk);
+    let got = u32::from_le_bytes(l4(&out)[8..12].try_into().unwrap());
+    assert_eq!(
+        got ^ u32::from_le_bytes(right[8..12].try_into().unwrap()),
+        error
+    );
+    assert_eq!(&l4(&out)[12..], &right[12..], "chunks untouched");
+}
+
+/// A zero checksum field is what a sender that leaves the CRC32c to offload (CHECKSUM_PARTIAL,
+/// every SCTP socket sending through a veth) hands over: the ports change, the field stays
+/// zero for the device or the GSO segmentation to fill in over the rewritten packet.
+#[test]
+fn a_zero_sctp_checksum_is_left_for_offload() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, DEST, 80)], None, |_| {});
+    let mut pkt = sctp(40000, 8080, 9, &data_chunk(1, b"offloaded"));
+    pkt[8..12].fill(0);
+    let (v, out) = dp.out(&sctp_frame(CLIENT, POD, &pkt));
+    assert_eq!(v, TC_ACT_OK);
+    let mut want = pkt.clone();
+    want[2..4].copy_from_slice(&80u16.to_be_bytes());
+    assert_eq!(l4(&out), &want[..]);
+}
+
+/// "Fragmentation needed" about a translated SCTP packet reaches the client about the packet
+/// it sent: quoted addresses and ports back to the client's (SCTP's path-MTU discovery
+/// matches the error to its association by them and the verification tag; the quoted CRC32c
+/// covers bytes the quote cuts off and stays as quoted).
+#[test]
+fn icmp_error_about_an_sctp_flow_quotes_the_clients_ports() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, DEST, 80)], None, |_| {});
+    let (_, out) = dp.out(&sctp_frame(
+        CLIENT,
+        POD,
+        &sctp(40000, 8080, 0x0a0b_0c0d, &data_chunk(1, &[9; 1200])),
+    ));
+    let quoted = &ip(&out)[..20 + 28];
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(GATEWAY, SOURCE, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1000 },
+        ))
+        .write(&mut err, quoted)
+        .unwrap();
+    let (v, back) = dp.back(&err);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((saddr(&back), daddr(&back)), (POD, CLIENT));
+    let inner = &l4(&back)[8..];
+    assert_eq!((&inner[12..16], &inner[16..20]), (&CLIENT[..], &POD[..]));
+    assert_eq!(u16::from_be_bytes([inner[20], inner[21]]), 40000);
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 8080);
+    assert_eq!(
+        inner[24..28],
+        0x0a0b_0c0du32.to_be_bytes(),
+        "verification tag"
+    );
+    assert_eq!(
+        inner[28..],
+        quoted[28..],
+        "the quoted CRC32c and chunk bytes as quoted"
+    );
+    assert_eq!(sum(&[&inner[..20]]), 0, "quoted IPv4 header checksum");
+    assert_checksums(&back, None);
+}
+
+/// The first fragment of an SCTP packet whose ports change is dropped (counted with the
+/// fragments): its CRC32c covers the whole datagram, whose length it does not tell.
+#[test]
+fn a_fragmented_sctp_packet_that_changes_port_is_dropped() {
+    let dp = Dp::new(vec![rule(8080, Protocol::Sctp, DEST, 80)], None, |_| {});
+    let pkt = sctp(40000, 8080, 9, &data_chunk(1, &[7; 64]));
+    let first = raw_ipv4(132, CLIENT, POD, 0x77, true, 0, &[], &pkt[..48]);
+    assert_eq!(dp.out(&first).0, TC_ACT_SHOT);
+    let s = dp.stats();
+    assert_eq!((s.drop_fragment, s.out_packets), (1, 0));
 }
 
 #[test]

@@ -975,3 +975,97 @@ fn the_lan_cannot_route_into_the_cluster_through_the_router() {
     }
     assert!(listener.accept().is_err(), "nothing reached the client");
 }
+
+/// A one-to-one style SCTP socket (SOCK_STREAM, IPPROTO_SCTP) made in `ns`, or a failure that
+/// says this kernel has no SCTP: the SCTP tests need it (Debian's kernels have it as a module;
+/// `cargo xtask vm-test` loads it in its VMs). Reads and writes on it are those of a stream,
+/// so the TCP helpers (echo server, round trip) serve it through std's socket types.
+fn sctp_socket(ns: &egress_tests::Netns) -> socket2::Socket {
+    ns.run(|| {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::from(libc::IPPROTO_SCTP)),
+        )
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "this kernel ({}) has no SCTP: socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {e}; \
+             SCTP tests need a kernel with SCTP (cargo xtask vm-test runs them on Debian's \
+             6.1 and 6.12 kernels)",
+            nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// SCTP through a rule that changes the port (OpenShift QE's `8080 SCTP 203.0.113.26 80`, to
+/// this topology's destination): an association each way, first as the kernels send SCTP
+/// through a veth (the CRC32c left to offload: a zero field, filled in by the first device
+/// that cannot offload it), then with the senders computing it. No veth upgrades a packet to
+/// "checksum verified" (rx checksumming off on every veth end), and the last device before
+/// each receiver computes an offloaded CRC in software, so each end's SCTP checks every CRC
+/// and a checksum the rewrite broke would lose the association (checked: without the CRC
+/// update, the second half times out; with the zero field overwritten, the first). A
+/// 3000-byte message is split over several packets (or one SCTP GSO packet, where the kernel
+/// builds one).
+#[test]
+fn sctp_with_a_remote_port_reaches_the_server_from_egress_source() {
+    let lab = Lab::new();
+    let t = &lab.topo;
+    let listener = sctp_socket(&t.dest);
+    listener.set_reuse_address(true).unwrap();
+    listener.bind(&sock(DEST_IP, 80).into()).unwrap();
+    listener.listen(16).unwrap();
+    let server = EchoServer::tcp(std::net::TcpListener::from(listener)).unwrap();
+    lab.init("8080 sctp 203.0.113.25 80", &[]);
+    for (ns, iface) in [
+        (&t.client, "c0"),
+        (&t.router, "eth0"),
+        (&t.node, "ens0"),
+        (&t.lan, "lan0"),
+        (&t.lan, "d0"),
+        (&t.dest, "d1"),
+    ] {
+        ethtool(ns, &["-K", iface, "rx", "off"]);
+    }
+    // The last transmitter before each receiver: the LAN's veth to the destination, the
+    // router's eth0 to the client.
+    ethtool(&t.lan, &["-K", "d0", "tx-checksum-sctp", "off"]);
+    ethtool(&t.router, &["-K", "eth0", "tx-checksum-sctp", "off"]);
+    let mut peers = 0;
+    for senders_compute in [false, true] {
+        if senders_compute {
+            ethtool(&t.client, &["-K", "c0", "tx-checksum-sctp", "off"]);
+            ethtool(&t.dest, &["-K", "d1", "tx-checksum-sctp", "off"]);
+        }
+        for msg in [&b"hello over SCTP"[..], &[0x5a; 3000]] {
+            let c = sctp_socket(&t.client);
+            t.client
+                .run(|| c.connect_timeout(&sock(POD_IP, 8080).into(), T))
+                .unwrap_or_else(|e| {
+                    panic!("SCTP association to {POD_IP}:8080 (senders compute the CRC: {senders_compute}): {e}; {}", lab.status())
+                });
+            let echoed = tcp_roundtrip(TcpStream::from(c), msg, T).unwrap_or_else(|e| {
+                panic!(
+                    "SCTP echo (senders compute the CRC: {senders_compute}): {e:#}; {}",
+                    lab.status()
+                )
+            });
+            assert_eq!(echoed, msg);
+            peers += 1;
+        }
+    }
+    assert_all_from_egress_source(&server, peers);
+    let status = lab.status();
+    let flows = status["flows"].as_array().unwrap();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["proto"] == "sctp"
+                && f["translated_to"].as_str().unwrap() == "203.0.113.25:80"),
+        "an SCTP flow to port 80: {status}"
+    );
+    assert_eq!(lab.counter("drop_malformed"), 0, "{status}");
+}

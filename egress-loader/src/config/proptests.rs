@@ -41,12 +41,7 @@ fn redirect_config() -> impl Strategy<Value = RedirectConfig> {
                     local_port,
                     protocol,
                     destination: IpAddr::V4(ip),
-                    // SCTP keeps its port.
-                    remote_port: if protocol == Protocol::Sctp {
-                        local_port
-                    } else {
-                        rp
-                    },
+                    remote_port: rp,
                     line: i + 1,
                 })
                 .collect();

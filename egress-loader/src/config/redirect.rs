@@ -240,15 +240,6 @@ pub fn parse_redirect_at(
                     } else {
                         used.insert((lp, proto), n);
                     }
-                    if let (Protocol::Sctp, Some(Some(rp))) = (proto, remote_port)
-                        && rp != lp
-                    {
-                        line_errors.push(invalid(format!(
-                            "an SCTP rule cannot change the port ({lp} to {rp}): the SCTP \
-                             checksum is CRC32c, which the kernel checksum helpers cannot update; \
-                             leave out the remote port or make it equal to the local port"
-                        )));
-                    }
                 }
                 if line_errors.is_empty()
                     && let (Some(local_port), Some(protocol), Some(dest)) =

@@ -80,6 +80,12 @@ fn redirect_accepts_every_form() {
             &[(80, Sctp, "10.4.5.6", 80, 1)],
             None,
         ),
+        // OpenShift's QE rule for the egress-router CNI plugin: SCTP to another port.
+        (
+            "8080 SCTP 203.0.113.26 80",
+            &[(8080, Sctp, "203.0.113.26", 80, 1)],
+            None,
+        ),
         (
             "80 tcp 10.4.5.6 # web",
             &[(80, Tcp, "10.4.5.6", 80, 1)],
@@ -251,12 +257,6 @@ fn redirect_errors() {
         ),
         (Some("224.0.0.1"), &["224.0.0.1 is a multicast address"]),
         (Some("255.255.255.255"), &["the broadcast address"]),
-        (
-            Some("80 sctp 10.4.5.6 81"),
-            &[
-                "an SCTP rule cannot change the port (80 to 81): the SCTP checksum is CRC32c, which the kernel checksum helpers cannot update",
-            ],
-        ),
         (Some("80 tcp"), &["2 fields, a rule needs at least 3"]),
         (
             Some("10.1.2.3 80"),
@@ -985,6 +985,22 @@ fn nft_ruleset_matches_openshift() {
 #[test]
 fn sctp_rules_are_refused_only_in_unit_test_mode() {
     let dest = ("EGRESS_DESTINATION", "80 tcp 10.4.5.6\n80 sctp 10.4.5.6");
+    // With a remote port, too: only the dataplane learnt to change SCTP ports.
+    let remote = ("EGRESS_DESTINATION", "8080 sctp 203.0.113.26 80");
+    let e = parse(&vars(&[
+        ("EGRESS_ROUTER_MODE", "unit-test"),
+        SRC,
+        GW,
+        remote,
+    ]))
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("OpenShift's router image has no SCTP")
+            && e.to_string()
+                .ends_with("EGRESS_DESTINATION value '8080 sctp 203.0.113.26 80' is invalid"),
+        "{e}"
+    );
     let e = parse(&vars(&[("EGRESS_ROUTER_MODE", "unit-test"), SRC, GW, dest])).unwrap_err();
     let text = e.to_string();
     let lines: Vec<&str> = text.lines().collect();
@@ -1002,6 +1018,12 @@ fn sctp_rules_are_refused_only_in_unit_test_mode() {
         assert!(
             nft_script(&cfg).contains("iifname \"eth0\" sctp dport 80 dnat to 10.4.5.6\n"),
             "{mode}"
+        );
+        let cfg = parse(&vars(&[("EGRESS_ROUTER_MODE", mode), SRC, GW, remote])).unwrap();
+        assert!(
+            nft_script(&cfg).contains("iifname \"eth0\" sctp dport 8080 dnat to 203.0.113.26:80\n"),
+            "{mode}: {}",
+            nft_script(&cfg)
         );
     }
 }
