@@ -1011,7 +1011,7 @@ fn sctp_socket(ns: &egress_tests::Netns) -> socket2::Socket {
 /// 3000-byte message is split over several packets (or one SCTP GSO packet, where the kernel
 /// builds one).
 #[test]
-fn sctp_with_a_remote_port_reaches_the_server_from_egress_source() {
+fn sctp_association_through_a_remote_port_rule_reaches_the_server_from_egress_source() {
     let lab = Lab::new();
     let t = &lab.topo;
     let listener = sctp_socket(&t.dest);
