@@ -45,6 +45,7 @@ const HOST_TOOLS: &[&str] = &[
     "sleep",
     "cat",
     "setpriv",
+    "iperf3",
     "prometheus",
     "promtool",
 ];
