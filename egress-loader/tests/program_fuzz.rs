@@ -24,6 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod frames;
+
 use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions},
@@ -35,7 +37,8 @@ use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
     dataplane::{Dataplane, DataplaneOptions, DataplaneSettings},
 };
-use etherparse::{IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, checksum::Sum16BitWords};
+use etherparse::checksum::Sum16BitWords;
+use frames::{echo, raw_ipv4, tcp, udp};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -174,57 +177,17 @@ impl Dp {
 // ---------------------------------------------------------------------------------------------
 // Seeds
 
-fn eth(ip_and_l4: &[u8]) -> Vec<u8> {
-    let mut v = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
-    v.extend_from_slice(ip_and_l4);
-    v
-}
+const PAYLOAD: &[u8] = b"payload of a segment";
 
-fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: &str) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 65000);
-    for f in flags.chars() {
-        b = match f {
-            'S' => b.syn(),
-            'A' => b.ack(1),
-            'F' => b.fin(),
-            'R' => b.rst(),
-            _ => b,
-        };
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, b"payload of a tcp segment").unwrap();
-    v
-}
-
-fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, zero_csum: bool) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, b"a datagram")
-        .unwrap();
+/// A UDP frame, with its checksum zeroed (none) when `zero_csum`.
+fn udp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, zero_csum: bool) -> Vec<u8> {
+    let mut v = udp(src, dst, sport, dport, PAYLOAD);
     if zero_csum {
-        v[14 + 20 + 6] = 0;
-        v[14 + 20 + 7] = 0;
+        v[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
     }
     v
 }
 
-fn echo(src: [u8; 4], dst: [u8; 4], request: bool) -> Vec<u8> {
-    let mut v = Vec::new();
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 64);
-    let b = if request {
-        b.icmpv4_echo_request(0x4242, 1)
-    } else {
-        b.icmpv4_echo_reply(0x4242, 1)
-    };
-    b.write(&mut v, b"ping").unwrap();
-    v
-}
-
-/// An IPv4 header made by hand (options, fragment fields) around `l4`.
 fn raw(
     proto: u8,
     src: [u8; 4],
@@ -234,17 +197,7 @@ fn raw(
     options: &[u8],
     l4: &[u8],
 ) -> Vec<u8> {
-    let mut h = Ipv4Header::new(l4.len() as u16, 64, IpNumber(proto), src, dst).unwrap();
-    h.identification = 0x1234;
-    h.more_fragments = mf;
-    h.fragment_offset = frag.try_into().unwrap();
-    h.options = Ipv4Options::try_from(options).unwrap();
-    h.total_len = (h.header_len() + l4.len()) as u16;
-    h.header_checksum = h.calc_header_checksum();
-    let mut v = Vec::new();
-    h.write(&mut v).unwrap();
-    v.extend_from_slice(l4);
-    eth(&v)
+    raw_ipv4(proto, src, dst, 0x1234, mf, frag, options, l4)
 }
 
 /// An ICMP destination-unreachable (fragmentation needed) from `from` to `to` quoting the IP
@@ -265,24 +218,24 @@ fn seeds() -> Vec<(bool, Vec<u8>)> {
         for sport in [40000, 1024] {
             if proto == PROTO_TCP {
                 for flags in ["S", "A", "FA", "R", "SA"] {
-                    s.push((true, tcp(CLIENT, POD, sport, port, flags)));
+                    s.push((true, tcp(CLIENT, POD, sport, port, flags, PAYLOAD)));
                 }
             } else {
-                s.push((true, udp(CLIENT, POD, sport, port, false)));
-                s.push((true, udp(CLIENT, POD, sport, port, true)));
+                s.push((true, udp_frame(CLIENT, POD, sport, port, false)));
+                s.push((true, udp_frame(CLIENT, POD, sport, port, true)));
             }
         }
     }
     // Fallback traffic, ICMP echo, SCTP, fragments, options.
-    s.push((true, tcp(CLIENT, POD, 40001, 443, "S")));
-    s.push((true, udp(CLIENT, POD, 40002, 9999, false)));
-    s.push((true, echo(CLIENT, POD, true)));
+    s.push((true, tcp(CLIENT, POD, 40001, 443, "S", PAYLOAD)));
+    s.push((true, udp_frame(CLIENT, POD, 40002, 9999, false)));
+    s.push((true, echo(CLIENT, POD, true, 0x4242)));
     let sctp = [
         0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 20, 0, 0, 0, 1, 0, 0, 0x10, 0, 0,
         1, 0, 1, 0, 0, 0, 1,
     ];
     s.push((true, raw(132, CLIENT, POD, false, 0, &[], &sctp)));
-    let udp_l4 = &udp(CLIENT, POD, 40003, 53, false)[34..];
+    let udp_l4 = &udp_frame(CLIENT, POD, 40003, 53, false)[34..];
     s.push((true, raw(17, CLIENT, POD, true, 0, &[], &udp_l4[..16])));
     s.push((true, raw(17, CLIENT, POD, false, 2, &[], &udp_l4[16..])));
     s.push((
@@ -294,27 +247,27 @@ fn seeds() -> Vec<(bool, Vec<u8>)> {
             false,
             0,
             &[1, 1, 1, 0],
-            &tcp(CLIENT, POD, 40004, 80, "S")[34..],
+            &tcp(CLIENT, POD, 40004, 80, "S", PAYLOAD)[34..],
         ),
     ));
     // Replies and unsolicited traffic on macvlan0, ICMP errors about flows both ways.
     for &(_, proto, dest, rport) in &RULES {
         for dport in [40000, 1024, 33000] {
             if proto == PROTO_TCP {
-                s.push((false, tcp(dest, SOURCE, rport, dport, "SA")));
-                s.push((false, tcp(dest, SOURCE, rport, dport, "R")));
+                s.push((false, tcp(dest, SOURCE, rport, dport, "SA", PAYLOAD)));
+                s.push((false, tcp(dest, SOURCE, rport, dport, "R", PAYLOAD)));
             } else {
-                s.push((false, udp(dest, SOURCE, rport, dport, false)));
+                s.push((false, udp_frame(dest, SOURCE, rport, dport, false)));
             }
         }
     }
-    s.push((false, tcp(FALLBACK, SOURCE, 443, 40001, "SA")));
-    s.push((false, echo(DEST, SOURCE, false)));
-    s.push((false, tcp(DEST, OTHER, 80, 40000, "SA")));
-    s.push((false, udp(DEST, CLIENT, 5353, 40000, false)));
-    let out = tcp(SOURCE, DEST, 40000, 80, "S");
+    s.push((false, tcp(FALLBACK, SOURCE, 443, 40001, "SA", PAYLOAD)));
+    s.push((false, echo(DEST, SOURCE, false, 0x4242)));
+    s.push((false, tcp(DEST, OTHER, 80, 40000, "SA", PAYLOAD)));
+    s.push((false, udp_frame(DEST, CLIENT, 5353, 40000, false)));
+    let out = tcp(SOURCE, DEST, 40000, 80, "S", PAYLOAD);
     s.push((false, icmp_error(OTHER, SOURCE, &out)));
-    let back = tcp(POD, CLIENT, 80, 40000, "SA");
+    let back = tcp(POD, CLIENT, 80, 40000, "SA", PAYLOAD);
     s.push((true, icmp_error(CLIENT, POD, &back)));
     s
 }
@@ -570,19 +523,22 @@ fn hex(b: &[u8]) -> String {
 fn a_packet_shaped_like_the_other_sides_half_of_a_flow_is_not_translated() {
     let dp = Dp::new();
     let (v, _) = dp
-        .run(PROG_ETH0_INGRESS, &tcp(CLIENT, POD, 40001, 443, "S"))
+        .run(
+            PROG_ETH0_INGRESS,
+            &tcp(CLIENT, POD, 40001, 443, "S", PAYLOAD),
+        )
         .unwrap();
     assert_eq!(v, TC_ACT_OK, "the fallback flow is made");
     let (v, _) = dp
         .run(
             PROG_MACVLAN_INGRESS,
-            &tcp(FALLBACK, SOURCE, 443, 40001, "SA"),
+            &tcp(FALLBACK, SOURCE, 443, 40001, "SA", PAYLOAD),
         )
         .unwrap();
     assert_eq!(v, TC_ACT_OK, "its reply is translated");
     let before = dp.flow_count();
     // The reply's shape, arriving from the cluster.
-    let spoofed = tcp(FALLBACK, SOURCE, 443, 40001, "A");
+    let spoofed = tcp(FALLBACK, SOURCE, 443, 40001, "A", PAYLOAD);
     let (v, out) = dp.run(PROG_ETH0_INGRESS, &spoofed).unwrap();
     assert!(
         v == TC_ACT_SHOT || out == spoofed,
@@ -590,7 +546,7 @@ fn a_packet_shaped_like_the_other_sides_half_of_a_flow_is_not_translated() {
         hex(&out)
     );
     // The client's shape, arriving from outside.
-    let spoofed = tcp(CLIENT, POD, 40001, 443, "A");
+    let spoofed = tcp(CLIENT, POD, 40001, 443, "A", PAYLOAD);
     let (v, out) = dp.run(PROG_MACVLAN_INGRESS, &spoofed).unwrap();
     assert!(
         v == TC_ACT_SHOT || out == spoofed,
@@ -606,10 +562,13 @@ fn a_packet_shaped_like_the_other_sides_half_of_a_flow_is_not_translated() {
 fn an_icmp_error_too_short_to_quote_a_header_is_not_translated() {
     let dp = Dp::new();
     let (v, _) = dp
-        .run(PROG_ETH0_INGRESS, &tcp(CLIENT, POD, 40000, 80, "S"))
+        .run(
+            PROG_ETH0_INGRESS,
+            &tcp(CLIENT, POD, 40000, 80, "S", PAYLOAD),
+        )
         .unwrap();
     assert_eq!(v, TC_ACT_OK, "the flow is made");
-    let out = tcp(SOURCE, DEST, 40000, 80, "S");
+    let out = tcp(SOURCE, DEST, 40000, 80, "S", PAYLOAD);
     let whole = icmp_error(DEST, SOURCE, &out);
     let (_, translated) = dp.run(PROG_MACVLAN_INGRESS, &whole).unwrap();
     assert_ne!(
