@@ -34,7 +34,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// Connects to `to`, bound to `source` (port chosen by the kernel) when given; refuses a
-/// destination that cannot be reached from `source` ([`unreachable_from`]).
+/// destination that cannot be reached from `source` ([`unreachable_from`]). `timeout` bounds
+/// the whole attempt, the wait for a free descriptor included.
 pub async fn connect(
     source: Option<IpAddr>,
     to: SocketAddr,
@@ -44,11 +45,17 @@ pub async fn connect(
         return Err(io::Error::new(io::ErrorKind::Unsupported, why));
     }
     let to = SocketAddr::new(canonical(to.ip()), to.port());
-    let socket = if to.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    match tokio::time::timeout(timeout, connect_from(source, to)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {to} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = new_socket(to).await?;
     if let Some(src) = source {
         // Pick the source port at connect time, per destination: bound first, every outgoing
         // connection of the router would share one pool of ephemeral ports.
@@ -63,13 +70,32 @@ pub async fn connect(
         socket.bind(SocketAddr::new(src, 0))?;
     }
     socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(to)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect to {to} timed out after {timeout:?}"),
-        )),
+    socket.connect(to).await
+}
+
+/// A socket for `to`. At the open-files limit (or out of socket memory) it waits for one to
+/// free up, as the listeners' accept does: the client, accepted with the last descriptor,
+/// waits for its upstream instead of being reset.
+async fn new_socket(to: SocketAddr) -> io::Result<TcpSocket> {
+    loop {
+        let made = if to.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        match made {
+            Err(e) if is_shortage(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+            r => return r,
+        }
     }
+}
+
+/// Whether `e` says the process or the system is out of descriptors or socket memory.
+pub fn is_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 #[cfg(test)]
