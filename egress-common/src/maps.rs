@@ -6,6 +6,7 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_RULES: &str = "RULES";
 pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_NEW_FLOWS: &str = "NEW_FLOWS";
 pub const MAP_FRAGS: &str = "FRAGS";
 
 /// Program names (functions in egress-ebpf).
@@ -17,7 +18,8 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Default capacity of the connection table (two entries per flow).
+/// Default capacity of the connection table (two entries per flow), and of the table of flows
+/// not answered yet.
 pub const DEFAULT_FLOWS_MAX: u32 = 65536;
 pub const FRAGS_MAX: u32 = 4096;
 pub const RULES_MAX: u32 = 4096;

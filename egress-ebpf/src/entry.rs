@@ -14,13 +14,14 @@ use core::ptr::{addr_of, addr_of_mut, copy_nonoverlapping, read, read_volatile, 
 
 use egress_common::{FlowKey, FlowValue, RouteCache};
 
-use crate::maps::FLOWS;
+use crate::maps::Table;
 
-/// A FLOWS entry. The pointer stays valid memory for the rest of this program run (the map's
-/// elements are preallocated and RCU-protected); an entry deleted or replaced meanwhile may be
-/// reused for another key, which is the kernel's hash map contract for every BPF program.
+/// An entry of FLOWS or NEW_FLOWS, and which. The pointer stays valid memory for the rest of
+/// this program run (the map's elements are preallocated and RCU-protected); an entry deleted
+/// or replaced meanwhile may be reused for another key, which is the kernel's hash map contract
+/// for every BPF program.
 #[derive(Clone, Copy)]
-pub struct FlowEntry(*mut FlowValue);
+pub struct FlowEntry(*mut FlowValue, Table);
 
 /// A cached FIB answer, as `FlowEntry::cached_route` reads it.
 pub struct CachedRoute {
@@ -30,10 +31,25 @@ pub struct CachedRoute {
 }
 
 impl FlowEntry {
-    /// The entry stored under `key`, if any.
+    /// The entry stored under `key` in `table`, if any.
     #[inline(always)]
-    pub fn find(key: &FlowKey) -> Option<FlowEntry> {
-        FLOWS.get_ptr_mut(key).map(FlowEntry)
+    pub fn find_in(table: Table, key: &FlowKey) -> Option<FlowEntry> {
+        table.get_ptr_mut(key).map(|p| FlowEntry(p, table))
+    }
+
+    /// The table holding this entry (and, but for an eviction, its peer).
+    #[inline(always)]
+    pub fn table(self) -> Table {
+        self.1
+    }
+
+    /// A copy of the whole entry into `slot` (this CPU's scratch), made without a reference to
+    /// the shared value; fields other CPUs write meanwhile may be copied from either moment.
+    #[inline(always)]
+    pub fn copy_to(self, slot: &mut FlowValue) {
+        // SAFETY: a valid map value pointer (see the type), read as bytes into a slot no one
+        // else touches.
+        unsafe { copy_nonoverlapping(self.0, slot, 1) }
     }
 
     /// The translated tuple (what a packet matching the key is rewritten to) as a key: for an

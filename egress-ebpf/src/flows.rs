@@ -1,5 +1,6 @@
-//! The connection table: finding a live flow, creating one (with its reply entry and a free
-//! source port), and keeping its timestamps and TCP close state.
+//! The connection tables: finding a live flow, creating one (with its reply entry and a free
+//! source port) among the new flows, moving it to the answered ones on its first reply, and
+//! keeping its timestamps and TCP close state.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
@@ -13,7 +14,7 @@ use egress_common::{
 use crate::{
     entry::FlowEntry,
     error::Error,
-    maps::{FLOWS, NewEntries, RULES, scratch},
+    maps::{NewEntries, RULES, Table, scratch},
     mem::clear,
     parse::Parsed,
 };
@@ -29,16 +30,23 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The entry for `key` if its flow is still live: idle time is measured from the last packet
-/// in either direction, so the other direction's entry is consulted when this one looks stale.
+/// The entry for `key` if its flow is still live: an answered flow's, else a new one's.
 #[inline(always)]
 pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
-    let v = FlowEntry::find(key)?;
+    live_in(Table::Answered, key, cfg, now).or_else(|| live_in(Table::New, key, cfg, now))
+}
+
+/// The entry for `key` in `table` if its flow is still live: idle time is measured from the
+/// last packet in either direction, so the other direction's entry is consulted when this one
+/// looks stale.
+#[inline(always)]
+fn live_in(table: Table, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
+    let v = FlowEntry::find_in(table, key)?;
     let timeout = idle_timeout_ns(cfg, key.proto, v.flags());
     if !is_expired(now, v.last_seen_ns(), timeout) {
         return Some(v);
     }
-    let peer = FlowEntry::find(&v.translated_key(key.proto).reversed())?;
+    let peer = FlowEntry::find_in(table, &v.translated_key(key.proto).reversed())?;
     if is_expired(now, peer.last_seen_ns(), timeout) {
         None
     } else {
@@ -106,7 +114,7 @@ pub fn create(
     let NewEntries { a: reply, b: out } = scratch().ok_or(Error::TableFull)?; // cannot fail
     peer_value(reply, &p.key, DIR_IN, flags, now);
     let reply = &*reply;
-    let mut chosen: Option<(u16, FlowKey)> = None;
+    let mut chosen: Option<(u16, FlowKey, Table)> = None;
     for attempt in 0..PORT_TRIES {
         if attempt >= tries {
             break;
@@ -122,15 +130,23 @@ pub fn create(
             _pad0: 0,
             _pad1: 0,
         };
-        if FLOWS.insert(&rkey, reply, BPF_NOEXIST as u64).is_ok()
-            || (reusable(&rkey, &p.key, cfg, now)
-                && FLOWS.insert(&rkey, reply, BPF_ANY as u64).is_ok())
+        let table = match FlowEntry::find_in(Table::Answered, &rkey) {
+            // The surviving reply entry of this very flow (the LRU evicted its outbound entry
+            // alone): the flow stays answered, on the same port.
+            Some(e) if answers(e, &p.key) => Table::Answered,
+            // A live answered flow's port.
+            Some(_) if live_in(Table::Answered, &rkey, cfg, now).is_some() => continue,
+            _ => Table::New,
+        };
+        if table.insert(&rkey, reply, BPF_NOEXIST as u64).is_ok()
+            || (reusable(table, &rkey, &p.key, cfg, now)
+                && table.insert(&rkey, reply, BPF_ANY as u64).is_ok())
         {
-            chosen = Some((port, rkey));
+            chosen = Some((port, rkey, table));
             break;
         }
     }
-    let (sport, rkey) = chosen.ok_or(Error::PortExhausted)?;
+    let (sport, rkey, table) = chosen.ok_or(Error::PortExhausted)?;
     // In this CPU's scratch slot: only this program run touches it.
     let out: &FlowValue = {
         // SAFETY: plain data.
@@ -146,14 +162,14 @@ pub fn create(
         o.bytes = len;
         o
     };
-    if FLOWS.insert(&p.key, out, BPF_ANY as u64).is_err() {
-        let _ = FLOWS.remove(&rkey);
+    if table.insert(&p.key, out, BPF_ANY as u64).is_err() {
+        table.remove(&rkey);
         return Err(Error::TableFull);
     }
     // A full LRU table evicts in batches, which can take the reply entry just made; without it
     // the flow's replies would be refused as unsolicited.
-    if FLOWS.get_ptr(&rkey).is_none() && FLOWS.insert(&rkey, reply, BPF_ANY as u64).is_err() {
-        let _ = FLOWS.remove(&p.key);
+    if !table.contains(&rkey) && table.insert(&rkey, reply, BPF_ANY as u64).is_err() {
+        table.remove(&p.key);
         return Err(Error::TableFull);
     }
     stats.new_flows += 1;
@@ -176,14 +192,41 @@ fn peer_value(slot: &mut FlowValue, key: &FlowKey, direction: u8, flags: u8, now
     r.last_seen_ns = now;
 }
 
-/// Whether a new flow from `key` may take reply key `rkey`: it is free, expired, or the
-/// surviving reply entry of this very flow (whose outbound entry the LRU evicted alone;
+/// Whether a new flow from `key` may take reply key `rkey` in `table`: it is free, expired, or
+/// the surviving reply entry of this very flow (whose outbound entry the LRU evicted alone;
 /// taking another port would change the flow's source port mid-connection).
 #[inline(always)]
-fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> bool {
-    // The entry answers `key`: it rewrites back to exactly `key`'s tuple.
-    FlowEntry::find(rkey).is_none_or(|e| e.translated_key(key.proto) == key.reversed())
-        || lookup_live(rkey, cfg, now).is_none()
+fn reusable(table: Table, rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> bool {
+    FlowEntry::find_in(table, rkey).is_none_or(|e| answers(e, key))
+        || live_in(table, rkey, cfg, now).is_none()
+}
+
+/// Whether reply entry `e` answers the flow whose packets arrive with `key`: it rewrites back
+/// to exactly `key`'s tuple.
+#[inline(always)]
+fn answers(e: FlowEntry, key: &FlowKey) -> bool {
+    e.translated_key(key.proto) == key.reversed()
+}
+
+/// Moves the new flow whose reply `v` (found under `key`) has just arrived to the answered
+/// table, both entries, and returns its entry there; None (the flow stays where it is) if the
+/// table refused them. A TCP reset answers nothing: the caller passes only other replies.
+#[inline(always)]
+pub fn answer(key: &FlowKey, v: FlowEntry, now: u64) -> Option<FlowEntry> {
+    let out_key = v.translated_key(key.proto).reversed();
+    let NewEntries { a: reply, b: out } = scratch()?;
+    v.copy_to(reply);
+    match FlowEntry::find_in(Table::New, &out_key) {
+        Some(o) => o.copy_to(out),
+        None => peer_value(out, key, DIR_OUT, v.flags(), now),
+    }
+    Table::Answered
+        .insert(key, reply, BPF_ANY as u64)
+        .and_then(|()| Table::Answered.insert(&out_key, out, BPF_ANY as u64))
+        .ok()?;
+    Table::New.remove(key);
+    Table::New.remove(&out_key);
+    FlowEntry::find_in(Table::Answered, key)
 }
 
 /// Puts back the other direction's entry of the live flow `v` (found under `key`) if it is
@@ -194,7 +237,8 @@ fn reusable(rkey: &FlowKey, key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> b
 #[inline(always)]
 pub fn restore_peer(key: &FlowKey, v: FlowEntry, now: u64, stats: &mut Stats) {
     let peer = v.translated_key(key.proto).reversed();
-    if FLOWS.get_ptr(&peer).is_some() {
+    let table = v.table();
+    if table.contains(&peer) {
         return;
     }
     let direction = if v.direction() == DIR_OUT {
@@ -206,7 +250,7 @@ pub fn restore_peer(key: &FlowKey, v: FlowEntry, now: u64, stats: &mut Stats) {
         return; // cannot happen: a one-slot per-CPU array
     };
     peer_value(r, key, direction, v.flags(), now);
-    if FLOWS.insert(&peer, r, BPF_NOEXIST as u64).is_ok() {
+    if table.insert(&peer, r, BPF_NOEXIST as u64).is_ok() {
         stats.flows_restored += 1;
     }
 }
@@ -231,7 +275,7 @@ pub fn touch(v: FlowEntry, p: &Parsed, now: u64, len: u64) {
         flags & !FLOW_CLOSING
     };
     v.set_flags(new_flags);
-    if let Some(peer) = FlowEntry::find(&v.translated_key(PROTO_TCP).reversed()) {
+    if let Some(peer) = FlowEntry::find_in(v.table(), &v.translated_key(PROTO_TCP).reversed()) {
         peer.set_flags(new_flags);
     }
 }

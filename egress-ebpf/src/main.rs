@@ -22,14 +22,15 @@ mod skb;
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
     DIR_IN, DIR_OUT, DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
-    packet::ICMP_ECHO_REQUEST,
+    packet::{ICMP_ECHO_REQUEST, TCP_RST},
 };
 
 use crate::{
     entry::FlowEntry,
     error::Error,
-    flows::{create, lookup_live, now_ns, restore_peer, touch},
+    flows::{answer, create, lookup_live, now_ns, restore_peer, touch},
     forward::Route,
+    maps::Table,
     parse::{Kind, Parsed, parse, remember_fragment},
     skb::Skb,
 };
@@ -119,6 +120,11 @@ fn flow(
         (Some(v), _) if v.direction() != side.direction() => return Err(Error::Unsolicited),
         (Some(v), _) => {
             check_ttl(p)?;
+            let v = if v.table() == Table::New && side == Side::Outside && !resets(p) {
+                answer(&p.key, v, now).unwrap_or(v)
+            } else {
+                v
+            };
             touch(v, p, now, len);
             (v.translated_key(p.key.proto), Some(v))
         }
@@ -205,6 +211,13 @@ fn orphan_fragment(p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Error {
     } else {
         Error::NotOurs
     }
+}
+
+/// A TCP reset: the one reply that does not make a new flow answered (a SYN to a closed port,
+/// as a flood's are, is answered with one).
+#[inline(always)]
+fn resets(p: &Parsed) -> bool {
+    p.key.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0
 }
 
 /// Fails before anything is rewritten if the packet cannot be forwarded.

@@ -17,9 +17,19 @@ pub static CONFIG: Array<DataplaneConfig, 1> = Array::new();
 #[btf_map]
 pub static RULES: HashMap<RuleKey, RuleTarget, { RULES_MAX as usize }> = HashMap::new();
 
-/// Connection table: two entries per flow (one per direction). Its size is set by the loader.
+/// Connection table of answered flows: two entries per flow (one per direction). Its size is
+/// set by the loader.
 #[btf_map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS_MAX as usize }> =
+    LruHashMap::new();
+
+/// Flows no reply has answered yet (a SYN, a datagram out), the same two entries each; the
+/// first reply moves them to FLOWS. A flood of new flows (SYNs to anything, spoofed ports)
+/// churns only this table: the LRU's eviction is approximate (in batches, ignoring recent use
+/// under pressure), and in one table it would take established flows with the flood's. The
+/// kernel's conntrack keeps the same line: it early-drops unassured entries, never assured ones.
+#[btf_map]
+pub static NEW_FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS_MAX as usize }> =
     LruHashMap::new();
 
 #[btf_map]
@@ -35,6 +45,48 @@ pub static SCRATCH: PerCpuArray<NewEntries, 1> = PerCpuArray::new();
 pub struct NewEntries {
     pub a: FlowValue,
     pub b: FlowValue,
+}
+
+/// One of the two connection tables. Each operation names its map in its own branch: the
+/// verifier wants one known map at each call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// FLOWS.
+    Answered,
+    /// NEW_FLOWS.
+    New,
+}
+
+impl Table {
+    #[inline(always)]
+    pub fn get_ptr_mut(self, key: &FlowKey) -> Option<*mut FlowValue> {
+        match self {
+            Table::Answered => FLOWS.get_ptr_mut(key),
+            Table::New => NEW_FLOWS.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    pub fn contains(self, key: &FlowKey) -> bool {
+        self.get_ptr_mut(key).is_some()
+    }
+
+    #[inline(always)]
+    pub fn insert(self, key: &FlowKey, value: &FlowValue, flags: u64) -> Result<(), i32> {
+        match self {
+            Table::Answered => FLOWS.insert(key, value, flags),
+            Table::New => NEW_FLOWS.insert(key, value, flags),
+        }
+    }
+
+    #[inline(always)]
+    pub fn remove(self, key: &FlowKey) {
+        // Gone already (evicted, or removed by another CPU) is fine.
+        let _ = match self {
+            Table::Answered => FLOWS.remove(key),
+            Table::New => NEW_FLOWS.remove(key),
+        };
+    }
 }
 
 /// This CPU's counters, looked up once per packet and passed down.

@@ -1,7 +1,10 @@
 //! Listening sockets of the proxies, and the open-files limit they need.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tracing::warn;
 
 use crate::ratelimit::RateLimit;
@@ -41,6 +44,73 @@ pub fn raise_fd_limit() {
         && soft < hard
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Descriptors kept out of a [`Budget`] for everything but the connections: the metrics
+/// server's connections, the resolver's sockets, log files.
+const SPARE_FDS: u64 = 16;
+
+/// How many connections a proxy holds at once: as many as its open-files limit has room for,
+/// each taking `per_connection` descriptors, after those open now and `reserved` (a pipe pool's)
+/// and [`SPARE_FDS`]. Accepting beyond it would hand the descriptor an accepted connection
+/// needs for its upstream to yet another client: each would wait for one that never frees (the
+/// waiting ones do not read their clients, so closed ones go unnoticed) until their connect
+/// timeouts. HAProxy derives its maxconn from the limit the same way.
+#[derive(Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    connections: u64,
+    per_connection: u64,
+    limit: u64,
+}
+
+impl Budget {
+    /// The budget of this process's soft open-files limit, as it stands now.
+    pub fn of_fd_limit(per_connection: u64, reserved: u64) -> Budget {
+        use nix::sys::resource::{Resource, getrlimit};
+        let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        let open = std::fs::read_dir("/proc/self/fd").map_or(SPARE_FDS, |d| d.count() as u64);
+        let connections = (limit.saturating_sub(open + reserved + SPARE_FDS) / per_connection)
+            .clamp(1, Semaphore::MAX_PERMITS as u64);
+        Budget {
+            permits: Arc::new(Semaphore::new(connections as usize)),
+            connections,
+            per_connection,
+            limit,
+        }
+    }
+
+    /// How many connections it allows.
+    pub fn connections(&self) -> u64 {
+        self.connections
+    }
+
+    /// A connection's share, held for as long as it is open. When none is left, says why
+    /// through `log` (at most once per its interval) and waits: new connections wait in the
+    /// backlog meanwhile.
+    pub async fn take(&self, log: &RateLimit, what: &str, port: u16) -> OwnedSemaphorePermit {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return p;
+        }
+        if let Some(suppressed) = log.check() {
+            warn!(
+                port,
+                suppressed,
+                "{what} cannot accept: this process has all the files it may open (its \
+                 open-files limit, {}), {} connections of {} descriptors each; new connections \
+                 wait in the backlog until open ones close (raise the container's nofile limit \
+                 to serve more at once)",
+                self.limit,
+                self.connections,
+                self.per_connection
+            );
+        }
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 }
 

@@ -166,7 +166,7 @@ fn report_drops(before: &Stats, now: &Stats, opts: &DataplaneOptions) {
     let (table_full, ports) = room_drops(before, now);
     if table_full > 0 {
         let (entries, capacity) = StatusMaps::find(opts)
-            .and_then(|m| Ok((m.flow_keys()?.len(), m.flows_max())))
+            .and_then(|m| Ok((m.flow_keys()?.0.len(), m.flows_max())))
             .unwrap_or_default();
         warn!(
             dropped = table_full,

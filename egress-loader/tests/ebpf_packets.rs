@@ -178,6 +178,13 @@ impl Dp {
             .and_then(|m| m.flows())
             .unwrap()
     }
+
+    /// The entries of the answered flows (FLOWS) and of the new ones (NEW_FLOWS).
+    fn flow_tables(&self) -> status::FlowTables {
+        status::StatusMaps::pinned(&self.dir)
+            .and_then(|m| m.flow_tables())
+            .unwrap()
+    }
 }
 
 /// Asserts the IPv4 header checksum and, for TCP/UDP (over `datagram`, the whole L4 part when
@@ -248,6 +255,96 @@ fn tcp_rule_is_translated_both_ways_with_valid_checksums() {
         (in_entry.0.saddr, in_entry.0.daddr, in_entry.0.dport),
         (DEST, SOURCE, 40000)
     );
+}
+
+/// A new flow's entries wait in NEW_FLOWS; its first reply moves both to FLOWS, where a flood
+/// of new flows cannot evict them. A reset answers nothing: a SYN refused stays new.
+#[test]
+fn a_reply_moves_a_new_flow_to_the_connection_table_and_a_reset_does_not() {
+    let dp = Dp::standard();
+    let tuples = |t: &[(FlowKey, FlowValue)]| -> Vec<(u8, [u8; 4], u16)> {
+        t.iter()
+            .map(|(k, v)| (v.direction, k.saddr, k.sport))
+            .collect()
+    };
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    let (answered, new) = dp.flow_tables();
+    assert!(answered.is_empty(), "{answered:?}");
+    assert_eq!(
+        tuples(&new),
+        [(DIR_OUT, CLIENT, 40000), (DIR_IN, DEST, 80)],
+        "both entries of the new flow"
+    );
+    let (v, out) = dp.back(&tcp(DEST, SOURCE, 80, 40000, "SA", b""));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((daddr(&out), dport(&out)), (CLIENT, 40000), "translated");
+    let (answered, new) = dp.flow_tables();
+    assert!(new.is_empty(), "moved, not copied: {new:?}");
+    assert_eq!(
+        tuples(&answered),
+        [(DIR_OUT, CLIENT, 40000), (DIR_IN, DEST, 80)]
+    );
+    let out_entry = answered
+        .iter()
+        .find(|(_, v)| v.direction == DIR_OUT)
+        .unwrap();
+    assert_eq!(out_entry.1.packets, 1, "its counters moved with it");
+    // The answered flow goes on from the connection table.
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "A", b"GET"));
+    assert_eq!(daddr(&out), DEST);
+    assert_eq!(dp.flow_tables().0.len(), 2);
+    assert!(dp.flow_tables().1.is_empty());
+
+    // Refused: the reset is translated back, and the flow stays among the new ones.
+    dp.out(&tcp(CLIENT, POD, 40001, 8080, "S", b""));
+    let (v, out) = dp.back(&tcp(DEST, SOURCE, 80, 40001, "RA", b""));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(
+        (daddr(&out), dport(&out)),
+        (CLIENT, 40001),
+        "the reset reaches the client"
+    );
+    let (answered, new) = dp.flow_tables();
+    assert_eq!(answered.len(), 2, "only the first flow is answered");
+    assert_eq!(tuples(&new), [(DIR_OUT, CLIENT, 40001), (DIR_IN, DEST, 80)]);
+
+    // UDP: the first datagram back answers the flow.
+    dp.out(&udp(CLIENT, POD, 5000, 53, b"query"));
+    assert_eq!(dp.flow_tables().1.len(), 4);
+    dp.back(&udp(DEST, SOURCE, 5353, 5000, b"answer"));
+    let (answered, new) = dp.flow_tables();
+    assert_eq!((answered.len(), new.len()), (4, 2));
+}
+
+/// A flow whose outbound entry the LRU evicted alone, in the connection table, gets it back
+/// there (not among the new flows) from its next packet, on the same source port.
+#[test]
+fn an_answered_flow_that_lost_its_outbound_entry_stays_answered() {
+    let dp = Dp::standard();
+    dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    dp.back(&tcp(DEST, SOURCE, 80, 40000, "SA", b""));
+    let flows = aya::maps::MapData::from_pin(dp.dir.join("FLOWS")).unwrap();
+    let mut flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(flows)).unwrap();
+    let out_key = FlowKey {
+        saddr: CLIENT,
+        daddr: POD,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    flows.remove(&out_key).unwrap();
+    drop(flows);
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "A", b"GET"));
+    assert_eq!(
+        (saddr(&out), sport(&out), daddr(&out)),
+        (SOURCE, 40000, DEST)
+    );
+    let (answered, new) = dp.flow_tables();
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    assert!(new.is_empty(), "{new:?}");
 }
 
 #[test]
@@ -984,16 +1081,21 @@ fn bpftool_shows_named_fields_of_pinned_maps() {
         .map(|c| c["value"]["out_packets"].as_u64().unwrap())
         .sum();
     assert_eq!(seen, 1, "{text}");
-    let flows = dump("FLOWS").to_string();
-    for field in [
-        "\"saddr\"",
-        "\"sport\"",
-        "\"last_seen_ns\"",
-        "\"direction\"",
-    ] {
-        assert!(flows.contains(field), "{field} in {flows}");
-    }
-    assert!(flows.contains("40000"), "ports in host order: {flows}");
+    let check = |flows: String| {
+        for field in [
+            "\"saddr\"",
+            "\"sport\"",
+            "\"last_seen_ns\"",
+            "\"direction\"",
+        ] {
+            assert!(flows.contains(field), "{field} in {flows}");
+        }
+        assert!(flows.contains("40000"), "ports in host order: {flows}");
+    };
+    // Not answered yet, then answered.
+    check(dump("NEW_FLOWS").to_string());
+    dp.back(&tcp(DEST, SOURCE, 80, 40000, "SA", b""));
+    check(dump("FLOWS").to_string());
     let config = dump("CONFIG").to_string();
     assert!(
         config.contains("\"egress_source\"") && config.contains("99"),

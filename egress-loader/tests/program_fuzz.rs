@@ -31,7 +31,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use egress_common::{
-    FlowKey, FlowValue, MAP_FLOWS, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, PROTO_TCP, PROTO_UDP,
+    FlowKey, FlowValue, MAP_FLOWS, MAP_NEW_FLOWS, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
+    PROTO_TCP, PROTO_UDP,
 };
 use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
@@ -161,16 +162,22 @@ impl Dp {
         }
     }
 
-    fn flow_count(&self) -> usize {
-        let map: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.dp.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
-        map.keys().count()
+    fn table(&self, name: &str) -> HashMap<&aya::maps::MapData, FlowKey, FlowValue> {
+        HashMap::try_from(self.dp.ebpf.map(name).unwrap()).unwrap()
     }
 
+    /// Entries of both connection tables.
+    fn flow_count(&self) -> usize {
+        [MAP_FLOWS, MAP_NEW_FLOWS]
+            .map(|t| self.table(t).keys().count())
+            .iter()
+            .sum()
+    }
+
+    /// The entry for `k` as the programs find it: an answered flow's, else a new one's.
     fn flow(&self, k: &FlowKey) -> Option<FlowValue> {
-        let map: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.dp.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
-        map.get(k, 0).ok()
+        let answered = self.table(MAP_FLOWS).get(k, 0).ok();
+        answered.or_else(|| self.table(MAP_NEW_FLOWS).get(k, 0).ok())
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap as StdHashMap;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData};
 use egress_common::{
-    DataplaneConfig, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS,
+    DataplaneConfig, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_NEW_FLOWS,
     packet::{idle_timeout_ns, is_expired},
 };
 
@@ -31,21 +31,25 @@ pub fn expired(entries: &[(FlowKey, FlowValue)], cfg: &DataplaneConfig, now: u64
 }
 
 impl Dataplane {
-    /// Removes expired flows; returns how many entries went.
+    /// Removes expired flows from both connection tables; returns how many entries went.
     pub fn collect_garbage(&mut self) -> Result<usize> {
         let cfg = Array::<&MapData, DataplaneConfig>::try_from(
             self.ebpf.map(MAP_CONFIG).context("CONFIG")?,
         )?
         .get(&0, 0)?;
-        let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_FLOWS).context("FLOWS")?)?;
-        let snapshot: Vec<_> = flows.iter().filter_map(|e| e.ok()).collect();
-        let dead = expired(&snapshot, &cfg, monotonic_ns());
-        for k in &dead {
-            // Gone already (LRU, or the other CPU) is fine.
-            let _ = flows.remove(k);
+        let mut removed = 0;
+        for table in [MAP_FLOWS, MAP_NEW_FLOWS] {
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+                HashMap::try_from(self.ebpf.map_mut(table).context(table)?)?;
+            let snapshot: Vec<_> = flows.iter().filter_map(|e| e.ok()).collect();
+            let dead = expired(&snapshot, &cfg, monotonic_ns());
+            for k in &dead {
+                // Gone already (LRU, or the other CPU) is fine.
+                let _ = flows.remove(k);
+            }
+            removed += dead.len();
         }
-        Ok(dead.len())
+        Ok(removed)
     }
 }
 

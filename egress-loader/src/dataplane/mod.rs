@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use egress_common::{
-    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_RULES, MAP_STATS, PROG_ETH0_INGRESS,
-    PROG_MACVLAN_INGRESS,
+    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
 };
 
 pub use attach::{AttachMode, Attached};
@@ -44,7 +44,14 @@ static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 static EBPF_OBJECT: Option<&[u8]> = None;
 
 /// Every map of the object, pinned by these names under the bpffs directory.
-pub const PINNED_MAPS: [&str; 5] = [MAP_STATS, MAP_CONFIG, MAP_RULES, MAP_FLOWS, MAP_FRAGS];
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_STATS,
+    MAP_CONFIG,
+    MAP_RULES,
+    MAP_FLOWS,
+    MAP_NEW_FLOWS,
+    MAP_FRAGS,
+];
 
 /// Dataplane settings that are not part of the OpenShift contract (all have defaults).
 #[derive(clap::Args, Clone, Debug)]
@@ -65,8 +72,9 @@ pub struct DataplaneOptions {
     /// the bpffs directory outlives this process, clsact otherwise.
     #[arg(long, env = "EGRESS_TC_ATTACH", value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
-    /// Connection-table capacity in entries (two per flow). Applies when the table is created;
-    /// a pinned table from an earlier run keeps its size.
+    /// Connection-table capacity in entries (two per flow), and that of the table where new
+    /// flows wait for their first reply. Applies when the tables are created; pinned tables
+    /// from an earlier run keep their size.
     #[arg(long, env = "EGRESS_CONNTRACK_SIZE", default_value_t = DEFAULT_FLOWS_MAX)]
     pub conntrack_size: u32,
     /// Source ports used when a client's own port is taken, as MIN-MAX.
@@ -189,6 +197,7 @@ impl Dataplane {
         };
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_FLOWS, opts.conntrack_size);
+        loader.map_max_entries(MAP_NEW_FLOWS, opts.conntrack_size);
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

@@ -7,16 +7,17 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, MapInfo};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
-    MAP_RULES, MAP_STATS, RuleKey, RuleTarget, Stats,
+    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RuleKey, RuleTarget, Stats,
 };
 use tracing::warn;
 
 /// (map, key size, value size) as this build defines them.
-const LAYOUTS: [(&str, usize, usize); 5] = [
+const LAYOUTS: [(&str, usize, usize); 6] = [
     (MAP_STATS, size_of::<u32>(), size_of::<Stats>()),
     (MAP_CONFIG, size_of::<u32>(), size_of::<DataplaneConfig>()),
     (MAP_RULES, size_of::<RuleKey>(), size_of::<RuleTarget>()),
     (MAP_FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>()),
+    (MAP_NEW_FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>()),
     (MAP_FRAGS, size_of::<FragKey>(), size_of::<FragValue>()),
 ];
 

@@ -10,12 +10,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use egress_common::{
-    DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_RULES,
-    MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey, RuleTarget, Stats,
+    DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS,
+    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey,
+    RuleTarget, Stats,
 };
 use serde::Serialize;
 
 use super::{DataplaneOptions, pindir, recover};
+
+/// Entries of the answered flows' table and of the new flows' table.
+pub type FlowTables = (Vec<(FlowKey, FlowValue)>, Vec<(FlowKey, FlowValue)>);
 
 /// The maps every reader of the dataplane opens (status, the metrics of legacy mode and of the
 /// exporter), and where they were found. Every reader outside the loader goes through here, so
@@ -24,6 +28,8 @@ use super::{DataplaneOptions, pindir, recover};
 pub struct StatusMaps {
     stats: Map,
     flows: Map,
+    /// The flows not answered yet (None: a dataplane of a version without that table).
+    new_flows: Option<Map>,
     config: Map,
     rules: Map,
     flows_max: u32,
@@ -41,6 +47,7 @@ fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
 impl StatusMaps {
     fn new(
         [stats, flows, config, rules]: [MapData; 4],
+        new_flows: Option<MapData>,
         dir: PathBuf,
         from: String,
     ) -> Result<StatusMaps> {
@@ -51,6 +58,7 @@ impl StatusMaps {
         Ok(StatusMaps {
             stats: Map::PerCpuArray(stats),
             flows: Map::LruHashMap(flows),
+            new_flows: new_flows.map(Map::LruHashMap),
             config: Map::Array(config),
             rules: Map::HashMap(rules),
             flows_max,
@@ -65,6 +73,7 @@ impl StatusMaps {
         let [stats, flows, config, rules] = maps;
         StatusMaps::new(
             [stats?, flows?, config?, rules?],
+            open_pin(dir, MAP_NEW_FLOWS).ok(),
             dir.to_path_buf(),
             format!("pinned in {}", dir.display()),
         )
@@ -97,12 +106,13 @@ impl StatusMaps {
             take(MAP_CONFIG)?,
             take(MAP_RULES)?,
         ];
+        let new_flows = found.take(MAP_NEW_FLOWS);
         let from = format!(
             "{} (no pins in {} in this mount namespace)",
             found.from,
             dir.display()
         );
-        StatusMaps::new(maps, dir, from)
+        StatusMaps::new(maps, new_flows, dir, from)
     }
 
     /// Sums the per-CPU counters.
@@ -115,27 +125,45 @@ impl StatusMaps {
         Ok(total)
     }
 
+    /// Every entry of both connection tables.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(&self.flows)?;
-        let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
-        v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
-        Ok(v)
+        let (mut all, new) = self.flow_tables()?;
+        all.extend(new);
+        all.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
+        Ok(all)
     }
 
-    /// The connection table's keys, each once, read without the values (one system call per
-    /// entry). The table changes meanwhile: at most its capacity is read.
-    pub fn flow_keys(&self) -> Result<Vec<FlowKey>> {
-        let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(&self.flows)?;
-        let mut seen = std::collections::HashSet::new();
-        Ok(map
-            .keys()
-            .take(self.flows_max as usize)
-            .filter_map(|k| k.ok())
-            .filter(|k| seen.insert(*k))
-            .collect())
+    /// The entries of the answered flows, and of those not answered yet.
+    pub fn flow_tables(&self) -> Result<FlowTables> {
+        let entries = |m: &Map| -> Result<Vec<(FlowKey, FlowValue)>> {
+            let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(m)?;
+            let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+            v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
+            Ok(v)
+        };
+        let new = self.new_flows.as_ref().map(entries).transpose()?;
+        Ok((entries(&self.flows)?, new.unwrap_or_default()))
     }
 
-    /// The connection table's capacity in entries.
+    /// The keys of the answered flows' table, and of the new flows' table, each once, read
+    /// without the values (one system call per entry). The tables change meanwhile: at most
+    /// their capacity is read.
+    pub fn flow_keys(&self) -> Result<(Vec<FlowKey>, Vec<FlowKey>)> {
+        let keys = |m: &Map| -> Result<Vec<FlowKey>> {
+            let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(m)?;
+            let mut seen = std::collections::HashSet::new();
+            Ok(map
+                .keys()
+                .take(self.flows_max as usize)
+                .filter_map(|k| k.ok())
+                .filter(|k| seen.insert(*k))
+                .collect())
+        };
+        let new = self.new_flows.as_ref().map(keys).transpose()?;
+        Ok((keys(&self.flows)?, new.unwrap_or_default()))
+    }
+
+    /// The capacity in entries of the connection table (and of the new flows' table).
     pub fn flows_max(&self) -> u32 {
         self.flows_max
     }
@@ -179,6 +207,9 @@ struct FlowJson {
     to: String,
     translated_from: String,
     translated_to: String,
+    /// A reply has come: the flow is in the connection table (FLOWS), not among the new flows
+    /// (NEW_FLOWS), which a flood of new flows churns.
+    answered: bool,
     closing: bool,
     idle_seconds: f64,
     packets: u64,
@@ -263,7 +294,7 @@ pub fn monotonic_ns() -> u64 {
     })
 }
 
-fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
+fn flow_json(k: &FlowKey, v: &FlowValue, answered: bool, now: u64) -> FlowJson {
     let ep = |a: [u8; 4], p: u16| format!("{}:{}", Ipv4Addr::from(a), p);
     FlowJson {
         proto: proto_name(k.proto),
@@ -272,6 +303,7 @@ fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> FlowJson {
         to: ep(k.daddr, k.dport),
         translated_from: ep(v.saddr, v.sport),
         translated_to: ep(v.daddr, v.dport),
+        answered,
         closing: v.flags & FLOW_CLOSING != 0,
         idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
         packets: v.packets,
@@ -314,9 +346,14 @@ pub fn counters(s: &Stats) -> [(&'static str, u64); 19] {
 pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
     let maps = StatusMaps::find(opts)?;
     let stats = maps.stats()?;
-    let flows = maps.flows()?;
+    let (answered, new) = maps.flow_tables()?;
     let now = monotonic_ns();
-    let flows: Vec<FlowJson> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
+    let mut flows: Vec<FlowJson> = answered
+        .iter()
+        .map(|(k, v)| flow_json(k, v, true, now))
+        .chain(new.iter().map(|(k, v)| flow_json(k, v, false, now)))
+        .collect();
+    flows.sort_by(|a, b| (a.proto, &a.from, &a.to).cmp(&(b.proto, &b.from, &b.to)));
     let counters = counters(&stats);
     let attached = attachments(opts)?;
     let rules: Vec<RuleJson> = maps.rules()?.iter().map(|(k, t)| rule_json(k, t)).collect();
@@ -359,7 +396,11 @@ pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
     for (k, v) in counters {
         println!("  {k:<20} {v}");
     }
-    println!("connection table: {} entries (two per flow)", flows.len());
+    println!(
+        "connection table: {} entries (two per flow); flows not answered yet: {} entries",
+        answered.len(),
+        new.len()
+    );
     if !flows.is_empty() {
         println!(
             "  {:<5} {:<4} {:<21} {:<21} {:<21} {:<21} {:>8} {:>8} {:>10}",
@@ -386,7 +427,11 @@ pub fn print(opts: &DataplaneOptions, json: bool) -> Result<()> {
             f.idle_seconds,
             f.packets,
             f.bytes,
-            if f.closing { " closing" } else { "" }
+            match (f.answered, f.closing) {
+                (_, true) => " closing",
+                (false, false) => " new",
+                (true, false) => "",
+            }
         );
     }
     Ok(())

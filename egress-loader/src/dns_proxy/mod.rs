@@ -246,6 +246,8 @@ struct Shared {
     idle_timeout: Duration,
     engine: Engine,
     pipes: relay::PipePool,
+    /// Connections open at once (two sockets each), within the open-files limit.
+    budget: listener::Budget,
     debug: bool,
     /// Turns true when the drain time is over: open connections end.
     stop: watch::Receiver<bool>,
@@ -359,6 +361,8 @@ impl DnsProxy {
                 idle_timeout: opts.idle_timeout,
                 engine: opts.engine,
                 pipes: relay::PipePool::new(opts.max_pipes),
+                // A pipe is two descriptors.
+                budget: listener::Budget::of_fd_limit(2, 2 * opts.max_pipes as u64),
                 debug: cfg.dns_debug,
                 stop,
                 active: AtomicUsize::new(0),
@@ -379,6 +383,10 @@ impl DnsProxy {
     /// Accepts and forwards until `shutdown` completes; then closes the listeners and lets open
     /// connections finish for up to the drain timeout before cutting them.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        info!(
+            connections = self.shared.budget.connections(),
+            "DNS proxy: connections open at once, as many as the open-files limit has room for"
+        );
         let (accept_stop_tx, accept_stop) = watch::channel(false);
         // Every connection task holds a clone; recv() returns None once they are all gone.
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
@@ -448,12 +456,17 @@ async fn accept_loop(
         accept: RateLimit::new(Duration::from_secs(10)),
     });
     loop {
+        let share = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            p = shared.budget.take(&limits.accept, "DNS proxy", port) => p,
+        };
         tokio::select! {
             _ = stopped(&mut stop) => return,
             (client, peer) = listener::accept(&listener, &limits.accept, "DNS proxy") => {
                 let (dest, shared, limits, guard, line) =
                     (dest.clone(), shared.clone(), limits.clone(), drain.clone(), line.clone());
                 tokio::spawn(async move {
+                    let _share = share;
                     let _open = line.accepted();
                     shared.active.fetch_add(1, Ordering::Relaxed);
                     handle(client, peer, port, &dest, &shared, &limits, &line).await;

@@ -31,6 +31,8 @@ pub struct Snapshot {
     /// Entries in the connection table (two per flow), and its capacity.
     pub flow_entries: u64,
     pub flow_capacity: u64,
+    /// Entries of the flows not answered yet (a table of the same capacity).
+    pub new_flow_entries: u64,
     /// Flows to the destination (address, port, protocol) that has the most: each needs its
     /// own source port of EGRESS_SOURCE.
     pub busiest_destination_flows: u64,
@@ -44,9 +46,11 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn read(maps: &StatusMaps) -> Result<Snapshot> {
         let config = maps.config()?;
+        let (answered, new) = maps.flow_keys()?;
         Ok(Snapshot::new(
             maps.stats()?,
-            &maps.flow_keys()?,
+            &answered,
+            &new,
             maps.flows_max(),
             &config,
             maps.rule_count()?,
@@ -56,6 +60,7 @@ impl Snapshot {
     pub fn new(
         stats: Stats,
         keys: &[FlowKey],
+        new_keys: &[FlowKey],
         capacity: u32,
         config: &DataplaneConfig,
         rules: usize,
@@ -64,7 +69,12 @@ impl Snapshot {
             stats,
             flow_entries: keys.len() as u64,
             flow_capacity: capacity.into(),
-            busiest_destination_flows: busiest_destination(keys, config.egress_source),
+            new_flow_entries: new_keys.len() as u64,
+            // New flows hold their source port as answered ones do.
+            busiest_destination_flows: busiest_destination(
+                &[keys, new_keys].concat(),
+                config.egress_source,
+            ),
             port_range: (u64::from(config.port_max) + 1).saturating_sub(config.port_min.into()),
             rules: rules as u64,
             fallback: config.has_fallback != 0,
@@ -214,6 +224,13 @@ pub fn encode_snapshot(s: &Snapshot, e: &mut DescriptorEncoder) -> fmt::Result {
         "redirect_flow_table_use_ratio",
         "Connection-table pressure: entries / capacity",
         ratio(s.flow_entries, s.flow_capacity),
+    )?;
+    gauge(
+        e,
+        "redirect_new_flow_table_entries",
+        "Entries of flows not answered yet (two per flow; a table of the same capacity, which a \
+         flood of new flows churns without touching the connection table)",
+        s.new_flow_entries,
     )?;
     gauge(
         e,
@@ -424,7 +441,9 @@ mod tests {
             ..Default::default()
         };
         let keys = [client(1000), reply([203, 0, 113, 25], 80, 1000)];
-        let text = exposition(Snapshot::new(stats, &keys, 100, &config, 2));
+        // A new flow to the same destination holds a port of its pool too.
+        let new = [client(1001), reply([203, 0, 113, 25], 80, 1001)];
+        let text = exposition(Snapshot::new(stats, &keys, &new, 100, &config, 2));
         for line in [
             "egress_router_redirect_packets_total{direction=\"out\"} 9",
             "egress_router_redirect_packets_total{direction=\"in\"} 6",
@@ -440,7 +459,8 @@ mod tests {
             "egress_router_redirect_flow_table_entries 2",
             "egress_router_redirect_flow_table_capacity 100",
             "egress_router_redirect_flow_table_use_ratio 0.02",
-            "egress_router_redirect_port_pool_busiest_flows 1",
+            "egress_router_redirect_new_flow_table_entries 2",
+            "egress_router_redirect_port_pool_busiest_flows 2",
             "egress_router_redirect_port_pool_size 64512",
             "egress_router_configured_rules{kind=\"redirect\"} 2",
             "egress_router_configured_rules{kind=\"redirect_fallback\"} 1",
