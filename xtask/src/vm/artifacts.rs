@@ -29,7 +29,7 @@ const TEST_BUILDS: &[&[&str]] = &[
 /// Test targets that need what only the host has, not another kernel: podman and the image
 /// (pods runs each pod in podman too), the manifest validators (Python), and the proxies under
 /// load (user space only; slowhttptest, wrk, Python and tens of thousands of descriptors).
-const HOST_ONLY: &[&str] = &["pods", "manifests", "proxy_faults"];
+const HOST_ONLY: &[&str] = &["pods", "manifests", "proxy_faults", "cni_podman"];
 
 pub fn build(root: &Path) -> Result<Artifacts> {
     let mut tests = Vec::new();
