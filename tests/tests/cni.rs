@@ -403,6 +403,15 @@ fn every_bad_field_gives_its_code_and_a_message_naming_it_and_nothing_is_applied
     assert_eq!(code, 4, "{msg}");
     assert!(msg.contains("9-1"), "{msg}");
     assert!(lab.router().ifindex(IFNAME).is_err());
+    // The error result speaks the configuration's version, as the spec asks.
+    assert_eq!(r.json["cniVersion"], "1.0.0", "{}", r.stdout);
+    let r = lab.egress_with(
+        "ADD",
+        &rendered("0.4.0", &["80 tcp 203.0.113.25"], None),
+        &[("EGRESS_PORT_RANGE", "9-1")],
+    );
+    assert_eq!(r.error().0, 4);
+    assert_eq!(r.json["cniVersion"], "0.4.0", "{}", r.stdout);
     // Missing CNI variables: the spec's code 4.
     let r = lab.invoke(
         &router_bin(),

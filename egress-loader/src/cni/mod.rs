@@ -76,11 +76,12 @@ impl Cni for EgressRouterPlugin {
 
 pub fn main() -> ExitCode {
     let v = SpecVersion::new;
-    let plugin = Plugin::new(
-        v(1, 1, 0),
-        vec![v(0, 3, 0), v(0, 3, 1), v(0, 4, 0), v(1, 0, 0), v(1, 1, 0)],
-    )
-    .msg(concat!(
+    let supported = vec![v(0, 3, 0), v(0, 3, 1), v(0, 4, 0), v(1, 0, 0), v(1, 1, 0)];
+    // An error result carries the plugin's version; the spec wants the configuration's.
+    let version = config_version()
+        .filter(|c| supported.contains(c))
+        .unwrap_or(v(1, 1, 0));
+    let plugin = Plugin::new(version, supported).msg(concat!(
         "egress-router ",
         env!("CARGO_PKG_VERSION"),
         ": the OpenShift egress-router CNI plugin"
@@ -97,4 +98,27 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The cniVersion of the network configuration on stdin, for the commands that have one
+/// (VERSION answers with the plugin's own). The configuration is read here, ahead of
+/// rscni-plugin, and put back as the process's stdin (a memfd holding the same bytes).
+fn config_version() -> Option<SpecVersion> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    if std::env::var("CNI_COMMAND")
+        .ok()?
+        .eq_ignore_ascii_case("VERSION")
+    {
+        return None;
+    }
+    let mut config = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut config).ok()?;
+    let fd =
+        nix::sys::memfd::memfd_create(c"cni-config", nix::sys::memfd::MFdFlags::empty()).ok()?;
+    let mut copy = std::fs::File::from(fd);
+    copy.write_all(&config).ok()?;
+    copy.rewind().ok()?;
+    nix::unistd::dup2_stdin(&copy).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&config).ok()?;
+    v["cniVersion"].as_str()?.parse().ok()
 }
