@@ -357,7 +357,7 @@ fn rules_replaced_under_traffic_take_effect_whole_and_invalid_ones_not_at_all() 
 /// answers them (the flood's are refused with resets), so the flood churns only that one and
 /// never evicts the flow in use; the connection never stalls, and the tables stay within their
 /// size. (In one LRU table, the kernel's approximate eviction took the established flow's
-/// entries about one run in five.)
+/// entries in about one run in seven.)
 #[test]
 fn a_syn_flood_through_a_small_table_does_not_evict_an_established_flow() {
     let lab = Lab::new();

@@ -186,7 +186,7 @@ pub fn encode_snapshot(s: &Snapshot, e: &mut DescriptorEncoder) -> fmt::Result {
     counter(
         e,
         "redirect_new_flows",
-        "Flows created in the connection table",
+        "Flows created (among the new flows, until a reply answers them)",
         st.new_flows,
     )?;
     counter(
