@@ -57,7 +57,6 @@ const SPARE_FDS: u64 = 16;
 /// needs for its upstream to yet another client: each would wait for one that never frees (the
 /// waiting ones do not read their clients, so closed ones go unnoticed) until their connect
 /// timeouts. HAProxy derives its maxconn from the limit the same way.
-#[derive(Clone)]
 pub struct Budget {
     permits: Arc<Semaphore>,
     connections: u64,
@@ -94,16 +93,15 @@ impl Budget {
             return p;
         }
         if let Some(suppressed) = log.check() {
+            let (n, per) = (self.connections, self.per_connection);
             warn!(
                 port,
                 suppressed,
-                "{what} cannot accept: this process has all the files it may open (its \
-                 open-files limit, {}), {} connections of {} descriptors each; new connections \
-                 wait in the backlog until open ones close (raise the container's nofile limit \
-                 to serve more at once)",
-                self.limit,
-                self.connections,
-                self.per_connection
+                "{what} cannot accept: {}",
+                files_exhausted(
+                    self.limit,
+                    &format!(", {n} connections of {per} descriptors each")
+                )
             );
         }
         self.permits
@@ -139,14 +137,10 @@ pub async fn accept(
 fn why(e: &std::io::Error) -> String {
     use nix::sys::resource::{Resource, getrlimit};
     match e.raw_os_error() {
-        Some(libc::EMFILE) => {
-            let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft);
-            format!(
-                "this process has all the files it may open (its open-files limit, {limit}); new \
-                 connections wait in the backlog until open ones close (raise the container's \
-                 nofile limit to serve more at once)"
-            )
-        }
+        Some(libc::EMFILE) => files_exhausted(
+            getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft),
+            "",
+        ),
         Some(libc::ENFILE) => "the system-wide open-files limit (fs.file-max) is reached; new \
              connections wait in the backlog"
             .to_string(),
@@ -155,4 +149,14 @@ fn why(e: &std::io::Error) -> String {
         }
         _ => "retrying".to_string(),
     }
+}
+
+/// What the proxies say at their open-files limit (`limit`), the budget or the kernel telling
+/// them, with `detail` after the limit.
+fn files_exhausted(limit: u64, detail: &str) -> String {
+    format!(
+        "this process has all the files it may open (its open-files limit, {limit}){detail}; new \
+         connections wait in the backlog until open ones close (raise the container's nofile \
+         limit to serve more at once)"
+    )
 }
