@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util;
+use crate::{setup, util};
 
 /// Installs cargo-fuzz if missing, then runs each target for `seconds_per_target` seconds.
 pub fn run(seconds_per_target: u64) -> Result<()> {
@@ -62,6 +62,8 @@ pub fn run(seconds_per_target: u64) -> Result<()> {
     if !util::is_root() {
         bail!("the program fuzzer loads the eBPF programs: run cargo xtask fuzz as root");
     }
+    // Only this phase builds the eBPF programs: the rule fuzzers above need no eBPF toolchain.
+    setup::ebpf_toolchain()?;
     eprintln!("fuzzing the tc programs for {seconds_per_target} s");
     util::run(
         Command::new("cargo")

@@ -41,12 +41,18 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 pub fn run() -> Result<()> {
-    step("nightly toolchain", nightly)?;
-    step("rust-src for nightly", rust_src)?;
-    step("bpf-linker", bpf_linker)?;
+    ebpf_toolchain()?;
     step("Debian packages", debian_packages)?;
     step("manifest validators", validators)?;
     Ok(())
+}
+
+/// What building the eBPF programs needs: the nightly's rust-src and bpf-linker. Also the only
+/// installs `cargo xtask fuzz` needs, and only for its last phase (the tc programs).
+pub fn ebpf_toolchain() -> Result<()> {
+    step("nightly toolchain", nightly)?;
+    step("rust-src for nightly", rust_src)?;
+    step("bpf-linker", bpf_linker)
 }
 
 /// The pinned offline validators of deploy/'s manifests (PyPI), in a virtualenv under the target

@@ -30,7 +30,25 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     if no_sctp {
         cmd.args(["--skip", SCTP_TESTS]);
     }
-    util::run(&mut cmd)?;
+    let suite = util::run(&mut cmd);
+    // The library without its eBPF programs (configuration, rules, proxies: what the fuzzers
+    // and a machine without the eBPF toolchain build) must build and pass its unit tests too;
+    // fresh_machine.rs checks it needs no eBPF build, this that it compiles and works.
+    let featureless = util::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "test",
+                "-p",
+                "egress-loader",
+                "--no-default-features",
+                "--lib",
+                "--",
+            ])
+            .args(cargo_args),
+    );
+    suite?;
+    featureless?;
     if no_sctp {
         println!(
             "NOT RUN on this host: the tests named {SCTP_TESTS}*: this kernel ({}) has no SCTP. \
