@@ -4,20 +4,74 @@
 //! (no other environment) and stdout and stderr in one stream, as Go's CombinedOutput gives
 //! them: success cases compare the whole stream (nothing may be logged), error cases need a
 //! non-zero exit and OpenShift's message as the last line.
+//!
+//! Every case also runs as OpenShift's tests run their image's script: the two-line wrapper of
+//! deploy/openshift-images for that image, with nothing but the test's variables, so that the
+//! shell finds `egress-router` on its default PATH (here /usr/local/bin, in a mount namespace of
+//! the case's own); it must print and exit exactly as the binary does.
 use std::{
     fs::File,
     io::Read as _,
+    path::{Path, PathBuf},
     process::{Command, ExitStatus},
 };
 
-/// Runs egress-router with only `vars`, stdout and stderr into one file; returns the exit status
-/// and everything written, in order.
+/// Runs egress-router with only `vars`, directly and through its image's wrapper; both must
+/// give the same. Returns the exit status and everything written, in order.
 fn combined(vars: &[(&str, &str)]) -> (ExitStatus, String) {
+    let direct = run_captured(Command::new(env!("CARGO_BIN_EXE_egress-router")), vars);
+    let wrapped = run_captured(through_wrapper(vars), vars);
+    assert_eq!(
+        (wrapped.0.code(), &wrapped.1),
+        (direct.0.code(), &direct.1),
+        "{} with {vars:?} differs from the binary run directly",
+        wrapper(vars).display()
+    );
+    direct
+}
+
+/// The wrapper that replaces the script of the image these variables are for.
+fn wrapper(vars: &[(&str, &str)]) -> PathBuf {
+    let has = |k: &str| vars.iter().any(|(name, _)| *name == k);
+    let image = if has("EGRESS_HTTP_PROXY_DESTINATION") {
+        "http-proxy/egress-http-proxy.sh"
+    } else if has("EGRESS_DNS_PROXY_DESTINATION") {
+        "dns-proxy/egress-dns-proxy.sh"
+    } else {
+        "router/egress-router.sh"
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/openshift-images")
+        .join(image)
+}
+
+/// The wrapper run with an empty environment but `vars` (added by [`run_captured`]), in a mount
+/// namespace whose /usr/local/bin holds only egress-router (needs root, as `cargo xtask test`).
+fn through_wrapper(vars: &[(&str, &str)]) -> Command {
+    let bin = std::env::temp_dir().join(format!("er-openshift-images-bin-{}", std::process::id()));
+    if !bin.join("egress-router").exists() {
+        std::fs::create_dir_all(&bin).unwrap();
+        let _ = std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_egress-router"),
+            bin.join("egress-router"),
+        );
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(r#"mount --bind "$0" /usr/local/bin && exec /usr/bin/env -i "$@""#)
+        .arg(&bin);
+    cmd.args(vars.iter().map(|(k, v)| format!("{k}={v}")))
+        .arg(wrapper(vars));
+    cmd
+}
+
+/// Runs `cmd` with only `vars`, stdout and stderr into one file.
+fn run_captured(mut cmd: Command, vars: &[(&str, &str)]) -> (ExitStatus, String) {
     let dir = std::env::temp_dir().join(format!("er-openshift-images-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{:?}.out", std::thread::current().id()));
     let out = File::create(&path).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_egress-router"))
+    let status = cmd
         .env_clear()
         .envs(vars.iter().copied())
         .stdout(out.try_clone().unwrap())
