@@ -391,6 +391,7 @@ fn targets(r: &mut Report) {
     r.target(Dns, proxies::DNS_CRR_CPU, Who::Base, false, 0.8);
     r.target(Redirect, redirect::UDP_CPU, Who::Ceiling, false, 0.95);
     r.target(Redirect, redirect::UDP_CPU, Who::Base, false, 0.5);
+    r.target(Redirect, redirect::ROUTER_CPU_CRR, Who::Base, false, 0.5);
 }
 
 /// The full run measures with the generators and servers in this process: `cargo xtask` builds

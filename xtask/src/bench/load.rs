@@ -25,6 +25,17 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// New TCP connections per second: `threads` loops of connect, one byte each way, close
 /// (the client closes first), for `dur`.
 pub fn tcp_crr(client: &Netns, addr: SocketAddr, threads: usize, dur: Duration) -> Result<f64> {
+    let (ok, elapsed) = tcp_crr_count(client, addr, threads, dur)?;
+    Ok(ok as f64 / elapsed.as_secs_f64())
+}
+
+/// [`tcp_crr`]'s connections made and the time they took.
+pub fn tcp_crr_count(
+    client: &Netns,
+    addr: SocketAddr,
+    threads: usize,
+    dur: Duration,
+) -> Result<(u64, Duration)> {
     let results = client.run(|| {
         let start = Barrier::new(threads + 1);
         std::thread::scope(|s| {
@@ -63,7 +74,7 @@ pub fn tcp_crr(client: &Netns, addr: SocketAddr, threads: usize, dur: Duration) 
             ok + failed
         );
     }
-    Ok(ok as f64 / elapsed.as_secs_f64())
+    Ok((ok, elapsed))
 }
 
 fn one_crr(addr: SocketAddr) -> Result<()> {
@@ -271,7 +282,28 @@ pub fn connect_stream(
 /// iperf3, one TCP stream from the client namespace to `addr`, `secs` measured after `omit`
 /// seconds of warm-up: received Gbit/s.
 pub fn iperf3(client: &Netns, addr: SocketAddr, secs: u32, omit: u32) -> Result<f64> {
-    let run = || -> Result<f64> {
+    let v = iperf3_json(client, addr, secs, omit)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("no end.sum_received in iperf3 output: {v}"))
+}
+
+/// Bytes one iperf3 stream of `secs` (no warm-up left out) delivered.
+pub fn iperf3_bytes(client: &Netns, addr: SocketAddr, secs: u32) -> Result<u64> {
+    let v = iperf3_json(client, addr, secs, 0)?;
+    v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .with_context(|| format!("no end.sum_received.bytes in iperf3 output: {v}"))
+}
+
+fn iperf3_json(
+    client: &Netns,
+    addr: SocketAddr,
+    secs: u32,
+    omit: u32,
+) -> Result<serde_json::Value> {
+    let run = || -> Result<serde_json::Value> {
         let mut cmd = Command::new("iperf3");
         cmd.args([
             "-J",
@@ -282,11 +314,7 @@ pub fn iperf3(client: &Netns, addr: SocketAddr, secs: u32, omit: u32) -> Result<
         ])
         .args(["-t", &secs.to_string(), "-O", &omit.to_string()]);
         let out = sys::ns_output(client, cmd, Duration::from_secs((secs + omit + 30).into()))?;
-        let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e9)
-            .with_context(|| format!("no end.sum_received in iperf3 output: {out}"))
+        serde_json::from_str(&out).context("iperf3 JSON")
     };
     // The server may still be finishing the previous test: one retry.
     run().or_else(|_| {

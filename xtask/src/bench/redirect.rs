@@ -41,6 +41,11 @@ pub const PROG_NS_TCP: &str =
     "eBPF programs' own time per packet, TCP stream (kernel BPF stats), ns";
 pub const PROG_NS_CRR: &str =
     "eBPF programs' own time per packet, new connections (kernel BPF stats), ns";
+pub const PROG_NS_UDP_SCRAPED: &str = "eBPF programs' own time per packet, UDP flood, /metrics scraped every 100 ms (kernel BPF stats), ns";
+pub const ROUTER_CPU_CRR: &str =
+    "router kernel CPU per new TCP connection (router paths steered to one CPU), µs";
+pub const ROUTER_CPU_GB: &str =
+    "router kernel CPU per GB of TCP (iperf3, 1 stream; router paths steered to one CPU), ms";
 pub const COST_EMPTY: &str = "BPF_PROG_TEST_RUN empty program (measuring floor), ns/packet";
 pub const COST_EST: &str = "BPF_PROG_TEST_RUN established flow (eth0), ns/packet";
 pub const COST_NEW: &str = "BPF_PROG_TEST_RUN new flow (eth0 SYN), ns/packet";
@@ -146,6 +151,9 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         }
         Err(e) => ctx.fail(s, who, &format!("request/response: {e:#}")),
     }
+    if let Err(e) = router_cpu(ctx, &lab, who) {
+        ctx.fail(s, who, &format!("router CPU: {e:#}"));
+    }
     if let Some(bpffs) = &lab.bpffs {
         // Again with the kernel's BPF statistics on (they cost two clock reads per run, so
         // only here): what the programs themselves take per packet on real traffic.
@@ -154,6 +162,52 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         }
     }
     drop(lab);
+    Ok(())
+}
+
+/// What the router itself spends in the kernel per new TCP connection and per GB of a TCP
+/// stream, for every contender alike: the router namespace's receive paths (eth0 from the
+/// client, ens0 under macvlan0 from the LAN) are steered to CPU 1 by RPS, the client's and the
+/// LAN's to CPU 0, and every generator and server (this process's threads, the iperf3s) pinned
+/// to CPU 0, so CPU 1's kernel time is the forwarding (NAT, routing, the programs) and nothing
+/// else. Needs two CPUs.
+fn router_cpu(ctx: &mut Ctx, lab: &Lab, who: Who) -> Result<()> {
+    if sys::online_cpus() < 2 {
+        println!("    router CPU not measured: one CPU cannot keep the router apart");
+        return Ok(());
+    }
+    let topo = &lab.topo;
+    let _rps = sys::Rps::set(&[
+        (&topo.router, ROUTER_ETH0, "2"),
+        (&topo.node, NODE_IF, "2"),
+        (&topo.lan, LAN_IF, "1"),
+        (&topo.client, CLIENT_IF, "1"),
+    ])?;
+    let _pinned = sys::Pinned::to(&[0], &[lab.servers.iperf_pid()])?;
+    let _poll = sys::PollIdle::hold("the router CPU runs");
+    let p = ctx.p.clone();
+    let kernel1 = || sys::CpuTimes::read(1).map(|c| c.kernel);
+    let t0 = kernel1()?;
+    let (conns, _) = load::tcp_crr_count(
+        &topo.client,
+        SocketAddr::from((lab.target, ECHO_PORT)),
+        p.crr_threads,
+        p.measure,
+    )?;
+    let t1 = kernel1()?;
+    ensure!(conns > 0, "no connection was made");
+    let bytes = load::iperf3_bytes(
+        &topo.client,
+        SocketAddr::from((lab.target, IPERF_PORT)),
+        p.measure.as_secs().max(1) as u32,
+    )?;
+    let t2 = kernel1()?;
+    ensure!(bytes > 0, "iperf3 moved no bytes");
+    let per_conn_us = (t1 - t0).as_secs_f64() * 1e6 / conns as f64;
+    let per_gb_ms = (t2 - t1).as_secs_f64() * 1e3 / (bytes as f64 / 1e9);
+    let s = Section::Redirect;
+    ctx.measure(s, ROUTER_CPU_CRR, Better::Lower, who, || Ok(per_conn_us));
+    ctx.measure(s, ROUTER_CPU_GB, Better::Lower, who, || Ok(per_gb_ms));
     Ok(())
 }
 
@@ -217,8 +271,13 @@ fn program_time(ctx: &mut Ctx, lab: &Lab, bpffs: &Path) -> Result<()> {
     let p = ctx.p.clone();
     let target = lab.target;
     let secs = p.measure.as_secs().max(1) as u32;
-    let runs: [(&str, &dyn Fn() -> Result<()>); 3] = [
+    let runs: [(&str, &dyn Fn() -> Result<()>); 4] = [
         (PROG_NS_UDP, &|| udp(ctx, lab).map(drop)),
+        // The scrape reads the maps from user space: the programs' own time, unlike the
+        // packet rate, does not depend on how the generator shares the CPUs with it.
+        (PROG_NS_UDP_SCRAPED, &|| {
+            scraped(ctx, lab, bpffs, || udp(ctx, lab)).map(drop)
+        }),
         (PROG_NS_TCP, &|| {
             load::iperf3(
                 &lab.topo.client,
@@ -428,7 +487,18 @@ fn flood_frames(lab: &Lab) -> Result<Vec<Vec<u8>>> {
 /// else pass), so that what is measured is the router namespace's work alone.
 const SINK_TABLE: &str = "egress_bench_sink";
 
-fn sink_install(topo: &Topology, file: &Path) -> Result<()> {
+/// The installed sink; dropping it removes it (the probes of the next flood must get through).
+struct Sink<'a>(&'a Topology);
+
+impl Drop for Sink<'_> {
+    fn drop(&mut self) {
+        let mut nft = Command::new("nft");
+        nft.args(["delete", "table", "netdev", SINK_TABLE]);
+        let _ = sys::ns_output(&self.0.node, nft, Duration::from_secs(10));
+    }
+}
+
+fn sink_install<'a>(topo: &'a Topology, file: &Path) -> Result<Sink<'a>> {
     std::fs::write(
         file,
         format!(
@@ -438,7 +508,7 @@ fn sink_install(topo: &Topology, file: &Path) -> Result<()> {
     let mut nft = Command::new("nft");
     nft.arg("-f").arg(file);
     sys::ns_output(&topo.node, nft, Duration::from_secs(10)).context("installing the UDP sink")?;
-    Ok(())
+    Ok(Sink(topo))
 }
 
 fn sink_count(topo: &Topology) -> Result<u64> {
@@ -497,6 +567,8 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
         .topo
         .client
         .udp_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    // Only this call's probes count: the earlier calls' are still queued at the destination.
+    lab.servers.udp_drain()?;
     for _ in 0..3 {
         s.send_to(b"probe", SocketAddr::from((lab.target, UDP_PORT)))?;
     }
@@ -505,14 +577,13 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
         peer.ip() == IpAddr::V4(expect),
         "a UDP datagram reached the destination from {peer}, expected {expect}"
     );
-    sink_install(&lab.topo, &ctx.dir.join("sink.nft"))?;
+    let _sink = sink_install(&lab.topo, &ctx.dir.join("sink.nft"))?;
     let rps = sys::online_cpus() >= 2;
-    let rps_file = Path::new("/sys/class/net")
-        .join(ROUTER_ETH0)
-        .join("queues/rx-0/rps_cpus");
-    if rps {
-        sys::ns_sysfs_write(&lab.topo.router, &rps_file, "2")?;
-    }
+    let _rps = if rps {
+        Some(sys::Rps::set(&[(&lab.topo.router, ROUTER_ETH0, "2")])?)
+    } else {
+        None
+    };
     // A forwarding CPU that keeps up with the generator drains its queue and halts; each packet
     // then costs the generator an inter-processor interrupt to wake it, which on a virtual
     // machine is an exit, and the generator falls below what the router could forward (this
@@ -558,9 +629,6 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
         })
     })();
     flood.stop()?;
-    if rps {
-        sys::ns_sysfs_write(&lab.topo.router, &rps_file, "0")?;
-    }
     result
 }
 

@@ -39,7 +39,7 @@ pub struct Servers {
     peers: Arc<Mutex<HashSet<IpAddr>>>,
     sink_bytes: Arc<AtomicU64>,
     _udp: UdpSocket,
-    _iperf: Proc,
+    iperf: Proc,
 }
 
 impl Servers {
@@ -87,8 +87,13 @@ impl Servers {
             peers,
             sink_bytes,
             _udp: udp,
-            _iperf: iperf,
+            iperf,
         })
+    }
+
+    /// The iperf3 server's process.
+    pub fn iperf_pid(&self) -> u32 {
+        self.iperf.pid()
     }
 
     /// Distinct peer addresses the TCP servers have seen.
@@ -101,6 +106,15 @@ impl Servers {
     }
 
     /// The source of the next datagram the UDP socket receives.
+    /// Discards every datagram queued at the destination's UDP socket.
+    pub fn udp_drain(&self) -> Result<()> {
+        self._udp.set_nonblocking(true)?;
+        let mut buf = [0u8; 2048];
+        while self._udp.recv_from(&mut buf).is_ok() {}
+        self._udp.set_nonblocking(false)?;
+        Ok(())
+    }
+
     pub fn udp_peer(&self, timeout: Duration) -> Result<SocketAddr> {
         self._udp.set_read_timeout(Some(timeout))?;
         let mut buf = [0u8; 2048];

@@ -85,9 +85,10 @@ impl PollIdle {
 }
 
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    // The machine's, not this thread's affinity (which [`Pinned`] narrows for a while).
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
 }
 
 /// `pid` and all its descendants (squid and HAProxy may fork helpers).
@@ -167,8 +168,12 @@ fn vm_rss_kib(pid: u32) -> Result<u64> {
 /// Writes a sysfs file of `ns` (sysfs shows a namespace's devices only when mounted from inside
 /// it, so this goes through `ip netns exec`, which does that mount).
 pub fn ns_sysfs_write(ns: &Netns, path: &Path, value: &str) -> Result<()> {
+    sysfs_write_in(ns.name(), path, value)
+}
+
+fn sysfs_write_in(ns: &str, path: &Path, value: &str) -> Result<()> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "sh", "-c"])
+        .args(["netns", "exec", ns, "sh", "-c"])
         .arg(format!("echo {value} > {}", path.display()))
         .output()
         .context("running ip netns exec")?;
@@ -176,7 +181,7 @@ pub fn ns_sysfs_write(ns: &Netns, path: &Path, value: &str) -> Result<()> {
         bail!(
             "writing {value} to {} in {}: {}",
             path.display(),
-            ns.name(),
+            ns,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -255,4 +260,93 @@ pub fn loadavg() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Pins every thread of this process, and the processes `pids`, to `cpus` while it lives
+/// (each gets its own affinity back after). Children spawned meanwhile inherit it.
+pub struct Pinned(Vec<(i32, libc::cpu_set_t)>);
+
+impl Pinned {
+    pub fn to(cpus: &[usize], pids: &[u32]) -> Result<Pinned> {
+        let mut tids: Vec<i32> = fs::read_dir("/proc/self/task")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        tids.extend(pids.iter().map(|&p| p as i32));
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cpus {
+            // SAFETY: c < online CPUs < CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        let mut pinned = Pinned(Vec::new());
+        for tid in tids {
+            // A thread that ended since the listing is fine.
+            if let Some(old) = affinity(tid)? {
+                set_affinity(tid, &set)?;
+                pinned.0.push((tid, old));
+            }
+        }
+        Ok(pinned)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for (tid, old) in &self.0 {
+            let _ = set_affinity(*tid, old);
+        }
+    }
+}
+
+/// A thread's CPU affinity; None if it has ended.
+fn affinity(tid: i32) -> Result<Option<libc::cpu_set_t>> {
+    // SAFETY: set is written by the kernel, its size passed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
+    match r {
+        0 => Ok(Some(set)),
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) => Ok(None),
+        _ => bail!(
+            "reading thread {tid}'s CPU affinity: {}",
+            std::io::Error::last_os_error()
+        ),
+    }
+}
+
+fn set_affinity(tid: i32, set: &libc::cpu_set_t) -> Result<()> {
+    // SAFETY: set is initialised and its size passed.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(set), set) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
+        bail!(
+            "setting thread {tid}'s CPU affinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// RPS masks of receive queues (`rx-0/rps_cpus` of a device in a namespace) set while it lives,
+/// cleared after.
+pub struct Rps(Vec<(String, std::path::PathBuf)>);
+
+impl Rps {
+    pub fn set(queues: &[(&Netns, &str, &str)]) -> Result<Rps> {
+        let mut set = Rps(Vec::new());
+        for &(ns, dev, mask) in queues {
+            let file = Path::new("/sys/class/net")
+                .join(dev)
+                .join("queues/rx-0/rps_cpus");
+            ns_sysfs_write(ns, &file, mask)?;
+            set.0.push((ns.name().to_string(), file));
+        }
+        Ok(set)
+    }
+}
+
+impl Drop for Rps {
+    fn drop(&mut self) {
+        for (ns, file) in &self.0 {
+            let _ = sysfs_write_in(ns, file, "0");
+        }
+    }
 }
