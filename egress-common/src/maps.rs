@@ -217,8 +217,9 @@ pub struct RouteCache {
 
 impl RouteCache {
     /// Whether this answer stands for a lookup of a `frame_len`-byte frame at `now`: it is
-    /// fresh and the frame fits the MTU with the kernel's own margin. Bigger frames (GSO ones)
-    /// take the lookup, which checks them the way the kernel forwards them.
+    /// fresh and the frame fits the MTU with the kernel's own margin. Bigger frames take the
+    /// lookup, which checks them the way the kernel forwards them. GSO packets are passed with
+    /// a length of 0: they leave as segments, and the lookup would not check their length.
     pub const fn usable(&self, now: u64, frame_len: u32) -> bool {
         RouteCache::fresh(self.at_ns, self.ifindex, self.mtu, now, frame_len)
     }

@@ -144,7 +144,11 @@ fn flow(
             });
         }
     };
-    let route = match entry.and_then(|e| forward::cached(e, len as u32, now)) {
+    // A GSO packet leaves as segments of its GSO size, and the FIB lookup does not check its
+    // length either (is_skb_forwardable lets any GSO packet through): the cached answer
+    // stands for it as a lookup would. Only a frame that would be sent whole must fit.
+    let fit_len = if skb.is_gso() { 0 } else { len as u32 };
+    let route = match entry.and_then(|e| forward::cached(e, fit_len, now)) {
         Some(r) => r,
         None => {
             // With each lookup (see restore_peer), check the flow's other entry too.

@@ -36,6 +36,14 @@ impl<'a> Skb<'a> {
     /// Reads a `T` at `off`. Headers are normally in the linear part; when one is not (a
     /// GSO packet's linear part can end right after the TCP header), just enough is pulled in
     /// and the read retried, so the common case costs no helper call.
+    /// Whether the kernel segments this packet when it is sent (`skb_is_gso`: a GSO size is
+    /// set), as it does with a local TCP stack's 64 KB sends.
+    #[inline(always)]
+    pub fn is_gso(&self) -> bool {
+        // SAFETY: the program's own context, whose gso_size tc programs may read.
+        unsafe { (*self.ctx.skb.skb).gso_size != 0 }
+    }
+
     #[inline(always)]
     pub fn load<T: Copy>(&self, off: usize) -> Result<T, Error> {
         if let Some(p) = self.ptr::<T>(off) {

@@ -468,6 +468,12 @@ fn bulk_tcp_is_forwarded_by_the_program_gso_packets_included() {
         "no GSO packets reached the program: {status}"
     );
     assert_eq!(n("fib_pass"), 0, "{status}");
+    // They use the flow's cached route like any other packet (they were looked up one by one:
+    // at least one lookup per GSO packet).
+    assert!(
+        n("fib_lookups") * 4 < n("out_packets"),
+        "GSO packets skip the route cache: {status}"
+    );
 }
 
 /// Runs `ip args` in `ns`.
