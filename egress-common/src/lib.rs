@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod nat_model;
 pub mod packet;
 pub mod sctp;
 
