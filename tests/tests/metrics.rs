@@ -570,11 +570,39 @@ fn the_exporter_is_not_ready_once_its_dataplane_is_detached() {
     assert!(exporter.is_running());
 }
 
-/// The HTTP proxy pod: requests by kind and decision, responses by class, denials by rule line,
-/// upstream connect errors by reason.
-#[test]
-fn http_proxy_container_counters_reach_prometheus() {
-    let lab = Lab::new();
+/// A CONNECT tunnel through the HTTP proxy on the pod's port 8080 to `target`, once the
+/// proxy's 200 is read.
+fn connect_tunnel(lab: &Lab, target: &str) -> TcpStream {
+    let mut c = lab.client_tcp(8080);
+    c.set_read_timeout(Some(T)).unwrap();
+    write!(c, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(c.read(&mut b).unwrap(), 1, "the proxy closed: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c
+}
+
+/// A forward request through the HTTP proxy on the pod's port 8080: the whole answer.
+fn proxy_get(lab: &Lab, target: &str) -> String {
+    let mut c = lab.client_tcp(8080);
+    c.set_read_timeout(Some(T)).unwrap();
+    write!(
+        c,
+        "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// An HTTP server on DEST_IP:80 answering every request `200 ok`.
+fn web_server(lab: &Lab) {
     let web = lab
         .topo
         .dest
@@ -588,6 +616,26 @@ fn http_proxy_container_counters_reach_prometheus() {
                 c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
+}
+
+/// The HTTP proxy pod: requests by kind and decision, responses by class, denials by rule line,
+/// upstream connect errors by reason, a CONNECT tunnel (counted while open, its bytes once it
+/// ends).
+///
+/// Probes: the proxy binds port 8080 right after the metrics listener, in the same task with
+/// nothing awaited in between (and exits if that bind fails), so there is no moment a probe
+/// could see "not listening yet"; what the test asserts is that /readyz says 200 only with
+/// 8080 accepting, and, after SIGTERM while a tunnel drains, 503 "shutting down" with /healthz
+/// still 200.
+#[test]
+fn http_proxy_container_counters_reach_prometheus() {
+    let lab = Lab::new();
+    let _echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
+        .unwrap();
+    web_server(&lab);
     lab.proxy_init("http-proxy");
     // Line 1 denies .26, line 2 allows the rest of the destination network.
     let p = lab.proxy(
@@ -598,20 +646,11 @@ fn http_proxy_container_counters_reach_prometheus() {
         Ipv4Addr::LOCALHOST,
     );
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
+    // Ready means listening.
+    drop(lab.client_tcp(8080));
     assert_healthy(&lab.topo.client);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
-    let request = |target: &str| {
-        let mut c = lab.client_tcp(8080);
-        c.set_read_timeout(Some(T)).unwrap();
-        write!(
-            c,
-            "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        out
-    };
+    let request = |target: &str| proxy_get(&lab, target);
     let ok = request("203.0.113.25");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     let denied = request("203.0.113.26");
@@ -652,8 +691,88 @@ fn http_proxy_container_counters_reach_prometheus() {
         2.0,
     );
     prom.expect("egress_router_configured_rules{kind=\"http_deny\"}", 1.0);
+
+    // A CONNECT tunnel to the echo server: 7 bytes each way.
+    let mut tunnel = connect_tunnel(&lab, "203.0.113.25:7");
+    assert_eq!(tcp_roundtrip_on(&mut tunnel, b"tunnel!"), b"tunnel!");
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"connect\",decision=\"allowed\"}",
+        1.0,
+    );
+    prom.expect("egress_router_http_active_tunnels", 1.0);
+    drop(tunnel);
+    prom.expect("egress_router_http_active_tunnels", 0.0);
+    prom.expect(
+        "egress_router_http_bytes_total{direction=\"upstream\"}",
+        7.0,
+    );
+    prom.expect(
+        "egress_router_http_bytes_total{direction=\"downstream\"}",
+        2.0 + 7.0,
+    );
+    prom.expect("egress_router_http_responses_total{class=\"2xx\"}", 2.0);
+    prom.expect("egress_router_http_active_connections", 0.0);
     promtool_checked(&lab.topo.client);
     assert!(p.is_running());
+
+    // SIGTERM with a tunnel open: the proxy drains it, not ready meanwhile, still alive.
+    let mut draining = connect_tunnel(&lab, "203.0.113.25:7");
+    p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, _| s == 503);
+    assert_eq!(why, "not ready: shutting down\n");
+    assert_healthy(&lab.topo.client);
+    assert_eq!(tcp_roundtrip_on(&mut draining, b"still"), b"still");
+    drop(draining);
+    assert!(
+        p.wait_timeout(Duration::from_secs(15)).unwrap().is_some(),
+        "the proxy did not exit once its last tunnel ended"
+    );
+}
+
+/// Writes `msg` on `c` and reads as many bytes back.
+fn tcp_roundtrip_on(c: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    c.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).unwrap();
+    back
+}
+
+/// The one-process form of the HTTP proxy (EGRESS_ROUTER_MODE=http-proxy with
+/// EGRESS_ONE_PROCESS=true, privileged: it sets up macvlan0 itself, then serves): the same
+/// listener, scraped by Prometheus, counts its requests.
+#[test]
+fn http_proxy_one_process_counters_reach_prometheus() {
+    let lab = Lab::new();
+    web_server(&lab);
+    let mut cmd = router_command("http-proxy");
+    cmd.env("EGRESS_ONE_PROCESS", "true")
+        .env("EGRESS_HTTP_PROXY_DESTINATION", "203.0.113.25")
+        .stdout(Stdio::null())
+        .stderr(lab.log("router.log"));
+    let router = lab.topo.router.spawn(cmd).unwrap();
+    wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
+    assert_healthy(&lab.topo.client);
+    let prom = Prometheus::start(&lab.topo.client, &lab.dir);
+    for _ in 0..3 {
+        let ok = proxy_get(&lab, "203.0.113.25");
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
+    let denied = proxy_get(&lab, "203.0.113.26");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    prom.expect("egress_router_build_info{role=\"http-proxy\"}", 1.0);
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"forward\",decision=\"allowed\"}",
+        3.0,
+    );
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"forward\",decision=\"denied\"}",
+        1.0,
+    );
+    prom.expect("egress_router_http_responses_total{class=\"2xx\"}", 3.0);
+    prom.expect("egress_router_http_denials_total{line=\"none\"}", 1.0);
+    prom.expect("egress_router_configured_rules{kind=\"http_allow\"}", 1.0);
+    promtool_checked(&lab.topo.client);
+    assert!(router.is_running());
 }
 
 /// The DNS proxy pod: not ready while its name does not resolve (no DNS server yet), ready once
