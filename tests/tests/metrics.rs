@@ -526,9 +526,10 @@ fn the_exporter_serves_an_init_mode_dataplane() {
     );
 }
 
-/// The exporter as the manifests run it (CAP_SYS_ADMIN alone, which lets it list the programs
-/// attached to the interfaces): ready beside init mode's dataplane, not ready once our program
-/// is detached from eth0, with the reason.
+/// The exporter with the capabilities that let it list the programs attached to the interfaces
+/// (the manifests' CAP_SYS_ADMIN, and CAP_NET_ADMIN, which querying a tcx chain needs on kernels
+/// before CAP_SYS_ADMIN was enough for it): ready beside init mode's dataplane, not ready once
+/// our program is detached from eth0, with the reason.
 #[test]
 fn the_exporter_is_not_ready_once_its_dataplane_is_detached() {
     let lab = Lab::new();
@@ -549,7 +550,11 @@ fn the_exporter_is_not_ready_once_its_dataplane_is_detached() {
     );
     let mut exporter = Command::new("setpriv");
     exporter
-        .args(["--bounding-set=-all,+sys_admin", "--inh-caps=-all", "--"])
+        .args([
+            "--bounding-set=-all,+sys_admin,+net_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(router_bin())
         .arg("exporter")
         .arg("--bpffs-dir")
