@@ -518,6 +518,16 @@ mod tests {
     }
 
     #[test]
+    fn only_a_refusal_for_want_of_a_capability_skips_the_attachment_check() {
+        let eperm = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EPERM))
+            .context("querying the tcx programs on eth0 ingress");
+        assert!(permission_denied(&eperm));
+        let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENODEV))
+            .context("querying the tcx programs on eth0 ingress");
+        assert!(!permission_denied(&other));
+    }
+
+    #[test]
     fn unreadable_maps_say_so_and_leave_the_rest_out() {
         let mut r = crate::metrics::registry(crate::metrics::Role::Exporter);
         let opts = DataplaneOptions {
