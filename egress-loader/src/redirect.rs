@@ -161,7 +161,7 @@ pub fn room_drops(before: &Stats, now: &Stats) -> (u64, u64) {
 /// Says in the log when the dataplane dropped new flows for want of room (the connection table
 /// full, the source ports exhausted), at most once per check: legacy mode checks at each
 /// garbage collection, the exporter on its own timer of the same interval. The first reading
-/// (and the first after the maps could not be read) is where counting starts.
+/// that succeeds is where counting starts; a check that cannot read the maps keeps the last.
 pub struct RoomWatch {
     last: Option<Stats>,
 }

@@ -372,9 +372,10 @@ fn detach(lab: &Lab, iface: &str) {
 /// macvlan0 behind its back, /readyz says so (503) while /healthz still answers.
 ///
 /// Before setup: legacy mode's listener answers during the dataplane's setup (503, "the
-/// dataplane is not attached yet"), but that window lasts only as long as loading and attaching
-/// the programs (tens of milliseconds), and nothing outside the process can hold it open, so a
-/// test asserting it would be a race; the not-ready answer is asserted after setup instead.
+/// dataplane is not attached yet"), but that window lasts only as long as setting up macvlan0
+/// and loading and attaching the programs, none of which waits on anything a test could hold,
+/// so a test asserting it would be a race; the not-ready answer is asserted after setup
+/// instead.
 #[test]
 fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     let lab = Lab::new();
