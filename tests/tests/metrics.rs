@@ -68,6 +68,19 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// The first answer of the metrics listener to `path`, polled every few milliseconds from the
+/// moment the process starts (to catch what it says while it sets up).
+fn first_answer(ns: &Netns, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(answer) = http_get(ns, metrics_addr(), path) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Polls `path` of the metrics listener from `ns` until `want` holds for the answer.
 fn wait_probe(ns: &Netns, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -371,11 +384,9 @@ fn detach(lab: &Lab, iface: &str) {
 /// made; no scrape shows up as traffic without a rule. Once our program is detached from
 /// macvlan0 behind its back, /readyz says so (503) while /healthz still answers.
 ///
-/// Before setup: legacy mode's listener answers during the dataplane's setup (503, "the
-/// dataplane is not attached yet"), but that window lasts only as long as setting up macvlan0
-/// and loading and attaching the programs, none of which waits on anything a test could hold,
-/// so a test asserting it would be a race; the not-ready answer is asserted after setup
-/// instead.
+/// Before setup: legacy mode's listener is up before the dataplane, and answers 503 while the
+/// programs load (the verifier takes most of a second here; the test polls every 5 ms from the
+/// start, so it sees that answer first).
 #[test]
 fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     let lab = Lab::new();
@@ -395,6 +406,14 @@ fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     .stdout(Stdio::null())
     .stderr(lab.log("router.log"));
     let router = lab.topo.router.spawn(cmd).unwrap();
+    assert_eq!(
+        first_answer(&lab.topo.client, "/readyz"),
+        (
+            503,
+            "not ready: the dataplane is not attached yet\n".to_string()
+        )
+    );
+    assert_healthy(&lab.topo.client);
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
     assert_healthy(&lab.topo.client);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
