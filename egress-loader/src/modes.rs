@@ -19,13 +19,14 @@ pub fn run(cfg: &Config, cli: &Cli) -> Result<()> {
         );
         return Ok(());
     }
-    // The startup summary: what this process is and every rule it applies, in one line.
-    let summary: Vec<String> = config::describe(cfg).lines().map(String::from).collect();
+    // The startup summary: what this process is and every rule it applies, in one line: the
+    // lines of `egress-router check` joined by "; " (one string field, in JSON too).
+    let summary = config::describe(cfg).lines().collect::<Vec<_>>().join("; ");
     info!(
         version = env!("CARGO_PKG_VERSION"),
         role = ?cfg.role,
         mode = %cfg.mode,
-        config = ?summary,
+        config = %summary,
         "egress-router starting"
     );
     match (cfg.role, cfg.mode) {

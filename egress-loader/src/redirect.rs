@@ -109,7 +109,8 @@ fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))
 }
 
-/// How often legacy mode removes expired flows.
+/// How often legacy mode removes expired flows, and how often it and the exporter check for
+/// new flows dropped for want of room.
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Legacy mode: stay until SIGTERM or SIGINT, collecting expired flows meanwhile and saying
@@ -122,9 +123,8 @@ async fn wait_for_sigterm(
     opts: &DataplaneOptions,
     gc: GcMetrics,
 ) {
-    let read_stats = || StatusMaps::find(opts).and_then(|m| m.stats()).ok();
     let mut tick = tokio::time::interval(GC_INTERVAL);
-    let mut last = read_stats();
+    let mut room = RoomWatch::new(opts);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -141,11 +141,7 @@ async fn wait_for_sigterm(
                         warn!("flow garbage collection failed: {e:#}");
                     }
                 }
-                let now = read_stats();
-                if let (Some(before), Some(now)) = (&last, &now) {
-                    report_drops(before, now, opts);
-                }
-                last = now.or(last);
+                room.check(opts);
             }
         }
     }
@@ -162,16 +158,43 @@ pub fn room_drops(before: &Stats, now: &Stats) -> (u64, u64) {
     )
 }
 
-fn report_drops(before: &Stats, now: &Stats, opts: &DataplaneOptions) {
+/// Says in the log when the dataplane dropped new flows for want of room (the connection table
+/// full, the source ports exhausted), at most once per check: legacy mode checks at each
+/// garbage collection, the exporter on its own timer of the same interval. The first reading
+/// that succeeds is where counting starts; a check that cannot read the maps keeps the last.
+pub struct RoomWatch {
+    last: Option<Stats>,
+}
+
+impl RoomWatch {
+    pub fn new(opts: &DataplaneOptions) -> RoomWatch {
+        RoomWatch {
+            last: StatusMaps::find(opts).and_then(|m| m.stats()).ok(),
+        }
+    }
+
+    /// Reads the counters and logs what grew since the last check.
+    pub fn check(&mut self, opts: &DataplaneOptions) {
+        let maps = StatusMaps::find(opts).ok();
+        let now = maps.as_ref().and_then(|m| m.stats().ok());
+        if let (Some(before), Some(now), Some(maps)) = (&self.last, &now, &maps) {
+            report_drops(before, now, maps);
+        }
+        self.last = now.or(self.last.take());
+    }
+}
+
+fn report_drops(before: &Stats, now: &Stats, maps: &StatusMaps) {
     let (table_full, ports) = room_drops(before, now);
     if table_full > 0 {
-        let (entries, capacity) = StatusMaps::find(opts)
-            .and_then(|m| Ok((m.flow_keys()?.0.len(), m.flows_max())))
-            .unwrap_or_default();
+        let (entries, new_entries) = maps
+            .flow_keys()
+            .map_or((0, 0), |(answered, new)| (answered.len(), new.len()));
         warn!(
             dropped = table_full,
             entries,
-            capacity,
+            new_entries,
+            capacity = maps.flows_max(),
             "flow table full: new flows were dropped since the last check (raise \
              EGRESS_CONNTRACK_SIZE)"
         );
@@ -187,7 +210,8 @@ fn report_drops(before: &Stats, now: &Stats, opts: &DataplaneOptions) {
 
 /// `egress-router exporter`: serves the metrics of the dataplane that init mode left behind,
 /// until SIGTERM: found as `status` finds it (the pins, or our program attached to the cluster
-/// interface), so it needs only to be able to read those maps.
+/// interface), so it needs only to be able to read those maps. It logs new flows dropped for
+/// want of room as legacy mode does.
 pub fn exporter(opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Result<()> {
     let addr = metrics_opts.address(|_| None)?.context(
         "the exporter serves metrics and nothing else: EGRESS_METRICS_ADDRESS cannot be off",
@@ -213,6 +237,16 @@ pub fn exporter(opts: &DataplaneOptions, metrics_opts: &MetricsOptions) -> Resul
                 "exporting the redirect dataplane's metrics; not ready yet: {why}"
             ),
         }
+        // Init mode's dataplane has no process of its own to say when it runs out of room.
+        let watch_opts = opts.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GC_INTERVAL);
+            let mut room = RoomWatch::new(&watch_opts);
+            loop {
+                tick.tick().await;
+                room.check(&watch_opts);
+            }
+        });
         shutdown.cancelled().await;
         Ok(())
     })

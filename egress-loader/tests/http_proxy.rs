@@ -1802,7 +1802,7 @@ async fn debug_logs_one_line_per_request() {
     for part in [
         "client=127.0.0.1:",
         "method=GET",
-        &format!("target={url}"),
+        &format!("request_target={url}"),
         "rule=rule 2 (line 2): 127.0.0.2",
         "status=200",
         &format!("bytes_down={}", a.body.len()),

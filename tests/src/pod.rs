@@ -485,9 +485,11 @@ impl PodLab {
     }
 }
 
-/// dnsmasq on the destination server, answering `*.web.test` with its address; returns once
-/// it accepts on port 53.
+/// dnsmasq on the destination server, answering `*.web.test` with its address, and the names
+/// [`set_dns_hosts`] writes into `dir` (a hosts directory dnsmasq watches, as the DNS proxy's
+/// own tests do: a name can move while a proxy runs); returns once it accepts on port 53.
 pub fn start_dnsmasq(topo: &Topology, dir: &Path) -> Proc {
+    std::fs::create_dir_all(dir.join("hosts")).unwrap();
     let mut dnsmasq = Command::new("dnsmasq");
     dnsmasq
         .args([
@@ -499,6 +501,7 @@ pub fn start_dnsmasq(topo: &Topology, dir: &Path) -> Proc {
         ])
         .arg(format!("--listen-address={DEST_IP}"))
         .arg(format!("--address=/web.test/{DEST_IP}"))
+        .arg(format!("--hostsdir={}", dir.join("hosts").display()))
         .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -520,6 +523,16 @@ pub fn start_dnsmasq(topo: &Topology, dir: &Path) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     dns
+}
+
+/// Replaces the names the dnsmasq of [`start_dnsmasq`] (given the same `dir`) serves from its
+/// hosts directory, atomically (dnsmasq sees one IN_MOVED_TO and re-reads the file); they are
+/// served with TTL 0 within a moment.
+pub fn set_dns_hosts(dir: &Path, records: &[(&str, std::net::Ipv4Addr)]) {
+    let text: String = records.iter().map(|(n, a)| format!("{a} {n}\n")).collect();
+    let tmp = dir.join("hosts.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("hosts").join("hosts")).unwrap();
 }
 
 /// A minimal HTTP/1.1 origin: one request per connection, the body is the client's address.

@@ -68,6 +68,19 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// The first answer of the metrics listener to `path`, polled every few milliseconds from the
+/// moment the process starts (to catch what it says while it sets up).
+fn first_answer(ns: &Netns, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(answer) = http_get(ns, metrics_addr(), path) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Polls `path` of the metrics listener from `ns` until `want` holds for the answer.
 fn wait_probe(ns: &Netns, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -323,9 +336,57 @@ fn assert_healthy(ns: &Netns) {
     );
 }
 
+/// Detaches our program from `iface` behind the router's back, as an operator's `bpftool link
+/// detach` or `tc filter del` would: the maps stay, the traffic is no longer translated.
+fn detach(lab: &Lab, iface: &str) {
+    let mut status = Command::new(router_bin());
+    status
+        .args(["status", "--json", "--bpffs-dir"])
+        .arg(&lab.bpffs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = lab.topo.router.spawn(status).unwrap().output(T).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let on = status["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["interface"] == iface)
+        .unwrap_or_else(|| panic!("nothing attached to {iface}: {status:#}"));
+    let mut cmd = match on["method"].as_str().unwrap() {
+        "tcx" => {
+            let mut c = Command::new("bpftool");
+            c.args(["link", "detach", "id", &on["link_id"].to_string()]);
+            c
+        }
+        _ => {
+            let mut c = Command::new("tc");
+            c.args(["filter", "del", "dev", iface, "ingress"]);
+            c
+        }
+    };
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = lab.topo.router.spawn(cmd).unwrap().output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "detaching from {iface}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Legacy mode with a fallback: the scrapes and probes of the pod IP reach the router's own
 /// listener (the fallback takes every other port), and Prometheus counts the flows the test
-/// made; no scrape shows up as traffic without a rule.
+/// made; no scrape shows up as traffic without a rule. Once our program is detached from
+/// macvlan0 behind its back, /readyz says so (503) while /healthz still answers.
+///
+/// Before setup: legacy mode's listener is up before the dataplane, and answers 503 while the
+/// programs load (the verifier takes most of a second here; the test polls every 5 ms from the
+/// start, so it sees that answer first).
 #[test]
 fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     let lab = Lab::new();
@@ -345,6 +406,14 @@ fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     .stdout(Stdio::null())
     .stderr(lab.log("router.log"));
     let router = lab.topo.router.spawn(cmd).unwrap();
+    assert_eq!(
+        first_answer(&lab.topo.client, "/readyz"),
+        (
+            503,
+            "not ready: the dataplane is not attached yet\n".to_string()
+        )
+    );
+    assert_healthy(&lab.topo.client);
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
     assert_healthy(&lab.topo.client);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
@@ -381,6 +450,13 @@ fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
         text.contains("egress_router_redirect_gc_runs_total"),
         "{text}"
     );
+    detach(&lab, "macvlan0");
+    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, _| s == 503);
+    assert!(
+        why.starts_with("not ready: no egress-router program is attached to macvlan0 ingress"),
+        "{why}"
+    );
+    assert_healthy(&lab.topo.client);
     assert!(router.is_running());
 }
 
@@ -470,11 +546,88 @@ fn the_exporter_serves_an_init_mode_dataplane() {
     );
 }
 
-/// The HTTP proxy pod: requests by kind and decision, responses by class, denials by rule line,
-/// upstream connect errors by reason.
+/// The exporter with the capabilities that let it list the programs attached to the interfaces
+/// (the manifests' CAP_SYS_ADMIN, and CAP_NET_ADMIN, which querying a tcx chain needs on kernels
+/// before CAP_SYS_ADMIN was enough for it): ready beside init mode's dataplane, not ready once
+/// our program is detached from eth0, with the reason.
 #[test]
-fn http_proxy_container_counters_reach_prometheus() {
+fn the_exporter_is_not_ready_once_its_dataplane_is_detached() {
     let lab = Lab::new();
+    let mut init = router_command("init");
+    init.env("EGRESS_BPFFS_DIR", &lab.bpffs);
+    init.env("EGRESS_DESTINATION", "80 tcp 203.0.113.25 8000");
+    let out = lab
+        .topo
+        .router
+        .spawn(init)
+        .unwrap()
+        .output(Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut exporter = Command::new("setpriv");
+    exporter
+        .args([
+            "--bounding-set=-all,+sys_admin,+net_admin",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(router_bin())
+        .arg("exporter")
+        .arg("--bpffs-dir")
+        .arg(&lab.bpffs)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdout(Stdio::null())
+        .stderr(lab.log("exporter.log"));
+    let exporter = lab.topo.router.spawn(exporter).unwrap();
+    wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
+    detach(&lab, "eth0");
+    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, _| s == 503);
+    assert!(
+        why.starts_with("not ready: no egress-router program is attached to eth0 ingress"),
+        "{why}"
+    );
+    assert_healthy(&lab.topo.client);
+    assert!(exporter.is_running());
+}
+
+/// A CONNECT tunnel through the HTTP proxy on the pod's port 8080 to `target`, once the
+/// proxy's 200 is read.
+fn connect_tunnel(lab: &Lab, target: &str) -> TcpStream {
+    let mut c = lab.client_tcp(8080);
+    c.set_read_timeout(Some(T)).unwrap();
+    write!(c, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(c.read(&mut b).unwrap(), 1, "the proxy closed: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c
+}
+
+/// A forward request through the HTTP proxy on the pod's port 8080: the whole answer.
+fn proxy_get(lab: &Lab, target: &str) -> String {
+    let mut c = lab.client_tcp(8080);
+    c.set_read_timeout(Some(T)).unwrap();
+    write!(
+        c,
+        "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// An HTTP server on DEST_IP:80 answering every request `200 ok`.
+fn web_server(lab: &Lab) {
     let web = lab
         .topo
         .dest
@@ -488,6 +641,26 @@ fn http_proxy_container_counters_reach_prometheus() {
                 c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
+}
+
+/// The HTTP proxy pod: requests by kind and decision, responses by class, denials by rule line,
+/// upstream connect errors by reason, a CONNECT tunnel (counted while open, its bytes once it
+/// ends).
+///
+/// Probes: the proxy binds port 8080 right after the metrics listener, in the same task with
+/// nothing awaited in between (and exits if that bind fails), so there is no moment a probe
+/// could see "not listening yet"; what the test asserts is that /readyz says 200 only with
+/// 8080 accepting, and, after SIGTERM while a tunnel drains, 503 "shutting down" with /healthz
+/// still 200.
+#[test]
+fn http_proxy_container_counters_reach_prometheus() {
+    let lab = Lab::new();
+    let _echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
+        .unwrap();
+    web_server(&lab);
     lab.proxy_init("http-proxy");
     // Line 1 denies .26, line 2 allows the rest of the destination network.
     let p = lab.proxy(
@@ -498,20 +671,11 @@ fn http_proxy_container_counters_reach_prometheus() {
         Ipv4Addr::LOCALHOST,
     );
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
+    // Ready means listening.
+    drop(lab.client_tcp(8080));
     assert_healthy(&lab.topo.client);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
-    let request = |target: &str| {
-        let mut c = lab.client_tcp(8080);
-        c.set_read_timeout(Some(T)).unwrap();
-        write!(
-            c,
-            "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        out
-    };
+    let request = |target: &str| proxy_get(&lab, target);
     let ok = request("203.0.113.25");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     let denied = request("203.0.113.26");
@@ -552,8 +716,88 @@ fn http_proxy_container_counters_reach_prometheus() {
         2.0,
     );
     prom.expect("egress_router_configured_rules{kind=\"http_deny\"}", 1.0);
+
+    // A CONNECT tunnel to the echo server: 7 bytes each way.
+    let mut tunnel = connect_tunnel(&lab, "203.0.113.25:7");
+    assert_eq!(tcp_roundtrip_on(&mut tunnel, b"tunnel!"), b"tunnel!");
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"connect\",decision=\"allowed\"}",
+        1.0,
+    );
+    prom.expect("egress_router_http_active_tunnels", 1.0);
+    drop(tunnel);
+    prom.expect("egress_router_http_active_tunnels", 0.0);
+    prom.expect(
+        "egress_router_http_bytes_total{direction=\"upstream\"}",
+        7.0,
+    );
+    prom.expect(
+        "egress_router_http_bytes_total{direction=\"downstream\"}",
+        2.0 + 7.0,
+    );
+    prom.expect("egress_router_http_responses_total{class=\"2xx\"}", 2.0);
+    prom.expect("egress_router_http_active_connections", 0.0);
     promtool_checked(&lab.topo.client);
     assert!(p.is_running());
+
+    // SIGTERM with a tunnel open: the proxy drains it, not ready meanwhile, still alive.
+    let mut draining = connect_tunnel(&lab, "203.0.113.25:7");
+    p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (_, why) = wait_probe(&lab.topo.client, "/readyz", |s, _| s == 503);
+    assert_eq!(why, "not ready: shutting down\n");
+    assert_healthy(&lab.topo.client);
+    assert_eq!(tcp_roundtrip_on(&mut draining, b"still"), b"still");
+    drop(draining);
+    assert!(
+        p.wait_timeout(Duration::from_secs(15)).unwrap().is_some(),
+        "the proxy did not exit once its last tunnel ended"
+    );
+}
+
+/// Writes `msg` on `c` and reads as many bytes back.
+fn tcp_roundtrip_on(c: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    c.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).unwrap();
+    back
+}
+
+/// The one-process form of the HTTP proxy (EGRESS_ROUTER_MODE=http-proxy with
+/// EGRESS_ONE_PROCESS=true, privileged: it sets up macvlan0 itself, then serves): the same
+/// listener, scraped by Prometheus, counts its requests.
+#[test]
+fn http_proxy_one_process_counters_reach_prometheus() {
+    let lab = Lab::new();
+    web_server(&lab);
+    let mut cmd = router_command("http-proxy");
+    cmd.env("EGRESS_ONE_PROCESS", "true")
+        .env("EGRESS_HTTP_PROXY_DESTINATION", "203.0.113.25")
+        .stdout(Stdio::null())
+        .stderr(lab.log("router.log"));
+    let router = lab.topo.router.spawn(cmd).unwrap();
+    wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
+    assert_healthy(&lab.topo.client);
+    let prom = Prometheus::start(&lab.topo.client, &lab.dir);
+    for _ in 0..3 {
+        let ok = proxy_get(&lab, "203.0.113.25");
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
+    let denied = proxy_get(&lab, "203.0.113.26");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    prom.expect("egress_router_build_info{role=\"http-proxy\"}", 1.0);
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"forward\",decision=\"allowed\"}",
+        3.0,
+    );
+    prom.expect(
+        "egress_router_http_requests_total{kind=\"forward\",decision=\"denied\"}",
+        1.0,
+    );
+    prom.expect("egress_router_http_responses_total{class=\"2xx\"}", 3.0);
+    prom.expect("egress_router_http_denials_total{line=\"none\"}", 1.0);
+    prom.expect("egress_router_configured_rules{kind=\"http_allow\"}", 1.0);
+    promtool_checked(&lab.topo.client);
+    assert!(router.is_running());
 }
 
 /// The DNS proxy pod: not ready while its name does not resolve (no DNS server yet), ready once

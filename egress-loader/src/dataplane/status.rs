@@ -238,6 +238,13 @@ struct AttachedJson {
     link_id: Option<u32>,
 }
 
+/// How many of our programs are attached to `iface`'s ingress (0 also when there is no such
+/// interface). Listing them needs CAP_NET_ADMIN or CAP_SYS_ADMIN (an EPERM in the error's
+/// chain says so).
+pub fn programs_attached(iface: &str) -> Result<usize> {
+    Ok(recover::attached(iface)?.len())
+}
+
 /// Our programs attached to the cluster and macvlan interfaces.
 fn attachments(opts: &DataplaneOptions) -> Result<Vec<AttachedJson>> {
     let mut all = Vec::new();

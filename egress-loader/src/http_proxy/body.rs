@@ -197,7 +197,7 @@ impl Drop for RequestLog {
         tracing::info!(
             client = %self.client,
             method = %self.method,
-            target = %self.target,
+            request_target = %self.target,
             rule = %self.rule,
             status = self.status.as_u16(),
             bytes_up = up,

@@ -225,7 +225,7 @@ impl Conn {
             tracing::info!(
                 client = %self.client,
                 method = %method,
-                target = %target,
+                request_target = %target,
                 rule_line = rule.map(|r| r.line),
                 reason = %r.reason,
                 "request denied"
@@ -234,7 +234,7 @@ impl Conn {
             tracing::warn!(
                 client = %self.client,
                 method = %method,
-                target = %target,
+                request_target = %target,
                 status = r.status.as_u16(),
                 error = r.error.map_or("", |e| e.as_str()),
                 reason = %r.reason,

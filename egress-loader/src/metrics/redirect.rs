@@ -21,7 +21,10 @@ use prometheus_client::{
 };
 use tracing::warn;
 
-use crate::dataplane::{DataplaneOptions, status::StatusMaps};
+use crate::dataplane::{
+    DataplaneOptions,
+    status::{self, StatusMaps},
+};
 
 /// What one scrape reads from the maps.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -308,7 +311,9 @@ impl Collector for RedirectCollector {
     }
 }
 
-/// Readiness of the dataplane: its maps can be read and the loader has configured it.
+/// Readiness of the dataplane: its maps can be read, the loader has configured it, and our
+/// programs are still attached to both interfaces (where this process may list them: the
+/// exporter with only CAP_BPF may not, and then the maps are all it checks).
 pub fn ready(opts: &DataplaneOptions) -> Result<(), String> {
     let maps = StatusMaps::find(opts)
         .map_err(|e| format!("the dataplane's maps cannot be read: {e:#}"))?;
@@ -321,7 +326,33 @@ pub fn ready(opts: &DataplaneOptions) -> Result<(), String> {
             maps.from
         ));
     }
+    for iface in [&opts.cluster_interface, &opts.macvlan_interface] {
+        match status::programs_attached(iface) {
+            Ok(0) => {
+                return Err(format!(
+                    "no egress-router program is attached to {iface} ingress any more (the \
+                     maps are there, but no traffic is translated): restart the router to \
+                     attach it again"
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if permission_denied(&e) => return Ok(()),
+            Err(e) => {
+                return Err(format!(
+                    "cannot list the programs attached to {iface}: {e:#}"
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Whether `e` is the kernel refusing for want of a capability.
+fn permission_denied(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    })
 }
 
 /// Legacy mode's garbage collection, which only a long-running process does.
@@ -484,6 +515,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("egress_router_redirect_port_pool_use_ratio 0.0\n"));
+    }
+
+    #[test]
+    fn only_a_refusal_for_want_of_a_capability_skips_the_attachment_check() {
+        let eperm = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EPERM))
+            .context("querying the tcx programs on eth0 ingress");
+        assert!(permission_denied(&eperm));
+        let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENODEV))
+            .context("querying the tcx programs on eth0 ingress");
+        assert!(!permission_denied(&other));
     }
 
     #[test]

@@ -129,7 +129,12 @@ async fn answer<B>(endpoint: &Arc<Endpoint>, req: Request<B>) -> Response<Full<B
             let state = if endpoint.shutdown.is_cancelled() {
                 Err("shutting down".to_string())
             } else {
-                endpoint.health.check()
+                // A check may make system calls (the dataplane's maps and attachments): off
+                // the async workers too.
+                let ep = endpoint.clone();
+                tokio::task::spawn_blocking(move || ep.health.check())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the readiness check failed: {e}")))
             };
             match state {
                 Ok(()) => text(StatusCode::OK, "ready\n".to_string()),
