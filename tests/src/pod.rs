@@ -153,21 +153,7 @@ impl Container {
 
     /// The real user and the effective capabilities of the container's process.
     pub fn uid_and_caps(&self) -> Result<(u32, String)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        let uid = field("Uid:")
-            .split_whitespace()
-            .next()
-            .context("no Uid")?
-            .parse()?;
-        Ok((uid, field("CapEff:")))
+        uid_and_caps(self.pid()?)
     }
 
     /// SIGTERM, as the kubelet stops a container.
@@ -182,6 +168,25 @@ impl Container {
         }
         Ok(())
     }
+}
+
+/// The real user and the effective capabilities of process `pid`.
+pub fn uid_and_caps(pid: u32) -> Result<(u32, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let uid = field("Uid:")
+        .split_whitespace()
+        .next()
+        .context("no Uid")?
+        .parse()?;
+    Ok((uid, field("CapEff:")))
 }
 
 impl PodLab {

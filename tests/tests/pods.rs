@@ -399,6 +399,27 @@ fn assert_ready(lab: &PodLab, timeout: Duration) {
     }
 }
 
+/// The kube-played pod's running container (its init container has exited) runs as the
+/// manifest's non-root UID with no capability, and its liveness probe answers.
+fn assert_proxy_container_unprivileged(lab: &PodLab) {
+    let running: Vec<String> = lab
+        .kube_containers()
+        .into_iter()
+        .filter(|c| {
+            egress_tests::podman::podman_output(&["inspect", "-f", "{{.State.Running}}", c])
+                .is_ok_and(|r| r.trim() == "true")
+        })
+        .collect();
+    assert_eq!(running.len(), 1, "one running container: {running:?}");
+    let pid =
+        egress_tests::podman::podman_output(&["inspect", "-f", "{{.State.Pid}}", &running[0]])
+            .unwrap();
+    let (uid, caps) = egress_tests::pod::uid_and_caps(pid.trim().parse().unwrap()).unwrap();
+    assert_eq!((uid, caps.as_str()), (PROXY_UID, NO_CAPS));
+    let live = metrics_get(lab, "/healthz");
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+}
+
 #[test]
 fn kube_play_of_the_http_proxy_pod_manifest() {
     let lab = PodLab::kube_play(&manifest("http-proxy"));
@@ -419,6 +440,7 @@ fn kube_play_of_the_http_proxy_pod_manifest() {
         metrics.contains("egress_router_http_denials_total{line=\"1\"} 1"),
         "{metrics}"
     );
+    assert_proxy_container_unprivileged(&lab);
 }
 
 #[test]
@@ -430,6 +452,25 @@ fn kube_play_of_the_dns_proxy_pod_manifest() {
         .expect("the DNS proxy container listens on port 80");
     let ok = exchange(c, &get("/", "web.test"));
     assert!(ok.ends_with(&EGRESS_SOURCE.to_string()), "{ok}");
+    // Its readiness probe answers, and says what keeps it from ready: a pod played with
+    // `--network none` gets no resolv.conf from podman (the kubelet always writes one), so the
+    // manifest's two names stay unresolved.
+    let probe = metrics_get(&lab, "/readyz");
+    assert!(
+        probe.starts_with("HTTP/1.1 503")
+            && probe.ends_with(
+                "not ready: EGRESS_DNS_PROXY_DESTINATION names not resolved yet: \
+                 example.com (line 3), foobar.com (line 5)\n"
+            ),
+        "{probe}"
+    );
+    // The connection is counted on its rule's line (line 1 of the value is a comment).
+    let metrics = metrics_get(&lab, "/metrics");
+    assert!(
+        metrics.contains("egress_router_dns_connections_total{line=\"2\"} 1"),
+        "{metrics}"
+    );
+    assert_proxy_container_unprivileged(&lab);
 }
 
 #[test]
