@@ -768,6 +768,70 @@ fn a_link_of_a_namespace_being_deleted_is_waited_for_and_another_routers_is_refu
     assert_forwarding(&second);
 }
 
+/// A link in this namespace's own default directory (named by its cookie: only routers of this
+/// namespace pin there) that is attached to an interface no longer here (eth0 moved to another
+/// namespace, a new eth0 in its place) is a leftover of ours: detached from the interface that
+/// left and replaced, instead of being taken for another router's.
+#[test]
+fn a_link_of_our_own_directory_on_an_interface_that_left_is_detached_and_replaced() {
+    let mut lab = Lab::new();
+    if !kernel_has_tcx() {
+        return tcx_is_refused_without_tcx(&lab);
+    }
+    let _echo = lab.dest_tcp_echo();
+    lab.init(Start::Pod, &[], &[]);
+    lab.topo.add_netns("away").unwrap();
+    let away = lab.topo.extra.last().unwrap();
+    let away_fd = std::os::fd::AsRawFd::as_raw_fd(&away.fd());
+    lab.topo
+        .router
+        .netlink(|h| async move {
+            let idx = egress_tests::netlink::link_index(&h, "eth0").await?;
+            egress_tests::netlink::move_link(&h, idx, away_fd).await
+        })
+        .unwrap();
+    // The pod gets a new eth0 to the client (whose old peer went away with the old one).
+    lab.topo
+        .router
+        .add_veth_to("eth0", &lab.topo.client, "c1")
+        .unwrap();
+    lab.topo
+        .router
+        .add_addr("eth0", "10.128.0.5/24".parse().unwrap())
+        .unwrap();
+    for (dst, via) in [("10.128.0.5/32", None), ("0.0.0.0/0", Some(POD_IP))] {
+        lab.topo
+            .client
+            .add_route(dst.parse().unwrap(), via, "c1")
+            .unwrap();
+    }
+    let log = lab.init(Start::Pod, &[], &[]);
+    assert_log(
+        &log,
+        &[
+            "pinned tcx link of this network namespace's directory is attached to an interface that is not here",
+            "attach=\"tcx\"",
+            "maps=\"reused the pins\"",
+        ],
+    );
+    let status = lab.status(Start::Pod, &[]);
+    assert_eq!(attachments(&status), attached_with("tcx"), "{status:#}");
+    // Nothing of ours is left on the eth0 that went away.
+    let mut cmd = Command::new(router_bin());
+    cmd.args(["status", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let away = lab.topo.extra.last().unwrap();
+    let out = away.spawn(cmd).unwrap().output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("no egress-router program attached to eth0"),
+        "status on the eth0 that went away: {text}"
+    );
+    let mut c = lab.client_tcp(80);
+    ping_pong(&mut c, b"through the new eth0");
+}
+
 #[test]
 fn two_routers_on_one_node_keep_to_their_own_pins() {
     let node = NodeBpffs::new(&format!("er-{}-two-node", std::process::id())).unwrap();
