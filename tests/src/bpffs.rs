@@ -100,6 +100,36 @@ impl Drop for PinDir {
     }
 }
 
+/// A test's own directory on the harness's bpffs, standing for a node's /sys/fs/bpf: bound at
+/// /sys/fs/bpf in the containers of the pods "on" that node
+/// ([`Netns::spawn_with_host_bpffs`]), so what their routers pin and clear (the default pin
+/// directories under `egress-router/`) is seen by those pods only, not by the routers of other
+/// tests. Removed, with everything pinned in it, when dropped.
+pub struct NodeBpffs(PinDir);
+
+impl NodeBpffs {
+    /// `/sys/fs/bpf/<name>`, created (the harness's bpffs mounted first if need be).
+    pub fn new(name: &str) -> Result<NodeBpffs> {
+        ensure_host_bpffs();
+        let dir = Path::new(HOST_BPFFS).join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(NodeBpffs(PinDir(dir)))
+    }
+
+    /// The directory on the harness's side.
+    pub fn path(&self) -> &Path {
+        &self.0.0
+    }
+
+    /// Where the default pin directory of a router in `ns` lands: the container's
+    /// `/sys/fs/bpf/egress-router/netns-<cookie>` seen from the harness.
+    pub fn default_pin_dir(&self, ns: &Netns) -> Result<PathBuf> {
+        let inside = ns.default_pin_dir()?;
+        let rel = inside.strip_prefix(HOST_BPFFS).expect("under /sys/fs/bpf");
+        Ok(self.path().join(rel))
+    }
+}
+
 /// The interface a pinned tcx link is attached to, as the kernel shows it in the link's fdinfo:
 /// 0 once the interface (or its network namespace) is gone.
 pub fn pinned_link_ifindex(pin: &Path) -> Result<u32> {

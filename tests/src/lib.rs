@@ -13,8 +13,10 @@
 //! [`Topology::configure_macvlan`] does the same for tests that do not run it.
 //!
 //! The harness has a bpffs on /sys/fs/bpf, as a node does: a router started with
-//! [`Netns::spawn`] shares it (a pod that mounts the host's /sys/fs/bpf), one started with
-//! [`Netns::spawn_container`] does not (a container without it).
+//! [`Netns::spawn`] shares it (setns only: it also shares the harness's mount namespace), one
+//! started with [`Netns::spawn_container`] does not (a container without it), and one started
+//! with [`Netns::spawn_with_host_bpffs`] has it bind-mounted into a mount namespace of its own
+//! (a pod that mounts the host's /sys/fs/bpf, as a runtime runs it).
 //!
 //! Every topology gets uniquely named namespaces (`er-<pid>-<n>-<role>`, visible with
 //! `ip netns`), so tests run in parallel. Dropping it (also while unwinding from a panic) kills the
@@ -38,7 +40,7 @@ mod router;
 mod servers;
 
 pub use bpffs::{
-    DEFAULT_PIN_ROOT, HOST_BPFFS, PinDir, ensure_host_bpffs, is_bpffs, kernel_has_tcx,
+    DEFAULT_PIN_ROOT, HOST_BPFFS, NodeBpffs, PinDir, ensure_host_bpffs, is_bpffs, kernel_has_tcx,
     pinned_link_ifindex,
 };
 pub use capture::{ARP_REPLY, ARP_REQUEST, Arp, Capture};

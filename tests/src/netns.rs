@@ -197,6 +197,15 @@ impl Netns {
         self.spawn_with(cmd, Isolation::Container { binds })
     }
 
+    /// [`Netns::spawn_container`] with `bpffs`, a directory on the harness's bpffs (the
+    /// "host's" /sys/fs/bpf itself, or a test's own directory under it, see
+    /// [`NodeBpffs`](crate::NodeBpffs)), bind-mounted at /sys/fs/bpf with HostToContainer
+    /// propagation: how a pod that mounts hostPath /sys/fs/bpf (deploy/redirect-legacy) runs
+    /// its router. Its pins outlive it, and a container started the same way finds them.
+    pub fn spawn_with_host_bpffs(&self, cmd: Command, bpffs: &Path) -> Result<Proc> {
+        self.spawn_container_with(cmd, &[(bpffs, Path::new(crate::HOST_BPFFS))])
+    }
+
     fn spawn_with(&self, cmd: Command, isolation: Isolation) -> Result<Proc> {
         let desc = format!("{cmd:?}");
         let p = proc::spawn_in(cmd, self.fd.as_raw_fd(), isolation)

@@ -156,6 +156,38 @@ impl Container {
         uid_and_caps(self.pid()?)
     }
 
+    /// Stops the container as a kubelet deleting it does: SIGTERM (`podman stop`, which waits
+    /// up to `grace` before SIGKILL); its exit code. The container stays to be read
+    /// ([`Container::log`]) until [`Container::remove`] or drop.
+    pub fn stop(&self, grace: Duration) -> Result<i32> {
+        match self {
+            Container::Process { proc, .. } => {
+                proc.signal(Signal::SIGTERM)?;
+                if proc.wait_timeout(grace)?.is_none() {
+                    proc.kill()?;
+                }
+                Ok(proc.wait()?.code().unwrap_or(128))
+            }
+            Container::Podman { name } => {
+                podman_output(&["stop", "-t", &grace.as_secs().to_string(), name])?;
+                Ok(
+                    podman_output(&["inspect", "-f", "{{.State.ExitCode}}", name])?
+                        .trim()
+                        .parse()?,
+                )
+            }
+        }
+    }
+
+    /// Removes a stopped container (`podman rm`): what it had mounted goes with it.
+    pub fn remove(self) -> Result<()> {
+        // (Drop's `rm -f` then finds nothing.)
+        if let Container::Podman { name } = &self {
+            podman_output(&["rm", name])?;
+        }
+        Ok(())
+    }
+
     /// SIGTERM, as the kubelet stops a container.
     pub fn terminate(&self) -> Result<()> {
         match self {
@@ -295,6 +327,14 @@ impl PodLab {
         self.start(env, args, true)
     }
 
+    /// A privileged container of the router image with `env`, and `bpffs` (a directory on the
+    /// harness's bpffs: its /sys/fs/bpf, or a test's [`NodeBpffs`](crate::NodeBpffs)) mounted
+    /// at /sys/fs/bpf as deploy/redirect-legacy mounts the host's (hostPath, HostToContainer:
+    /// podman's `rslave`), started.
+    pub fn router_container_with_bpffs(&self, env: &[(&str, &str)], bpffs: &Path) -> Container {
+        self.start_with_bpffs(env, &[], true, None, Some(bpffs))
+    }
+
     /// The pod's init container: runs to completion and must exit 0.
     pub fn init_container(&self, env: &[(&str, &str)]) -> Container {
         let c = self.router_container(env, &[]);
@@ -340,6 +380,17 @@ impl PodLab {
         privileged: bool,
         nofile: Option<u64>,
     ) -> Container {
+        self.start_with_bpffs(env, args, privileged, nofile, None)
+    }
+
+    fn start_with_bpffs(
+        &self,
+        env: &[(&str, &str)],
+        args: &[&str],
+        privileged: bool,
+        nofile: Option<u64>,
+        bpffs: Option<&Path>,
+    ) -> Container {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let resolv = self.dir.join("resolv.conf");
@@ -368,12 +419,14 @@ impl PodLab {
                         });
                     }
                 }
-                let binds: &[(&Path, &Path)] = if privileged {
-                    &[]
-                } else {
-                    &[(&resolv, Path::new("/etc/resolv.conf"))]
-                };
-                let proc = self.topo.router.spawn_container_with(cmd, binds).unwrap();
+                let mut binds: Vec<(&Path, &Path)> = Vec::new();
+                if !privileged {
+                    binds.push((&resolv, Path::new("/etc/resolv.conf")));
+                }
+                if let Some(b) = bpffs {
+                    binds.push((b, Path::new(crate::HOST_BPFFS)));
+                }
+                let proc = self.topo.router.spawn_container_with(cmd, &binds).unwrap();
                 Container::Process { proc, log }
             }
             Runtime::Podman { image } => {
@@ -392,6 +445,13 @@ impl PodLab {
                 }
                 if let Some(n) = nofile {
                     cmd.arg(format!("--ulimit=nofile={n}:{n}"));
+                }
+                if let Some(b) = bpffs {
+                    cmd.arg(format!(
+                        "--volume={}:{}:rslave",
+                        b.display(),
+                        crate::HOST_BPFFS
+                    ));
                 }
                 for (k, v) in env {
                     cmd.arg(format!("--env={k}={v}"));

@@ -24,47 +24,90 @@ pub(crate) enum Isolation {
     /// As a container runtime (or `ip netns exec`) starts a process: its own mount namespace,
     /// nothing propagated back, and a fresh sysfs on /sys, so /sys/fs/bpf is an empty directory
     /// without bpffs, and whatever the child mounts dies with it. Then each (source, target)
-    /// is bind-mounted, as a runtime mounts a pod's volumes and its resolv.conf.
+    /// is bind-mounted, as a runtime mounts a pod's volumes and its resolv.conf (a source under
+    /// /sys is the harness's: its bpffs, as a pod mounts the host's /sys/fs/bpf).
     Container { binds: Vec<(CString, CString)> },
 }
 
 type Request = (Command, RawFd, Isolation, mpsc::Sender<io::Result<Child>>);
 
-/// The Container isolation, between fork and exec (raw system calls only).
+/// At most this many bind mounts into one container (their descriptors live on the stack
+/// between fork and exec, where nothing may allocate).
+pub(crate) const MAX_BINDS: usize = 8;
+
+/// The Container isolation, between fork and exec (raw system calls only). Each bind source is
+/// cloned (open_tree) before /sys is replaced, so a source under the harness's /sys (its
+/// bpffs) is the harness's, as a runtime's volume is the host's; each bind is then made a
+/// recursive slave of its source (HostToContainer: mounts on the host reach the container,
+/// never the other way).
 fn enter_container_mounts(binds: &[(CString, CString)]) -> io::Result<()> {
-    let check = |r: libc::c_int| {
-        if r != 0 {
+    let check = |r: libc::c_long| {
+        if r < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(())
+            Ok(r)
         }
     };
-    // SAFETY: unshare, mount and umount2 with static C strings are async-signal-safe.
+    if binds.len() > MAX_BINDS {
+        return Err(io::Error::from_raw_os_error(libc::E2BIG));
+    }
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let mut trees = [-1 as libc::c_long; MAX_BINDS];
+    // SAFETY: unshare, mount, umount2, open_tree and move_mount with C strings that live
+    // until exec are async-signal-safe system calls.
     unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS))?;
-        check(libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_SLAVE,
-            std::ptr::null(),
-        ))?;
-        check(libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH))?;
-        check(libc::mount(
-            c"sysfs".as_ptr(),
-            c"/sys".as_ptr(),
-            c"sysfs".as_ptr(),
-            0,
-            std::ptr::null(),
-        ))?;
-        for (source, target) in binds {
-            check(libc::mount(
+        check(libc::unshare(libc::CLONE_NEWNS).into())?;
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            )
+            .into(),
+        )?;
+        for ((source, _), tree) in binds.iter().zip(trees.iter_mut()) {
+            *tree = check(libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
                 source.as_ptr(),
-                target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
+                OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
             ))?;
+        }
+        check(libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH).into())?;
+        check(
+            libc::mount(
+                c"sysfs".as_ptr(),
+                c"/sys".as_ptr(),
+                c"sysfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+            .into(),
+        )?;
+        for ((_, target), tree) in binds.iter().zip(trees) {
+            check(libc::syscall(
+                libc::SYS_move_mount,
+                tree as libc::c_int,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ))?;
+            libc::close(tree as libc::c_int);
+            check(
+                libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                )
+                .into(),
+            )?;
         }
         Ok(())
     }

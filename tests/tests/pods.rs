@@ -11,8 +11,8 @@ use std::{
 };
 
 use egress_tests::{
-    DEST_IP, EGRESS_SOURCE, POD_IP,
-    pod::{PROXY_UID, PodLab, Runtime, exchange, get},
+    DEST_IP, EGRESS_SOURCE, NodeBpffs, POD_IP, kernel_has_tcx,
+    pod::{Container, PROXY_UID, PodLab, Runtime, exchange, get},
     tcp_roundtrip, udp_roundtrip,
 };
 
@@ -361,6 +361,152 @@ fn legacy_redirect_pod_as_processes() {
 #[test]
 fn legacy_redirect_pod_in_podman() {
     legacy_redirect_pod(Runtime::podman());
+}
+
+/// One message over a live connection to the echo server, echoed back.
+fn ping_pong(c: &mut std::net::TcpStream, msg: &[u8], log: impl Fn() -> String) {
+    c.write_all(msg).expect("writing on the live connection");
+    let mut got = vec![0u8; msg.len()];
+    if let Err(e) = c.read_exact(&mut got) {
+        panic!(
+            "the live connection carries no data through the router ({e}) at {:?}:\n{}",
+            String::from_utf8_lossy(msg),
+            log()
+        );
+    }
+    assert_eq!(got, msg);
+}
+
+/// Waits until a container's log holds `needle`.
+fn wait_for_log(c: &Container, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline && c.is_running(),
+            "no {needle:?} in the log (running: {}):\n{}",
+            c.is_running(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The legacy pod's router container deleted and created again (`podman stop`: SIGTERM, then
+/// `podman rm`, then `podman run` of the same spec) under an established TCP connection from
+/// the client through the router, which must exchange data after the container is gone and
+/// after the new one has set up.
+///
+/// With `node` (a bpffs directory of the test's own, standing for the node's /sys/fs/bpf)
+/// mounted at /sys/fs/bpf as deploy/redirect-legacy mounts the host's (hostPath,
+/// HostToContainer): tcx links and maps pinned there, on the node, and the new container
+/// reopens them. Without it: clsact filters, which the kernel keeps on eth0 and macvlan0 after
+/// the container's private bpffs is gone, and the new container finds the maps through them.
+/// Both keep the connection; only the mount puts the pins on the node.
+fn legacy_pod_restart(node: Option<&NodeBpffs>) {
+    let lab = PodLab::new(Runtime::podman());
+    let echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 8000)))
+        .unwrap();
+    let env = lab.router_env(&[("EGRESS_DESTINATION", "80 tcp 203.0.113.25 8000")]);
+    let start = || match node {
+        Some(n) => lab.router_container_with_bpffs(&env, n.path()),
+        None => lab.router_container(&env, &[]),
+    };
+    let persistent = node.is_some();
+    let tcx = persistent && kernel_has_tcx();
+    let method = if tcx { "tcx" } else { "clsact" };
+    let inside = lab.topo.router.default_pin_dir().unwrap();
+    let first = start();
+    wait_for_log(&first, "redirect dataplane running");
+    let log = first.log();
+    assert!(log.contains(&format!("attach=\"{method}\"")), "{log}");
+    assert!(log.contains("maps=\"new\""), "{log}");
+    let mut c = lab
+        .connect_within(80, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the legacy container never forwarded: {e}\n{log}"));
+    c.set_read_timeout(Some(T)).unwrap();
+    ping_pong(&mut c, b"first container", || first.log());
+    assert_eq!(
+        first.stop(Duration::from_secs(10)).unwrap(),
+        0,
+        "legacy mode exits 0 on SIGTERM:\n{}",
+        first.log()
+    );
+    let stays = if tcx {
+        format!(
+            "signal received, exiting; the tcx links pinned in {} stay: the dataplane keeps working",
+            inside.display()
+        )
+    } else {
+        "signal received, exiting; the clsact filters stay on eth0 and macvlan0".to_string()
+    };
+    let log = first.log();
+    assert!(log.contains(&stays), "the log lacks {stays:?}:\n{log}");
+    first.remove().unwrap();
+    ping_pong(&mut c, b"no container", || log.clone());
+    match node {
+        Some(n) => {
+            let dir = n.default_pin_dir(&lab.topo.router).unwrap();
+            let mut wanted = vec!["FLOWS", "NEW_FLOWS"];
+            if tcx {
+                wanted.extend(["link_eth0_ingress_eth0", "link_macvlan_ingress_macvlan0"]);
+            }
+            for pin in wanted {
+                assert!(
+                    dir.join(pin).exists(),
+                    "{pin} is not pinned on the node's bpffs in {}",
+                    dir.display()
+                );
+            }
+        }
+        None => {
+            // The host's default directory for this namespace: nothing there.
+            let on_host = lab.topo.router.default_pin_dir().unwrap();
+            assert!(
+                !on_host.exists(),
+                "without the mount nothing is pinned outside the container: {}",
+                on_host.display()
+            );
+        }
+    }
+    let second = start();
+    wait_for_log(&second, "redirect dataplane running");
+    let log = second.log();
+    let maps = if persistent {
+        "maps=\"reused the pins\"".to_string()
+    } else {
+        "maps=\"recovered from the clsact filter on eth0\"".to_string()
+    };
+    for needle in [
+        format!("attach=\"{method}\""),
+        maps,
+        "replaced=true".to_string(),
+    ] {
+        assert!(log.contains(&needle), "the log lacks {needle:?}:\n{log}");
+    }
+    ping_pong(&mut c, b"second container", || second.log());
+    assert_eq!(
+        second.stop(Duration::from_secs(10)).unwrap(),
+        0,
+        "{}",
+        second.log()
+    );
+    ping_pong(&mut c, b"second container gone", || second.log());
+    assert_eq!(echo.peers().len(), 1, "one connection: {:?}", echo.peers());
+}
+
+#[test]
+fn legacy_redirect_pod_with_the_nodes_bpffs_keeps_a_connection_across_a_container_restart_in_podman()
+ {
+    let node = NodeBpffs::new(&format!("er-{}-podman-node", std::process::id())).unwrap();
+    legacy_pod_restart(Some(&node));
+}
+
+#[test]
+fn legacy_redirect_pod_without_the_nodes_bpffs_keeps_forwarding_and_the_connection_in_podman() {
+    legacy_pod_restart(None);
 }
 
 // ---------------------------------------------------------------------------------------------

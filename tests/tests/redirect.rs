@@ -4,14 +4,14 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
 };
 
 use egress_tests::{
-    DEST_IP, EGRESS_SOURCE, EchoServer, POD_IP, Proc, Topology, kernel_has_tcx, ping, router_bin,
-    router_command, tcp_roundtrip, udp_roundtrip,
+    DEST_IP, EGRESS_SOURCE, EchoServer, HOST_BPFFS, POD_IP, Proc, Topology, kernel_has_tcx, ping,
+    router_bin, router_command, tcp_roundtrip, udp_roundtrip,
 };
 use nix::sys::signal::Signal;
 
@@ -54,6 +54,24 @@ impl Lab {
             .router
             .spawn(self.command(destination, "init", args))
             .unwrap();
+        Lab::succeeded(p)
+    }
+
+    /// [`Lab::init`] as a restart-safe pod runs it: in a mount namespace of its own with the
+    /// harness's bpffs (the host's /sys/fs/bpf) bind-mounted at /sys/fs/bpf.
+    fn init_in_pod(&self, destination: &str, args: &[&str]) -> Output {
+        let p = self
+            .topo
+            .router
+            .spawn_with_host_bpffs(
+                self.command(destination, "init", args),
+                Path::new(HOST_BPFFS),
+            )
+            .unwrap();
+        Lab::succeeded(p)
+    }
+
+    fn succeeded(p: Proc) -> Output {
         let out = p.output(Duration::from_secs(30)).unwrap();
         assert!(
             out.status.success(),
@@ -64,10 +82,14 @@ impl Lab {
         out
     }
 
-    fn legacy(&self, destination: &str) -> Proc {
+    /// Legacy mode as a restart-safe pod runs it (see [`Lab::init_in_pod`]).
+    fn legacy_in_pod(&self, destination: &str) -> Proc {
         self.topo
             .router
-            .spawn(self.command(destination, "legacy", &[]))
+            .spawn_with_host_bpffs(
+                self.command(destination, "legacy", &[]),
+                Path::new(HOST_BPFFS),
+            )
             .unwrap()
     }
 
@@ -802,24 +824,56 @@ fn ethtool(ns: &egress_tests::Netns, args: &[&str]) {
     );
 }
 
+/// Init twice, each time as a restart-safe pod runs it (the host's /sys/fs/bpf mounted),
+/// around a live connection that carries data after the first one exited and after the second.
 fn restart_keeps_live_connections(attach: &str) {
     let lab = Lab::new();
     let _web = lab.dest_tcp_echo(80);
     let args = ["--attach", attach];
-    lab.init("80 tcp 203.0.113.25", &args);
+    let out = lab.init_in_pod("80 tcp 203.0.113.25", &args);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let note = if attach == "tcx" {
+        format!(
+            "tcx links pinned in {}, a bpffs that outlives this process: a restarted router \
+             reopens them and keeps established connections",
+            lab.bpffs.display()
+        )
+    } else {
+        format!(
+            "clsact filters on eth0 and macvlan0, maps pinned in {}, a bpffs that outlives this \
+             process: a restarted router reopens the maps and keeps established connections",
+            lab.bpffs.display()
+        )
+    };
+    for needle in [
+        note.as_str(),
+        &format!("attach=\"{attach}\""),
+        "maps=\"new\"",
+        "replaced=false",
+    ] {
+        assert!(log.contains(needle), "the log lacks {needle:?}:\n{log}");
+    }
     let mut c = lab.client_tcp(80).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     let mut buf = [0u8; 5];
     c.write_all(b"one..").unwrap();
     c.read_exact(&mut buf).unwrap();
-    // The process is gone (init); run it again in the same namespace: the pinned maps and
-    // links are reused, the programs swapped in place.
-    let out = lab.init("80 tcp 203.0.113.25", &args);
+    assert_eq!(&buf, b"one..");
+    // The process is gone (init); run it again in a new container of the same pod: the
+    // pinned maps and links are reused, the programs swapped in place.
+    let out = lab.init_in_pod("80 tcp 203.0.113.25", &args);
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        log.contains("replaced=true"),
-        "the second run replaced the attachment: {log}"
-    );
+    for needle in [
+        note.as_str(),
+        &format!("attach=\"{attach}\""),
+        "maps=\"reused the pins\"",
+        "replaced=true",
+    ] {
+        assert!(
+            log.contains(needle),
+            "the second run's log lacks {needle:?}:\n{log}"
+        );
+    }
     c.write_all(b"two..").unwrap();
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two..");
@@ -855,9 +909,10 @@ fn restart_under_a_live_connection_clsact() {
 
 #[test]
 fn legacy_mode_stays_until_sigterm_and_leaves_the_dataplane_working() {
+    // As the restart-safe legacy pod runs it: the host's /sys/fs/bpf mounted.
     let lab = Lab::new();
     let _web = lab.dest_tcp_echo(80);
-    let p = lab.legacy("80 tcp 203.0.113.25");
+    let p = lab.legacy_in_pod("80 tcp 203.0.113.25");
     // Ready when a connection goes through.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let c = loop {
@@ -871,8 +926,20 @@ fn legacy_mode_stays_until_sigterm_and_leaves_the_dataplane_working() {
     };
     assert!(p.is_running(), "legacy mode stays");
     p.signal(Signal::SIGTERM).unwrap();
-    let status = p.wait_timeout(T).unwrap().expect("exits on SIGTERM");
-    assert!(status.success(), "{status}");
+    let out = p.output(T).expect("exits on SIGTERM");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{log}", out.status);
+    // Its last line says what stays, and so it does.
+    let stays = if kernel_has_tcx() {
+        format!(
+            "signal received, exiting; the tcx links pinned in {} stay: the dataplane keeps \
+             working",
+            lab.bpffs.display()
+        )
+    } else {
+        "signal received, exiting; the clsact filters stay on eth0 and macvlan0".to_string()
+    };
+    assert!(log.contains(&stays), "the log lacks {stays:?}:\n{log}");
     assert_eq!(tcp_roundtrip(c, b"still here", T).unwrap(), b"still here");
 }
 

@@ -8,8 +8,8 @@ use std::{
 };
 
 use egress_tests::{
-    CLIENT_IP, DEST_IP, EGRESS_SOURCE, GATEWAY_IP, LAN_DEST_GW, MACVLAN, NETNS_DIR, POD_IP,
-    Topology, netlink, remove_stale, tcp_roundtrip, udp_roundtrip,
+    CLIENT_IP, DEST_IP, EGRESS_SOURCE, GATEWAY_IP, LAN_DEST_GW, MACVLAN, NETNS_DIR, NodeBpffs,
+    POD_IP, Topology, netlink, remove_stale, tcp_roundtrip, udp_roundtrip,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -307,4 +307,48 @@ fn container_processes_get_their_own_mounts_and_no_privileges() {
             "a capability is left: {text}"
         );
     }
+}
+
+/// A pod that mounts hostPath /sys/fs/bpf: its own mount namespace and a fresh /sys, with the
+/// harness's bpffs (here a node's directory on it) at /sys/fs/bpf: what it makes there is on
+/// the harness's side, and what it mounts stays in the container.
+#[test]
+fn a_container_with_the_hosts_bpffs_has_its_own_mounts_and_the_hosts_bpffs() {
+    let topo = Topology::new().unwrap();
+    let node = NodeBpffs::new(&format!("{}node", topo.prefix())).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "stat -f -c %T /sys/fs/bpf; readlink /proc/self/ns/mnt; mkdir /sys/fs/bpf/made-inside; \
+         mkdir -p /tmp/er-inside && mount -t tmpfs none /tmp/er-inside && echo mounted",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = topo
+        .router
+        .spawn_with_host_bpffs(cmd, node.path())
+        .unwrap()
+        .output(T)
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "bpf_fs", "/sys/fs/bpf must be the bpffs: {text}");
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_ne!(
+        Path::new(lines[1]),
+        ours,
+        "a mount namespace of its own: {text}"
+    );
+    assert!(
+        node.path().join("made-inside").is_dir(),
+        "not the node's bpffs"
+    );
+    assert_eq!(lines[2], "mounted", "{text}");
+    let tmp = Path::new("/tmp/er-inside");
+    let back = tmp.exists()
+        && nix::sys::statfs::statfs(tmp)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    let _ = std::fs::remove_dir(tmp);
+    assert!(!back, "a mount made in the container reached the harness");
 }

@@ -137,7 +137,8 @@ impl Dataplane {
     /// Checks, before anything is changed, that this kernel and these privileges can run the
     /// dataplane; resolves the pin directory, finds out whether it outlives this process and
     /// chooses the attach method (`mode` says whether the process stays); classifies the link
-    /// pins an earlier run left there. Fails if the result could not work.
+    /// pins an earlier run left there, and finds the default directories of namespaces that are
+    /// gone. Fails if the result could not work.
     pub fn preflight(opts: &DataplaneOptions, mode: Mode) -> Result<Preflight> {
         let features = probe::probe();
         tracing::debug!(?features, "kernel features");
@@ -163,7 +164,14 @@ impl Dataplane {
             )
         })
         .collect();
-        let leftovers = stale::survey(&dir, &expected)?;
+        let own_default = pindir::resolve(None)?;
+        let whose = if dir == own_default {
+            stale::Whose::OwnDefault
+        } else {
+            stale::Whose::Explicit
+        };
+        let root = std::path::Path::new(pindir::DEFAULT_ROOT);
+        let leftovers = stale::survey(&dir, whose, &expected, root, &own_default)?;
         Ok(Preflight {
             plan: Plan {
                 dir,

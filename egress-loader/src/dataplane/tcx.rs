@@ -62,8 +62,9 @@ pub enum PinnedLink {
     /// Attached to nothing any more: its interface, or the namespace holding it, is gone
     /// (a recreated pod). Updating it would fail with ENOLINK.
     Severed,
-    /// Attached to an interface that is not in this network namespace: another router's.
-    Elsewhere { ifindex: u32 },
+    /// Attached to an interface that is not in this network namespace: another router's, or
+    /// one of a namespace the kernel is still tearing down (see `stale`).
+    Elsewhere { ifindex: u32, link_id: u32 },
 }
 
 pub fn inspect(pin: &Path) -> Result<PinnedLink> {
@@ -84,6 +85,9 @@ pub fn inspect(pin: &Path) -> Result<PinnedLink> {
             link_id: info.link_id,
         }
     } else {
-        PinnedLink::Elsewhere { ifindex }
+        PinnedLink::Elsewhere {
+            ifindex,
+            link_id: info.link_id,
+        }
     })
 }
