@@ -81,6 +81,7 @@ impl Rng {
 struct Dp {
     dp: Dataplane,
     dir: PathBuf,
+    settings: DataplaneSettings,
 }
 
 impl Drop for Dp {
@@ -134,7 +135,15 @@ impl Dp {
         )
         .unwrap();
         dp.configure(&settings).unwrap();
-        Dp { dp, dir }
+        Dp { dp, dir, settings }
+    }
+
+    /// Writes the same configuration again: its rules go under the other generation, so the
+    /// programs are fuzzed looking rules up under both. Returns the generation now in force.
+    fn rewrite(&mut self) -> u8 {
+        let staged = self.dp.stage(&self.settings).unwrap();
+        self.dp.switch(&staged).unwrap();
+        staged.generation()
     }
 
     /// Runs `prog` on `frame`: its verdict and the frame it left, or None when the kernel
@@ -615,7 +624,7 @@ fn both_programs_hold_their_invariants_on_mutated_frames() {
                 | 1
         });
     eprintln!("program fuzzer: {seconds} s, EGRESS_FUZZ_SEED={seed}");
-    let dp = Dp::new();
+    let mut dp = Dp::new();
     let seeds = seeds();
     // The seeds as they are first: replies find the flows their requests made.
     for (eth0, f) in &seeds {
@@ -637,7 +646,14 @@ fn both_programs_hold_their_invariants_on_mutated_frames() {
     let mut rng = Rng(seed);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut runs, mut changed, mut dropped, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    let mut generations = [false; 2];
+    let mut batch = 0u64;
     while Instant::now() < deadline {
+        // Now and then the configuration is written again, to the other generation of rules.
+        if batch % 16 == 15 {
+            generations[dp.rewrite() as usize] = true;
+        }
+        batch += 1;
         for _ in 0..256 {
             let (eth0, base) = &seeds[rng.below(seeds.len())];
             let other = &seeds[rng.below(seeds.len())].1;
@@ -671,6 +687,10 @@ fn both_programs_hold_their_invariants_on_mutated_frames() {
          the kernel refused to run; no invariant broken"
     );
     assert!(runs > 10_000, "too few runs to mean anything: {runs}");
+    assert!(
+        generations == [true, true],
+        "the rules were looked up under both generations: {generations:?}"
+    );
     assert!(
         changed > 0,
         "no mutated frame was ever translated: the fuzzer is blind"
