@@ -532,6 +532,7 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
     let mut phases: Vec<(Instant, Instant, usize)> = vec![(Instant::now(), Instant::now(), 0)];
     let stop = AtomicBool::new(false);
     let next_port = std::sync::atomic::AtomicU32::new(1024);
+    let mut refusals_began = None;
     let records: Vec<Probed> = thread::scope(|s| {
         // The probes stop however this ends (a failed assertion too: the scope waits for them).
         struct Stop<'a>(&'a AtomicBool);
@@ -566,7 +567,7 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
                                 answer,
                             });
                             i += 1;
-                            thread::sleep(Duration::from_millis(8));
+                            thread::sleep(Duration::from_millis(5));
                         }
                         out
                     })
@@ -575,7 +576,7 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             .collect();
 
         thread::sleep(Duration::from_secs(1));
-        for round in 1..=6 {
+        for round in 1..=8 {
             let next = round % 2;
             let began = Instant::now();
             router.signal(Signal::SIGTERM).unwrap();
@@ -587,6 +588,7 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             thread::sleep(Duration::from_millis(700));
         }
         let last = phases.last().unwrap().2;
+        refusals_began = Some(Instant::now());
 
         // Replacements that cannot be applied, while the probes go on: the set in force stays.
         router.signal(Signal::SIGTERM).unwrap();
@@ -715,6 +717,11 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
     assert!(
         landed[0] > 100 && landed[1] > 100,
         "probes ran under both sets: {landed:?}"
+    );
+    let refusals_began = refusals_began.unwrap();
+    assert!(
+        records.iter().filter(|r| r.started > refusals_began).count() > 100,
+        "probes ran during the refused replacements"
     );
     router.signal(Signal::SIGTERM).ok();
 }
