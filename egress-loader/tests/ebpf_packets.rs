@@ -1086,9 +1086,12 @@ fn sent_as(out: &[u8]) -> ([u8; 4], [u8; 4], u16) {
     (saddr(out), daddr(out), dport(out))
 }
 
+/// A rule as `status` lists it: ((protocol, local port), (destination, remote port)).
+type Listed = ((u8, u16), ([u8; 4], u16));
+
 impl Dp {
-    /// The rules `status` lists: (protocol, local port) -> (destination, remote port).
-    fn rules_in_force(&self) -> Vec<((u8, u16), ([u8; 4], u16))> {
+    /// The rules `status` lists.
+    fn rules_in_force(&self) -> Vec<Listed> {
         status::StatusMaps::pinned(&self.dir)
             .and_then(|m| m.rules())
             .unwrap()
@@ -1125,7 +1128,11 @@ fn a_staged_replacement_is_not_seen_until_its_switch_and_then_whole() {
     );
     let staged = dp.dp.stage(&b).unwrap();
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
-    assert_eq!(sent_as(&out), (SOURCE, DEST, 80), "the old rule, the old source");
+    assert_eq!(
+        sent_as(&out),
+        (SOURCE, DEST, 80),
+        "the old rule, the old source"
+    );
     let syn = tcp(CLIENT, POD, 40001, 9090, "S", b"");
     assert_eq!(
         dp.out(&syn),
@@ -1134,7 +1141,11 @@ fn a_staged_replacement_is_not_seen_until_its_switch_and_then_whole() {
     );
     let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"q"));
     assert_eq!(sent_as(&out), (SOURCE, DEST, 5353));
-    assert_eq!(dp.rules_in_force(), before, "status lists the rules in force");
+    assert_eq!(
+        dp.rules_in_force(),
+        before,
+        "status lists the rules in force"
+    );
 
     dp.dp.switch(&staged).unwrap();
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40010, 80, "S", b""));
@@ -1151,21 +1162,31 @@ fn a_staged_replacement_is_not_seen_until_its_switch_and_then_whole() {
     assert_eq!(sent_as(&out), (SOURCE2, FALLBACK2, 8080));
     assert_eq!(
         dp.rules_in_force(),
-        [
-            ((6, 80), (FALLBACK, 81)),
-            ((6, 9090), (DEST, 9091))
-        ]
+        [((6, 80), (FALLBACK, 81)), ((6, 9090), (DEST, 9091))]
     );
 
     // Another replacement: the rules of two replacements ago are cleared first.
-    let c = settings(&dp.dir, vec![rule(81, Protocol::Tcp, DEST, 82)], None, SOURCE);
+    let c = settings(
+        &dp.dir,
+        vec![rule(81, Protocol::Tcp, DEST, 82)],
+        None,
+        SOURCE,
+    );
     dp.dp.configure(&c).unwrap();
     assert_eq!(dp.rules_in_force(), [((6, 81), (DEST, 82))]);
-    assert_eq!(dp.rule_entries(), 2 + 1, "the set replaced (2) and the one in force (1)");
+    assert_eq!(
+        dp.rule_entries(),
+        2 + 1,
+        "the set replaced (2) and the one in force (1)"
+    );
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40020, 81, "S", b""));
     assert_eq!(sent_as(&out), (SOURCE, DEST, 82));
     let syn = tcp(CLIENT, POD, 40021, 9090, "S", b"");
-    assert_eq!(dp.out(&syn), (TC_ACT_OK, syn.clone()), "the replaced rule is gone");
+    assert_eq!(
+        dp.out(&syn),
+        (TC_ACT_OK, syn.clone()),
+        "the replaced rule is gone"
+    );
 }
 
 /// Packets run while another loader (a restarted router on the same pins) replaces the
@@ -1189,7 +1210,12 @@ fn packets_racing_replacements_each_follow_one_configuration_whole() {
     let dp = Dp::new(a_rules.clone(), Some(FALLBACK), |_| {});
     let dir = dp.dir.clone();
     let a = settings(&dir, a_rules, Some(FALLBACK), SOURCE);
-    let b = settings(&dir, set(20000, DEST2, (90, DEST2, 91)), Some(FALLBACK2), SOURCE2);
+    let b = settings(
+        &dir,
+        set(20000, DEST2, (90, DEST2, 91)),
+        Some(FALLBACK2),
+        SOURCE2,
+    );
     // (port probed, what A makes of it, what B makes of it)
     let probes = [
         (80, (SOURCE, DEST, 81), (SOURCE2, FALLBACK2, 80)),
@@ -1236,7 +1262,10 @@ fn packets_racing_replacements_each_follow_one_configuration_whole() {
         }
         writer.join().unwrap().expect("the replacements");
     });
-    eprintln!("flows under the first configuration: {}, the second: {}", seen[0], seen[1]);
+    eprintln!(
+        "flows under the first configuration: {}, the second: {}",
+        seen[0], seen[1]
+    );
     assert!(
         seen[0] > 0 && seen[1] > 0,
         "packets ran under both configurations: {seen:?}"
@@ -1250,16 +1279,24 @@ fn packets_racing_replacements_each_follow_one_configuration_whole() {
 fn a_full_set_of_rules_replaces_another_full_set_and_one_more_is_refused_whole() {
     let n = RULES_MAX as u16;
     let tcp_rules = |base: u16| -> Vec<RedirectRule> {
-        (0..n).map(|i| rule(base + i, Protocol::Tcp, DEST, 80)).collect()
+        (0..n)
+            .map(|i| rule(base + i, Protocol::Tcp, DEST, 80))
+            .collect()
     };
     let mut dp = Dp::new(tcp_rules(1000), None, |_| {});
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 1000 + n - 1, "S", b""));
     assert_eq!(sent_as(&out), (SOURCE, DEST, 80));
     let b = settings(&dp.dir, tcp_rules(20000), None, SOURCE);
-    dp.dp.configure(&b).expect("a full set replaces another full set");
+    dp.dp
+        .configure(&b)
+        .expect("a full set replaces another full set");
     assert_eq!(dp.rules_in_force().len(), n as usize);
     let syn = tcp(CLIENT, POD, 40001, 1000 + n - 1, "S", b"");
-    assert_eq!(dp.out(&syn), (TC_ACT_OK, syn.clone()), "the old rule is not in force");
+    assert_eq!(
+        dp.out(&syn),
+        (TC_ACT_OK, syn.clone()),
+        "the old rule is not in force"
+    );
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40002, 20000 + n - 1, "S", b""));
     assert_eq!(sent_as(&out), (SOURCE, DEST, 80), "the new one is");
     let a = settings(&dp.dir, tcp_rules(1000), None, SOURCE);
@@ -1282,16 +1319,30 @@ fn a_full_set_of_rules_replaces_another_full_set_and_one_more_is_refused_whole()
         &DataplaneOptions::default(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains(&format!("at most {RULES_MAX}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("at most {RULES_MAX}")),
+        "{err}"
+    );
     let mut s = settings(&dp.dir, vec![], Some(FALLBACK), SOURCE2);
     s.rules = b.rules.clone();
     s.rules.push(a.rules[0]);
-    assert!(dp.dp.configure(&s).is_err(), "the writer refuses it as well");
+    assert!(
+        dp.dp.configure(&s).is_err(),
+        "the writer refuses it as well"
+    );
     let before = dp.rules_in_force();
     assert_eq!(before.len(), n as usize);
-    assert_eq!(before[0], ((6, 1000), (DEST, 80)), "the rules in force are untouched");
+    assert_eq!(
+        before[0],
+        ((6, 1000), (DEST, 80)),
+        "the rules in force are untouched"
+    );
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40003, 1000, "S", b""));
-    assert_eq!(sent_as(&out), (SOURCE, DEST, 80), "and so are the source and fallback");
+    assert_eq!(
+        sent_as(&out),
+        (SOURCE, DEST, 80),
+        "and so are the source and fallback"
+    );
     let syn = tcp(CLIENT, POD, 40004, 7, "S", b"");
     assert_eq!(dp.out(&syn), (TC_ACT_OK, syn.clone()), "no fallback");
 }
@@ -1402,7 +1453,12 @@ fn incompatible_pinned_maps_are_replaced() {
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
     assert_eq!(daddr(&out), DEST);
     assert_eq!(dp.flows().len(), 2, "the new FLOWS map works");
-    let info = |map: &str| aya::maps::MapData::from_pin(dp.dir.join(map)).unwrap().info().unwrap();
+    let info = |map: &str| {
+        aya::maps::MapData::from_pin(dp.dir.join(map))
+            .unwrap()
+            .info()
+            .unwrap()
+    };
     assert_eq!(info("CONFIG").map_type().unwrap(), aya::maps::MapType::Hash);
     assert_eq!(info("RULES").max_entries(), 2 * RULES_MAX);
     assert_eq!(dp.rules_in_force(), [((6, 80), (DEST, 80))]);

@@ -404,7 +404,10 @@ fn identity_servers(lab: &Lab, addr: SocketAddr) {
     let l = lab.topo.dest.tcp_listen(addr).unwrap();
     thread::spawn(move || {
         for mut c in l.incoming().flatten() {
-            let peer = c.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let peer = c
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
             let _ = c.write_all(format!("{addr} {peer}").as_bytes());
         }
     });
@@ -505,7 +508,12 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             &format!("53 udp {DEST_IP} 5301"),
         ],
         DEST2,
-        [at(DEST_IP, 81), at(DEST2, 90), at(DEST_IP, 5301), at(DEST2, 54)],
+        [
+            at(DEST_IP, 81),
+            at(DEST2, 90),
+            at(DEST_IP, 5301),
+            at(DEST2, 54),
+        ],
     );
     let b = rule_set(
         "B",
@@ -516,7 +524,12 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             &format!("54 udp {DEST_IP} 5401"),
         ],
         DEST3,
-        [at(DEST3, 80), at(DEST_IP, 91), at(DEST3, 53), at(DEST_IP, 5401)],
+        [
+            at(DEST3, 80),
+            at(DEST_IP, 91),
+            at(DEST3, 53),
+            at(DEST_IP, 5401),
+        ],
     );
     let sets = [&a, &b];
     let rule_count = |lab: &Lab| -> usize {
@@ -584,7 +597,11 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             router = lab.legacy_running(&sets[next].text);
             phases.push((began, Instant::now(), next));
             eprintln!("replacement {round}: set {} in force", sets[next].name);
-            assert_eq!(rule_count(&lab), sets[next].rules, "status: the set in force");
+            assert_eq!(
+                rule_count(&lab),
+                sets[next].rules,
+                "status: the set in force"
+            );
             thread::sleep(Duration::from_millis(700));
         }
         let last = phases.last().unwrap().2;
@@ -605,9 +622,16 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
             "90 tcp {DEST3} 91\n80 tcp {DEST3} 81\n54 udp {DEST3} 5401\n53 udp {DEST3} 5301\n{}",
             too_many.text
         );
-        let invalid = format!("{}\n7070 tcp 300.1.1.1\n{DEST3}", b.text.lines().take(10).collect::<Vec<_>>().join("\n"));
+        let invalid = format!(
+            "{}\n7070 tcp 300.1.1.1\n{DEST3}",
+            b.text.lines().take(10).collect::<Vec<_>>().join("\n")
+        );
         for (what, text, says) in [
-            ("too many rules", probed_first, format!("at most {}", egress_common::RULES_MAX)),
+            (
+                "too many rules",
+                probed_first,
+                format!("at most {}", egress_common::RULES_MAX),
+            ),
             ("an invalid address", invalid, "300.1.1.1".to_string()),
         ] {
             let mut cmd = router_command("legacy");
@@ -720,7 +744,11 @@ fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_who
     );
     let refusals_began = refusals_began.unwrap();
     assert!(
-        records.iter().filter(|r| r.started > refusals_began).count() > 100,
+        records
+            .iter()
+            .filter(|r| r.started > refusals_began)
+            .count()
+            > 100,
         "probes ran during the refused replacements"
     );
     router.signal(Signal::SIGTERM).ok();

@@ -4,8 +4,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use egress_common::{
-    DataplaneConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RULES_MAX, RuleKey,
-    RuleTarget,
+    DataplaneConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RULES_MAX, RuleKey, RuleTarget,
 };
 
 use super::DataplaneOptions;

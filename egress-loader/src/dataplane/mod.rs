@@ -244,7 +244,9 @@ impl Dataplane {
     /// Puts what [`Dataplane::stage`] wrote in force.
     pub fn switch(&mut self, staged: &Staged) -> Result<()> {
         fill::switch(
-            self.ebpf.map_mut(MAP_CONFIG).context("CONFIG map missing")?,
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .context("CONFIG map missing")?,
             staged,
         )
     }
