@@ -22,7 +22,11 @@ pub const PROTO_SCTP: u8 = 132;
 /// not answered yet.
 pub const DEFAULT_FLOWS_MAX: u32 = 65536;
 pub const FRAGS_MAX: u32 = 4096;
+/// Redirect rules a configuration may have. The RULES map holds twice as many: the rules of
+/// the configuration in force and those of the one replacing it (see [`RuleKey::generation`]).
 pub const RULES_MAX: u32 = 4096;
+/// Capacity of the RULES map: two generations of [`RULES_MAX`] rules.
+pub const RULES_MAP_ENTRIES: u32 = 2 * RULES_MAX;
 
 /// Per-CPU counters, one slot. Field names are what `bpftool map dump` and `status` show.
 #[repr(C)]
@@ -87,7 +91,15 @@ impl Stats {
     }
 }
 
-/// Dataplane settings, one slot of an array map, written by the loader.
+/// Dataplane settings, the one value (key 0) of the CONFIG hash map, written by the loader.
+///
+/// A replacement of the configuration becomes visible to the programs in one step: the new
+/// rules are written under the generation not in force, then one update of this value names
+/// it. CONFIG is a hash map (no preallocation) because an update there links a new element in
+/// place of the old one instead of copying over it, so a program that looked the old one up
+/// keeps reading it whole until it returns; the old element is recycled only by a later
+/// update of the map, the next replacement's. (An array's value is overwritten in place: a
+/// program could read half of each.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataplaneConfig {
@@ -111,16 +123,22 @@ pub struct DataplaneConfig {
     /// fallback, so that probes and scrapes of the pod IP reach the router. 0: none. (This
     /// was padding: a CONFIG map pinned by an older build reads as 0.)
     pub local_tcp_port: u16,
-    pub _pad1: u16,
+    /// The generation (0 or 1) of the rules in force: the programs look rules up under it.
+    /// (This was padding: the rules and configuration of an older build both read as
+    /// generation 0.)
+    pub generation: u8,
+    pub _pad1: u8,
 }
 
-/// Key of the redirect rule map: a local (router) port and protocol.
+/// Key of the redirect rule map: a local (router) port and protocol, in one generation of
+/// rules. Only the generation [`DataplaneConfig::generation`] names is in force; the other
+/// holds the rules of a replacement being written, or those it replaced.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKey {
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub generation: u8,
 }
 
 /// Where a rule sends matching traffic.
@@ -376,5 +394,7 @@ mod tests {
         // The loader compares sizes with pinned maps; padding must be explicit (no holes).
         assert_eq!(core::mem::size_of::<RouteCache>(), 32);
         assert_eq!(core::mem::size_of::<FlowValue>(), 72);
+        assert_eq!(core::mem::size_of::<RuleKey>(), 4);
+        assert_eq!(core::mem::size_of::<DataplaneConfig>(), 44);
     }
 }

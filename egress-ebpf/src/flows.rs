@@ -63,7 +63,7 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
         let rk = RuleKey {
             port: p.key.dport,
             proto,
-            _pad: 0,
+            generation: cfg.generation,
         };
         // SAFETY: the value is copied out at once.
         if let Some(t) = unsafe { RULES.get(&rk) } {

@@ -1,21 +1,26 @@
 //! The BTF maps (named fields in bpftool) and their accessors.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use egress_common::{
     DEFAULT_FLOWS_MAX, DataplaneConfig, FRAGS_MAX, FlowKey, FlowValue, FragKey, FragValue,
-    RULES_MAX, RuleKey, RuleTarget, Stats,
+    RULES_MAP_ENTRIES, RuleKey, RuleTarget, Stats,
 };
 
 #[btf_map]
 pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
+/// The configuration, under key 0: a hash map, so that the loader's one update replaces the
+/// value whole for the programs (see `DataplaneConfig`).
 #[btf_map]
-pub static CONFIG: Array<DataplaneConfig, 1> = Array::new();
+pub static CONFIG: HashMap<u32, DataplaneConfig, 1, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
+/// The redirect rules of two generations: the one CONFIG names, and a replacement's.
 #[btf_map]
-pub static RULES: HashMap<RuleKey, RuleTarget, { RULES_MAX as usize }> = HashMap::new();
+pub static RULES: HashMap<RuleKey, RuleTarget, { RULES_MAP_ENTRIES as usize }> = HashMap::new();
 
 /// Connection table of answered flows: two entries per flow (one per direction). Its size is
 /// set by the loader.
@@ -104,7 +109,12 @@ pub fn scratch() -> Option<&'static mut NewEntries> {
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// The configuration, looked up once per packet and passed down: every decision of the
+/// packet, its rule's generation included, comes from this one value.
 #[inline(always)]
 pub fn config() -> Option<&'static DataplaneConfig> {
-    CONFIG.get(0)
+    // SAFETY: the loader never writes into a value in the map (an update links a new element
+    // in), and the reference does not outlive the program run, during which the element it
+    // points to is not recycled (RCU).
+    unsafe { CONFIG.get(0u32) }
 }

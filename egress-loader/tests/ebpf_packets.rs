@@ -17,8 +17,8 @@ mod frames;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use egress_common::{
-    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, FragKey, FragValue, MAP_FRAGS,
-    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, Stats,
+    DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, FragKey, FragValue, MAP_FRAGS, MAP_RULES,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, RULES_MAX, RuleKey, RuleTarget, Stats,
 };
 use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
@@ -1050,6 +1050,303 @@ fn rules_are_replaced_without_leftovers() {
     assert_eq!(daddr(&out), FALLBACK);
 }
 
+// Replacements of the configuration: the programs see the old one or the new one, whole.
+
+const SOURCE2: [u8; 4] = [192, 168, 12, 98];
+const FALLBACK2: [u8; 4] = [203, 0, 113, 27];
+const DEST2: [u8; 4] = [203, 0, 113, 28];
+
+/// The settings a router with these rules, fallback and EGRESS_SOURCE writes into `dir`'s maps.
+fn settings(
+    dir: &std::path::Path,
+    rules: Vec<RedirectRule>,
+    fallback: Option<[u8; 4]>,
+    source: [u8; 4],
+) -> DataplaneSettings {
+    let opts = DataplaneOptions {
+        bpffs_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    let redirect = RedirectConfig {
+        rules,
+        fallback: fallback.map(|a| Ipv4Addr::from(a).into()),
+    };
+    DataplaneSettings::new(
+        &redirect,
+        Ipv4Addr::from(source),
+        NO_IFINDEX.0,
+        NO_IFINDEX.1,
+        &opts,
+    )
+    .unwrap()
+}
+
+/// Where the eth0 program sent a frame: (source, destination, destination port).
+fn sent_as(out: &[u8]) -> ([u8; 4], [u8; 4], u16) {
+    (saddr(out), daddr(out), dport(out))
+}
+
+/// A rule as `status` lists it: ((protocol, local port), (destination, remote port)).
+type Listed = ((u8, u16), ([u8; 4], u16));
+
+impl Dp {
+    /// The rules `status` lists.
+    fn rules_in_force(&self) -> Vec<Listed> {
+        status::StatusMaps::pinned(&self.dir)
+            .and_then(|m| m.rules())
+            .unwrap()
+            .iter()
+            .map(|(k, t)| ((k.proto, k.port), (t.daddr, t.dport)))
+            .collect()
+    }
+
+    /// Entries of the RULES map, of every generation.
+    fn rule_entries(&self) -> usize {
+        let map = self.dp.ebpf.map(MAP_RULES).expect("the RULES map");
+        let rules: aya::maps::HashMap<_, RuleKey, RuleTarget> = map.try_into().unwrap();
+        rules.keys().count()
+    }
+}
+
+/// A replacement written but not switched to is invisible: packets follow the old rules, the
+/// old EGRESS_SOURCE and the old fallback (none), and `status` lists the old rules. After the
+/// switch every new flow follows the new configuration whole. The rules replaced stay until
+/// the next replacement clears them before writing its own, so the map never holds more than
+/// two sets.
+#[test]
+fn a_staged_replacement_is_not_seen_until_its_switch_and_then_whole() {
+    let mut dp = Dp::standard();
+    let before = dp.rules_in_force();
+    let b = settings(
+        &dp.dir,
+        vec![
+            rule(80, Protocol::Tcp, FALLBACK, 81),
+            rule(9090, Protocol::Tcp, DEST, 9091),
+        ],
+        Some(FALLBACK2),
+        SOURCE2,
+    );
+    let staged = dp.dp.stage(&b).unwrap();
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
+    assert_eq!(
+        sent_as(&out),
+        (SOURCE, DEST, 80),
+        "the old rule, the old source"
+    );
+    let syn = tcp(CLIENT, POD, 40001, 9090, "S", b"");
+    assert_eq!(
+        dp.out(&syn),
+        (TC_ACT_OK, syn.clone()),
+        "no rule and no fallback yet"
+    );
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"q"));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 5353));
+    assert_eq!(
+        dp.rules_in_force(),
+        before,
+        "status lists the rules in force"
+    );
+
+    dp.dp.switch(&staged).unwrap();
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40010, 80, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE2, FALLBACK, 81), "80: the new rule");
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40011, 9090, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE2, DEST, 9091), "9090: the added rule");
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5010, 53, b"q"));
+    assert_eq!(
+        sent_as(&out),
+        (SOURCE2, FALLBACK2, 53),
+        "udp 53: its rule went, the new fallback takes it"
+    );
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40012, 8080, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE2, FALLBACK2, 8080));
+    assert_eq!(
+        dp.rules_in_force(),
+        [((6, 80), (FALLBACK, 81)), ((6, 9090), (DEST, 9091))]
+    );
+
+    // Another replacement: the rules of two replacements ago are cleared first.
+    let c = settings(
+        &dp.dir,
+        vec![rule(81, Protocol::Tcp, DEST, 82)],
+        None,
+        SOURCE,
+    );
+    dp.dp.configure(&c).unwrap();
+    assert_eq!(dp.rules_in_force(), [((6, 81), (DEST, 82))]);
+    assert_eq!(
+        dp.rule_entries(),
+        2 + 1,
+        "the set replaced (2) and the one in force (1)"
+    );
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40020, 81, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 82));
+    let syn = tcp(CLIENT, POD, 40021, 9090, "S", b"");
+    assert_eq!(
+        dp.out(&syn),
+        (TC_ACT_OK, syn.clone()),
+        "the replaced rule is gone"
+    );
+}
+
+/// Packets run while another loader (a restarted router on the same pins) replaces the
+/// configuration again and again, between two that differ in everything: EGRESS_SOURCE, the
+/// fallback, and rules (1,000 each, the probed ones written last). Every new flow follows one
+/// configuration whole: never a rule of one with the source or fallback of the other, nor the
+/// fallback of one where its own rule is not written yet. (Written in place, in the order
+/// CONFIG then rules, hundreds of flows in a run were a mix.)
+#[test]
+fn packets_racing_replacements_each_follow_one_configuration_whole() {
+    const FILLER: u16 = 1000;
+    const ROUNDS: u32 = 60;
+    let set = |base: u16, dest: [u8; 4], probe: (u16, [u8; 4], u16)| {
+        let mut v: Vec<RedirectRule> = (0..FILLER)
+            .map(|i| rule(base + i, Protocol::Tcp, dest, 7))
+            .collect();
+        v.push(rule(probe.0, Protocol::Tcp, probe.1, probe.2));
+        v
+    };
+    let a_rules = set(10000, DEST, (80, DEST, 81));
+    let dp = Dp::new(a_rules.clone(), Some(FALLBACK), |_| {});
+    let dir = dp.dir.clone();
+    let a = settings(&dir, a_rules, Some(FALLBACK), SOURCE);
+    let b = settings(
+        &dir,
+        set(20000, DEST2, (90, DEST2, 91)),
+        Some(FALLBACK2),
+        SOURCE2,
+    );
+    // (port probed, what A makes of it, what B makes of it)
+    let probes = [
+        (80, (SOURCE, DEST, 81), (SOURCE2, FALLBACK2, 80)),
+        (90, (SOURCE, FALLBACK, 90), (SOURCE2, DEST2, 91)),
+        (5000, (SOURCE, FALLBACK, 5000), (SOURCE2, FALLBACK2, 5000)),
+    ];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut seen = [0u64; 2];
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let opts = DataplaneOptions {
+                bpffs_dir: Some(dir.clone()),
+                ..Default::default()
+            };
+            let result = load(&opts).and_then(|mut w| {
+                for i in 0..ROUNDS {
+                    w.configure(if i % 2 == 0 { &b } else { &a })?;
+                }
+                Ok(())
+            });
+            done.store(true, Ordering::SeqCst);
+            result
+        });
+        let mut i = 0u32;
+        while !done.load(Ordering::SeqCst) {
+            let (port, in_a, in_b) = probes[(i % 3) as usize];
+            let client = [10, 130 + (i / 60000) as u8, 0, 10];
+            let sport = 1024 + (i % 60000) as u16;
+            let (v, out) = dp.out(&tcp(client, POD, sport, port, "S", b""));
+            let got = sent_as(&out);
+            assert_eq!(v, TC_ACT_OK, "flow {i} to port {port}");
+            if got == in_a {
+                seen[0] += 1;
+            } else if got == in_b {
+                seen[1] += 1;
+            } else {
+                done.store(true, Ordering::SeqCst);
+                panic!(
+                    "flow {i} to port {port} left as {got:?}: neither the first \
+                     configuration's {in_a:?} nor the second's {in_b:?}"
+                );
+            }
+            i += 1;
+        }
+        writer.join().unwrap().expect("the replacements");
+    });
+    eprintln!(
+        "flows under the first configuration: {}, the second: {}",
+        seen[0], seen[1]
+    );
+    assert!(
+        seen[0] > 0 && seen[1] > 0,
+        "packets ran under both configurations: {seen:?}"
+    );
+}
+
+/// A configuration of RULES_MAX rules replaces another of RULES_MAX different ones (the map
+/// holds two sets), and back; one rule more is refused before anything is written, the rules
+/// in force untouched.
+#[test]
+fn a_full_set_of_rules_replaces_another_full_set_and_one_more_is_refused_whole() {
+    let n = RULES_MAX as u16;
+    let tcp_rules = |base: u16| -> Vec<RedirectRule> {
+        (0..n)
+            .map(|i| rule(base + i, Protocol::Tcp, DEST, 80))
+            .collect()
+    };
+    let mut dp = Dp::new(tcp_rules(1000), None, |_| {});
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 1000 + n - 1, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 80));
+    let b = settings(&dp.dir, tcp_rules(20000), None, SOURCE);
+    dp.dp
+        .configure(&b)
+        .expect("a full set replaces another full set");
+    assert_eq!(dp.rules_in_force().len(), n as usize);
+    let syn = tcp(CLIENT, POD, 40001, 1000 + n - 1, "S", b"");
+    assert_eq!(
+        dp.out(&syn),
+        (TC_ACT_OK, syn.clone()),
+        "the old rule is not in force"
+    );
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40002, 20000 + n - 1, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 80), "the new one is");
+    let a = settings(&dp.dir, tcp_rules(1000), None, SOURCE);
+    dp.dp.configure(&a).expect("and back");
+    assert_eq!(dp.rules_in_force().len(), n as usize);
+    assert_eq!(dp.rule_entries(), 2 * n as usize);
+
+    // One rule too many: refused when the settings are made, and by the writer too.
+    let mut too_many = tcp_rules(20000);
+    too_many.push(rule(9, Protocol::Udp, DEST, 9));
+    let redirect = RedirectConfig {
+        rules: too_many,
+        fallback: None,
+    };
+    let err = DataplaneSettings::new(
+        &redirect,
+        Ipv4Addr::from(SOURCE2),
+        NO_IFINDEX.0,
+        NO_IFINDEX.1,
+        &DataplaneOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("at most {RULES_MAX}")),
+        "{err}"
+    );
+    let mut s = settings(&dp.dir, vec![], Some(FALLBACK), SOURCE2);
+    s.rules = b.rules.clone();
+    s.rules.push(a.rules[0]);
+    assert!(
+        dp.dp.configure(&s).is_err(),
+        "the writer refuses it as well"
+    );
+    let before = dp.rules_in_force();
+    assert_eq!(before.len(), n as usize);
+    assert_eq!(
+        before[0],
+        ((6, 1000), (DEST, 80)),
+        "the rules in force are untouched"
+    );
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40003, 1000, "S", b""));
+    assert_eq!(
+        sent_as(&out),
+        (SOURCE, DEST, 80),
+        "and so are the source and fallback"
+    );
+    let syn = tcp(CLIENT, POD, 40004, 7, "S", b"");
+    assert_eq!(dp.out(&syn), (TC_ACT_OK, syn.clone()), "no fallback");
+}
+
 /// bpftool reads the pinned maps with BTF: named fields, readable values.
 #[test]
 fn bpftool_shows_named_fields_of_pinned_maps() {
@@ -1109,21 +1406,28 @@ fn incompatible_pinned_maps_are_replaced() {
     let dp = Dp::standard();
     let dir = dp.dir.clone();
     std::mem::forget(dp); // keep the directory; the maps stay pinned
-    // Swap FLOWS for a map with another value size, as an older version might have left.
-    std::fs::remove_file(dir.join("FLOWS")).unwrap();
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(dir.join("FLOWS"))
-        .args([
-            "type", "lru_hash", "key", "16", "value", "8", "entries", "16", "name", "FLOWS",
-        ])
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Swap FLOWS for a map with another value size, CONFIG for an array of the same sizes and
+    // RULES for one of the same sizes with room for one generation, as older versions left.
+    for (map, kind, key, value, entries) in [
+        ("FLOWS", "lru_hash", "16", "8", "16"),
+        ("CONFIG", "array", "4", "44", "1"),
+        ("RULES", "hash", "4", "8", "4096"),
+    ] {
+        std::fs::remove_file(dir.join(map)).unwrap();
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(dir.join(map))
+            .args([
+                "type", kind, "key", key, "value", value, "entries", entries, "name", map,
+            ])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let mut opts = DataplaneOptions {
         bpffs_dir: Some(dir.clone()),
         ..Default::default()
@@ -1149,6 +1453,15 @@ fn incompatible_pinned_maps_are_replaced() {
     let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
     assert_eq!(daddr(&out), DEST);
     assert_eq!(dp.flows().len(), 2, "the new FLOWS map works");
+    let info = |map: &str| {
+        aya::maps::MapData::from_pin(dp.dir.join(map))
+            .unwrap()
+            .info()
+            .unwrap()
+    };
+    assert_eq!(info("CONFIG").map_type().unwrap(), aya::maps::MapType::Hash);
+    assert_eq!(info("RULES").max_entries(), 2 * RULES_MAX);
+    assert_eq!(dp.rules_in_force(), [((6, 80), (DEST, 80))]);
 }
 
 // The forwarding path, with a FIB that resolves.

@@ -106,6 +106,7 @@ impl Rng {
 struct Dp {
     dp: Dataplane,
     dir: PathBuf,
+    settings: DataplaneSettings,
 }
 
 impl Drop for Dp {
@@ -165,7 +166,15 @@ impl Dp {
         .unwrap();
         settings.config.local_tcp_port = LOCAL_TCP_PORT;
         dp.configure(&settings).unwrap();
-        Dp { dp, dir }
+        Dp { dp, dir, settings }
+    }
+
+    /// Writes the same configuration again: its rules go under the other generation, so the
+    /// programs are fuzzed looking rules up under both. Returns the generation now in force.
+    fn rewrite(&mut self) -> u8 {
+        let staged = self.dp.stage(&self.settings).unwrap();
+        self.dp.switch(&staged).unwrap();
+        staged.generation()
     }
 
     /// Runs `prog` on `frame`: its verdict and the frame it left, or None when the kernel
@@ -1053,7 +1062,16 @@ fn both_programs_hold_their_invariants_on_mutated_frames() {
     let mut rng = Rng(seed);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut runs, mut dropped, mut refused, mut resets) = (0u64, 0u64, 0u64, 0u64);
+    // The same rules are written again now and then, under the other generation: the model's
+    // configuration stays the one in force.
+    let mut generations = [false; 2];
+    let mut batch = 0u64;
     while Instant::now() < deadline {
+        // Now and then the configuration is written again, to the other generation of rules.
+        if batch % 16 == 15 {
+            generations[dp.rewrite() as usize] = true;
+        }
+        batch += 1;
         for _ in 0..256 {
             let (eth0, base) = &seeds[rng.below(seeds.len())];
             let other = &seeds[rng.below(seeds.len())].1;
@@ -1111,4 +1129,8 @@ fn both_programs_hold_their_invariants_on_mutated_frames() {
             "no {c} frame was ever translated: the fuzzer is blind to them"
         );
     }
+    assert!(
+        generations == [true, true],
+        "the rules were looked up under both generations: {generations:?}"
+    );
 }

@@ -4,7 +4,7 @@
 //! established connections. No connection may be lost; nothing may be half-applied.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
     sync::{
@@ -18,6 +18,7 @@ use std::{
 use egress_tests::{
     DEST_IP, POD_IP, PinDir, Proc, Topology, router_bin, router_command, tcp_roundtrip,
 };
+use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(5);
@@ -350,6 +351,413 @@ fn rules_replaced_under_traffic_take_effect_whole_and_invalid_ones_not_at_all() 
     roundtrip(&mut c80, "80 after the refusal");
     let c = lab.client_tcp(9090).unwrap();
     assert_eq!(tcp_roundtrip(c, b"9090 again", T).unwrap(), b"9090 again");
+}
+
+/// Addresses of the destination namespace besides DEST_IP: the fallbacks of the two rule sets
+/// of [`rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_whole`].
+const DEST2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 26);
+const DEST3: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 27);
+
+/// What the probing clients open: (protocol, router port).
+const PROBES: [(&str, u16); 4] = [("tcp", 80), ("tcp", 90), ("udp", 53), ("udp", 54)];
+
+/// One EGRESS_DESTINATION of that test and where each of [`PROBES`] lands under it.
+struct RuleSet {
+    name: &'static str,
+    text: String,
+    rules: usize,
+    lands: [SocketAddr; 4],
+}
+
+/// `filler` rules on ports from `base` (never probed: they make the set big, so that writing
+/// it takes a while), then `probed` rules, then the fallback.
+fn rule_set(
+    name: &'static str,
+    base: u16,
+    filler: u16,
+    probed: &[&str],
+    fallback: Ipv4Addr,
+    lands: [SocketAddr; 4],
+) -> RuleSet {
+    let mut lines: Vec<String> = (0..filler)
+        .map(|i| format!("{} tcp {DEST_IP} 9", base + i))
+        .collect();
+    lines.extend(probed.iter().map(|l| l.to_string()));
+    let rules = lines.len();
+    lines.push(fallback.to_string());
+    RuleSet {
+        name,
+        text: lines.join("\n"),
+        rules,
+        lands,
+    }
+}
+
+/// A TCP server on `addr` that answers every connection with its own address and the peer's IP
+/// ("203.0.113.25:81 192.168.12.99"), then closes; and a UDP one answering each datagram so.
+fn identity_servers(lab: &Lab, addr: SocketAddr) {
+    let l = lab.topo.dest.tcp_listen(addr).unwrap();
+    thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let peer = c
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = c.write_all(format!("{addr} {peer}").as_bytes());
+        }
+    });
+    let u = lab.topo.dest.udp_bind(addr).unwrap();
+    thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("{addr} {}", peer.ip()).as_bytes(), peer);
+        }
+    });
+}
+
+/// One probe: a new TCP connection or a datagram to the pod IP's `port` from the client's
+/// `local` port, which no other probe uses (a tuple reused while the flow of an earlier probe
+/// lives would follow that flow, as under conntrack); what answered ("<server address> <the
+/// source it saw>"). A lost datagram is sent again (from the same socket: the same flow). None:
+/// the local port is taken.
+fn probe(proto: &str, port: u16, local: u16) -> Option<Result<String, String>> {
+    use socket2::{Domain, Socket, Type};
+    let to = SocketAddr::from((POD_IP, port));
+    let from = SocketAddr::from((Ipv4Addr::UNSPECIFIED, local));
+    let mut answer = Vec::new();
+    if proto == "tcp" {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.bind(&from.into()).ok()?;
+        if let Err(e) = sock.connect_timeout(&to.into(), T) {
+            return Some(Err(format!("connect: {e}")));
+        }
+        let mut c: TcpStream = sock.into();
+        c.set_read_timeout(Some(T)).unwrap();
+        if let Err(e) = c.read_to_end(&mut answer) {
+            return Some(Err(format!("read: {e}")));
+        }
+    } else {
+        let u = std::net::UdpSocket::bind(from).ok()?;
+        u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 64];
+        let mut tries = 0;
+        loop {
+            if let Err(e) = u.send_to(b"who", to) {
+                return Some(Err(format!("send: {e}")));
+            }
+            match u.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    break;
+                }
+                Err(e) if tries < 4 => {
+                    tries += 1;
+                    eprintln!("udp {port}: no answer ({e}), sent again");
+                }
+                Err(e) => return Some(Err(format!("no answer after {tries} retries: {e}"))),
+            }
+        }
+    }
+    Some(Ok(String::from_utf8_lossy(&answer).into_owned()))
+}
+
+/// A probe's record: when it ran, which of [`PROBES`], and what answered.
+struct Probed {
+    started: Instant,
+    ended: Instant,
+    which: usize,
+    answer: Result<String, String>,
+}
+
+/// Rules replaced again and again (a legacy router restarted with the other EGRESS_DESTINATION,
+/// six times) while clients open new TCP connections and send UDP datagrams from new sockets
+/// without a pause. The two sets differ in every probed port's outcome, rule and fallback, and
+/// each is big (1,500 rules, the probed ones written last): every probe lands where one set
+/// sends it, never where a mix would (one set's fallback with the other's rules, or where
+/// neither set sends it), always from EGRESS_SOURCE; and once a router says it runs, every
+/// probe lands on its set. Then two replacements that cannot be applied (more rules than the
+/// dataplane takes, with the probed ones first; an invalid address) are refused and change
+/// nothing while the probes go on.
+#[test]
+fn rules_replaced_again_and_again_under_new_connections_each_land_on_one_set_whole() {
+    const FILLER: u16 = 1500;
+    // A router may be collecting expired flows when SIGTERM comes (thousands here): on an
+    // emulated CPU that takes more than T.
+    const EXIT: Duration = Duration::from_secs(30);
+    let lab = Lab::new();
+    for ip in [DEST2, DEST3] {
+        lab.topo
+            .dest
+            .add_addr(egress_tests::DEST_IF, Ipv4Net::new(ip, 24).unwrap())
+            .unwrap();
+    }
+    for ip in [DEST_IP, DEST2, DEST3] {
+        for port in [80, 81, 90, 91, 53, 54, 5301, 5401] {
+            identity_servers(&lab, SocketAddr::from((ip, port)));
+        }
+    }
+    let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    let a = rule_set(
+        "A",
+        20000,
+        FILLER,
+        &[
+            &format!("80 tcp {DEST_IP} 81"),
+            &format!("53 udp {DEST_IP} 5301"),
+        ],
+        DEST2,
+        [
+            at(DEST_IP, 81),
+            at(DEST2, 90),
+            at(DEST_IP, 5301),
+            at(DEST2, 54),
+        ],
+    );
+    let b = rule_set(
+        "B",
+        30000,
+        FILLER,
+        &[
+            &format!("90 tcp {DEST_IP} 91"),
+            &format!("54 udp {DEST_IP} 5401"),
+        ],
+        DEST3,
+        [
+            at(DEST3, 80),
+            at(DEST_IP, 91),
+            at(DEST3, 53),
+            at(DEST_IP, 5401),
+        ],
+    );
+    let sets = [&a, &b];
+    // The rules in force, read as `status` reads them (`status` itself lists every flow too:
+    // thousands here, slow on an emulated CPU).
+    let rule_count = |lab: &Lab| -> usize {
+        egress_router::dataplane::status::StatusMaps::pinned(&lab.pins.0)
+            .and_then(|m| m.rules())
+            .expect("reading the rules in force")
+            .len()
+    };
+
+    let mut router = lab.legacy_running(&a.text);
+    assert_eq!(rule_count(&lab), a.rules);
+    // (replacement began, the new router runs, the set now in force)
+    let mut phases: Vec<(Instant, Instant, usize)> = vec![(Instant::now(), Instant::now(), 0)];
+    let stop = AtomicBool::new(false);
+    let next_port = std::sync::atomic::AtomicU32::new(1024);
+    let mut refusals_began = None;
+    let records: Vec<Probed> = thread::scope(|s| {
+        // The probes stop however this ends (a failed assertion too: the scope waits for them).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let (lab, stop, next_port) = (&lab, &stop, &next_port);
+                s.spawn(move || {
+                    lab.topo.client.run(|| {
+                        let mut out = Vec::new();
+                        let mut i = c;
+                        while !stop.load(Ordering::Relaxed) {
+                            let local = next_port.fetch_add(1, Ordering::Relaxed);
+                            let Ok(local) = u16::try_from(local) else {
+                                break; // every port used once
+                            };
+                            let which = i % PROBES.len();
+                            let (proto, port) = PROBES[which];
+                            let started = Instant::now();
+                            let Some(answer) = probe(proto, port, local) else {
+                                continue;
+                            };
+                            out.push(Probed {
+                                started,
+                                ended: Instant::now(),
+                                which,
+                                answer,
+                            });
+                            i += 1;
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                        out
+                    })
+                })
+            })
+            .collect();
+
+        thread::sleep(Duration::from_secs(1));
+        for round in 1..=8 {
+            let next = round % 2;
+            let began = Instant::now();
+            router.signal(Signal::SIGTERM).unwrap();
+            router
+                .wait_timeout(EXIT)
+                .unwrap()
+                .expect("exits on SIGTERM");
+            router = lab.legacy_running(&sets[next].text);
+            phases.push((began, Instant::now(), next));
+            eprintln!("replacement {round}: set {} in force", sets[next].name);
+            assert_eq!(
+                rule_count(&lab),
+                sets[next].rules,
+                "status: the set in force"
+            );
+            thread::sleep(Duration::from_millis(700));
+        }
+        let last = phases.last().unwrap().2;
+        refusals_began = Some(Instant::now());
+
+        // Replacements that cannot be applied, while the probes go on: the set in force stays.
+        router.signal(Signal::SIGTERM).unwrap();
+        router
+            .wait_timeout(EXIT)
+            .unwrap()
+            .expect("exits on SIGTERM");
+        let too_many = rule_set(
+            "too many",
+            40000,
+            egress_common::RULES_MAX as u16,
+            &[],
+            DEST3,
+            a.lands,
+        );
+        let probed_first = format!(
+            "90 tcp {DEST3} 91\n80 tcp {DEST3} 81\n54 udp {DEST3} 5401\n53 udp {DEST3} 5301\n{}",
+            too_many.text
+        );
+        let invalid = format!(
+            "{}\n7070 tcp 300.1.1.1\n{DEST3}",
+            b.text.lines().take(10).collect::<Vec<_>>().join("\n")
+        );
+        for (what, text, says) in [
+            (
+                "too many rules",
+                probed_first,
+                format!("at most {}", egress_common::RULES_MAX),
+            ),
+            ("an invalid address", invalid, "300.1.1.1".to_string()),
+        ] {
+            let mut cmd = router_command("legacy");
+            cmd.env("EGRESS_BPFFS_DIR", &lab.pins.0)
+                .env("EGRESS_METRICS_ADDRESS", "off")
+                .env("EGRESS_DESTINATION", text);
+            let out = lab
+                .topo
+                .router
+                .spawn(cmd)
+                .unwrap()
+                .output(Duration::from_secs(30))
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{what} is refused: {err}");
+            assert!(err.contains(&says), "{what}: the reason is given: {err}");
+            assert_eq!(
+                rule_count(&lab),
+                sets[last].rules,
+                "{what}: nothing of it was applied"
+            );
+            thread::sleep(Duration::from_millis(700));
+        }
+        stop.store(true, Ordering::Relaxed);
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+
+    // Every probe landed where one set sends it, from EGRESS_SOURCE; a probe made wholly
+    // between a router's start and the next replacement landed where that router's set sends it.
+    let mut problems = Vec::new();
+    let mut landed = [0usize; 2];
+    for r in &records {
+        let (proto, port) = PROBES[r.which];
+        let what = format!(
+            "{proto} {port} at {:.2?}..{:.2?}",
+            r.started.duration_since(phases[0].0),
+            r.ended.duration_since(phases[0].0),
+        );
+        let answer = match &r.answer {
+            Ok(a) => a,
+            Err(e) => {
+                problems.push(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let Some((server, source)) = answer.split_once(' ') else {
+            problems.push(format!("{what}: answered '{answer}'"));
+            continue;
+        };
+        if source != egress_tests::EGRESS_SOURCE.to_string() {
+            problems.push(format!("{what}: the destination saw {source}"));
+        }
+        let Some(set) = sets
+            .iter()
+            .position(|s| s.lands[r.which].to_string() == server)
+        else {
+            problems.push(format!(
+                "{what}: landed on {server}, where neither set sends it (A: {}, B: {})",
+                a.lands[r.which], b.lands[r.which]
+            ));
+            continue;
+        };
+        landed[set] += 1;
+        // The phase the probe ran in wholly, if it did: after one router started, before the
+        // next replacement began.
+        let stable = phases.iter().enumerate().find(|(i, (_, ran, _))| {
+            r.started >= *ran
+                && phases
+                    .get(i + 1)
+                    .is_none_or(|(next, _, _)| r.ended <= *next)
+        });
+        if let Some((_, (_, _, in_force))) = stable
+            && *in_force != set
+        {
+            problems.push(format!(
+                "{what}: landed on set {}'s {server} while set {} was in force",
+                sets[set].name, sets[*in_force].name
+            ));
+        }
+    }
+    let t0 = phases[0].0;
+    for (began, ran, set) in &phases {
+        eprintln!(
+            "set {} from {:.2?} (replacement began at {:.2?})",
+            sets[*set].name,
+            ran.duration_since(t0),
+            began.duration_since(t0)
+        );
+    }
+    eprintln!(
+        "{} probes: {} landed on set A, {} on set B; {} problems",
+        records.len(),
+        landed[0],
+        landed[1],
+        problems.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "{} of {} probes went wrong:\n{}",
+        problems.len(),
+        records.len(),
+        problems[..problems.len().min(20)].join("\n")
+    );
+    assert!(
+        landed[0] > 100 && landed[1] > 100,
+        "probes ran under both sets: {landed:?}"
+    );
+    let refusals_began = refusals_began.unwrap();
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.started > refusals_began)
+            .count()
+            > 100,
+        "probes ran during the refused replacements"
+    );
+    router.signal(Signal::SIGTERM).ok();
 }
 
 /// A SYN flood from 20,000 source ports through 1,024-entry tables while an established

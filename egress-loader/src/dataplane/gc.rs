@@ -3,7 +3,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{HashMap, MapData};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_NEW_FLOWS,
     packet::{idle_timeout_ns, is_expired},
@@ -33,10 +33,8 @@ pub fn expired(entries: &[(FlowKey, FlowValue)], cfg: &DataplaneConfig, now: u64
 impl Dataplane {
     /// Removes expired flows from both connection tables; returns how many entries went.
     pub fn collect_garbage(&mut self) -> Result<usize> {
-        let cfg = Array::<&MapData, DataplaneConfig>::try_from(
-            self.ebpf.map(MAP_CONFIG).context("CONFIG")?,
-        )?
-        .get(&0, 0)?;
+        let cfg = super::fill::current(self.ebpf.map(MAP_CONFIG).context("CONFIG")?)?
+            .context("the dataplane is not configured")?;
         let mut removed = 0;
         for table in [MAP_FLOWS, MAP_NEW_FLOWS] {
             let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =

@@ -232,13 +232,35 @@ impl Dataplane {
         attach::attach_ingress(p, prog, iface, self.plan.method, &self.plan.dir)
     }
 
-    /// Writes the dataplane configuration and the redirect rules.
+    /// Writes the dataplane configuration and the redirect rules, replacing those in force in
+    /// one step for the programs (see [`fill::write`]); on failure the old ones stay in force.
     pub fn configure(&mut self, cfg: &fill::DataplaneSettings) -> Result<()> {
-        fill::write(&mut self.ebpf, cfg)
+        fill::write(self, cfg).map(drop)
+    }
+
+    /// The first half of [`Dataplane::configure`]: the rules written under the generation not
+    /// in force, which the programs do not see until [`Dataplane::switch`].
+    pub fn stage(&mut self, cfg: &fill::DataplaneSettings) -> Result<Staged> {
+        let active = fill::current(self.ebpf.map(MAP_CONFIG).context("CONFIG map missing")?)?;
+        fill::stage(
+            self.ebpf.map_mut(MAP_RULES).context("RULES map missing")?,
+            active.map(|c| c.generation),
+            cfg,
+        )
+    }
+
+    /// Puts what [`Dataplane::stage`] wrote in force.
+    pub fn switch(&mut self, staged: &Staged) -> Result<()> {
+        fill::switch(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .context("CONFIG map missing")?,
+            staged,
+        )
     }
 }
 
-pub use fill::DataplaneSettings;
+pub use fill::{DataplaneSettings, Staged};
 
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let hint = match &e {

@@ -4,39 +4,119 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, MapInfo};
+use aya::maps::{MapData, MapInfo, MapType};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
-    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RuleKey, RuleTarget, Stats,
+    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RULES_MAP_ENTRIES, RuleKey, RuleTarget, Stats,
 };
 use tracing::warn;
 
-/// (map, key size, value size) as this build defines them.
-const LAYOUTS: [(&str, usize, usize); 6] = [
-    (MAP_STATS, size_of::<u32>(), size_of::<Stats>()),
-    (MAP_CONFIG, size_of::<u32>(), size_of::<DataplaneConfig>()),
-    (MAP_RULES, size_of::<RuleKey>(), size_of::<RuleTarget>()),
-    (MAP_FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>()),
-    (MAP_NEW_FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>()),
-    (MAP_FRAGS, size_of::<FragKey>(), size_of::<FragValue>()),
+/// A map's layout as this build defines it: what a map of an earlier run must have to be
+/// reused.
+struct Layout {
+    name: &'static str,
+    kind: MapType,
+    key: usize,
+    value: usize,
+    /// The capacity, for maps whose size is this build's (the connection tables' is set by the
+    /// operator and kept).
+    entries: Option<u32>,
+}
+
+const fn layout(
+    name: &'static str,
+    kind: MapType,
+    key: usize,
+    value: usize,
+    entries: Option<u32>,
+) -> Layout {
+    Layout {
+        name,
+        kind,
+        key,
+        value,
+        entries,
+    }
+}
+
+/// Earlier builds had CONFIG as an array (the same key and value sizes) and RULES with room
+/// for one generation: the type and the capacity are compared as well as the sizes.
+const LAYOUTS: [Layout; 6] = [
+    layout(
+        MAP_STATS,
+        MapType::PerCpuArray,
+        size_of::<u32>(),
+        size_of::<Stats>(),
+        Some(1),
+    ),
+    layout(
+        MAP_CONFIG,
+        MapType::Hash,
+        size_of::<u32>(),
+        size_of::<DataplaneConfig>(),
+        Some(1),
+    ),
+    layout(
+        MAP_RULES,
+        MapType::Hash,
+        size_of::<RuleKey>(),
+        size_of::<RuleTarget>(),
+        Some(RULES_MAP_ENTRIES),
+    ),
+    layout(
+        MAP_FLOWS,
+        MapType::LruHash,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        None,
+    ),
+    layout(
+        MAP_NEW_FLOWS,
+        MapType::LruHash,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        None,
+    ),
+    layout(
+        MAP_FRAGS,
+        MapType::LruHash,
+        size_of::<FragKey>(),
+        size_of::<FragValue>(),
+        None,
+    ),
 ];
 
 /// Whether a map found from an earlier run (pinned, or through an attached program) has the
-/// key and value sizes this build gives map `name`; if not, says what it has and expects.
+/// type, key and value sizes and capacity this build gives map `name`; if not, says what it
+/// has and expects.
 pub fn layout_mismatch(name: &str, info: &MapInfo) -> Option<String> {
-    let (_, key, value) = LAYOUTS.iter().find(|(n, _, _)| *n == name)?;
+    let l = LAYOUTS.iter().find(|l| l.name == name)?;
+    let kind = info.map_type().ok();
+    if kind != Some(l.kind) {
+        return Some(format!(
+            "a map of type {kind:?}, this version's is {:?}",
+            l.kind
+        ));
+    }
     let found = (info.key_size() as usize, info.value_size() as usize);
-    (found != (*key, *value)).then(|| {
-        format!(
+    if found != (l.key, l.value) {
+        return Some(format!(
             "key and value of {found:?} bytes, this version's are {:?}",
-            (key, value)
-        )
-    })
+            (l.key, l.value)
+        ));
+    }
+    match l.entries {
+        Some(n) if n != info.max_entries() => Some(format!(
+            "room for {} entries, this version's has {n}",
+            info.max_entries()
+        )),
+        _ => None,
+    }
 }
 
-/// Removes pinned maps under `dir` whose key or value size differs from this build's.
+/// Removes pinned maps under `dir` whose layout differs from this build's.
 pub fn drop_incompatible(dir: &Path) -> Result<()> {
-    for (name, _, _) in LAYOUTS {
+    for Layout { name, .. } in LAYOUTS {
         let path = dir.join(name);
         if !path.exists() {
             continue;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapType, PerCpuArray};
 use egress_common::{
     DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS,
     MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey,
@@ -16,7 +16,7 @@ use egress_common::{
 };
 use serde::Serialize;
 
-use super::{DataplaneOptions, pindir, recover};
+use super::{DataplaneOptions, fill, pindir, recover};
 
 /// Entries of the answered flows' table and of the new flows' table.
 pub type FlowTables = (Vec<(FlowKey, FlowValue)>, Vec<(FlowKey, FlowValue)>);
@@ -55,11 +55,21 @@ impl StatusMaps {
             .info()
             .with_context(|| format!("reading the {MAP_FLOWS} map's size"))?
             .max_entries();
+        // An array: the CONFIG of an earlier build, pinned (its rules read as generation 0,
+        // as its configuration does).
+        let config = match config
+            .info()
+            .with_context(|| format!("reading the {MAP_CONFIG} map's type"))?
+            .map_type()
+        {
+            Ok(MapType::Array) => Map::Array(config),
+            _ => Map::HashMap(config),
+        };
         Ok(StatusMaps {
             stats: Map::PerCpuArray(stats),
             flows: Map::LruHashMap(flows),
             new_flows: new_flows.map(Map::LruHashMap),
-            config: Map::Array(config),
+            config,
             rules: Map::HashMap(rules),
             flows_max,
             dir,
@@ -170,20 +180,35 @@ impl StatusMaps {
 
     /// The configuration the loader wrote (all zero before it did).
     pub fn config(&self) -> Result<DataplaneConfig> {
-        let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
-        Ok(map.get(&0, 0)?)
+        if let Map::Array(_) = &self.config {
+            let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
+            return Ok(map.get(&0, 0)?);
+        }
+        Ok(fill::current(&self.config)?.unwrap_or_default())
     }
 
-    /// How many redirect rules are loaded (the fallback is in the configuration).
+    /// How many redirect rules are in force (the fallback is in the configuration).
     pub fn rule_count(&self) -> Result<usize> {
+        let generation = self.config()?.generation;
         let map = HashMap::<&MapData, RuleKey, RuleTarget>::try_from(&self.rules)?;
-        Ok(map.keys().filter(|k| k.is_ok()).count())
+        Ok(map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.generation == generation)
+            .count())
     }
 
-    /// The loaded redirect rules, by protocol and port.
+    /// The redirect rules in force, by protocol and port: those of the generation the
+    /// configuration names (the other holds the rules it replaced, or a replacement's being
+    /// written).
     pub fn rules(&self) -> Result<Vec<(RuleKey, RuleTarget)>> {
+        let generation = self.config()?.generation;
         let map = HashMap::<&MapData, RuleKey, RuleTarget>::try_from(&self.rules)?;
-        let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+        let mut v: Vec<_> = map
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, _)| k.generation == generation)
+            .collect();
         v.sort_by_key(|(k, _)| (k.proto, k.port));
         Ok(v)
     }
