@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, ensure};
 use egress_tests::{DEST_IP, EGRESS_SOURCE, POD_IP, Proc, Topology};
 
 use super::{
-    Ctx, load,
+    Ctx, load, redirect,
     report::{Better, Section, Who},
     servers::{ECHO_PORT, HTTP_PORT, IPERF_PORT, SINK_PORT, Servers},
     sys, tune, wait_listening,
@@ -253,7 +253,10 @@ pub fn dns(ctx: &mut Ctx, who: Who) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let pid = lab.proxy.pid();
     match sys::cpu_during(pid, || {
-        load::tcp_crr(&lab.topo.client, echo, p.crr_threads, p.measure)
+        let perf = redirect::profile(ctx, "dns-crr", redirect::Profiled::Process(pid))?;
+        let r = load::tcp_crr(&lab.topo.client, echo, p.crr_threads, p.measure);
+        redirect::profile_finish(perf)?;
+        r
     }) {
         Ok((rate, cpu)) => {
             ctx.measure(s, DNS_CRR, Better::Higher, who, || Ok(rate));

@@ -640,15 +640,33 @@ pub fn profile_start(
     what: &str,
     cpu: Option<usize>,
 ) -> Result<Option<(std::process::Child, std::path::PathBuf)>> {
+    profile(ctx, what, cpu.map_or(Profiled::All, Profiled::Cpu))
+}
+
+/// What [`profile`] records.
+pub enum Profiled {
+    All,
+    Cpu(usize),
+    /// One process (a proxy), user and kernel stacks of its threads.
+    Process(u32),
+}
+
+/// `perf record -g` of `target` for the measurement window, with EGRESS_BENCH_PERF set.
+pub fn profile(
+    ctx: &Ctx,
+    what: &str,
+    target: Profiled,
+) -> Result<Option<(std::process::Child, std::path::PathBuf)>> {
     if std::env::var_os("EGRESS_BENCH_PERF").is_none() {
         return Ok(None);
     }
     let data = ctx.dir.join(format!("perf-{what}-{}.data", ctx.tag()));
     let mut cmd = Command::new("perf");
     cmd.args(["record", "-q", "-g", "-o"]).arg(&data);
-    match cpu {
-        Some(c) => cmd.args(["-C", &c.to_string()]),
-        None => cmd.arg("-a"),
+    match target {
+        Profiled::Cpu(c) => cmd.args(["-C", &c.to_string()]),
+        Profiled::All => cmd.arg("-a"),
+        Profiled::Process(pid) => cmd.args(["-p", &pid.to_string()]),
     };
     cmd.args(["--", "sleep", &format!("{}", ctx.p.measure.as_secs_f64())])
         .stdout(std::process::Stdio::null())
