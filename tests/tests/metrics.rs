@@ -460,6 +460,26 @@ fn legacy_redirect_counters_reach_prometheus_and_scrapes_stay_the_routers() {
     assert!(router.is_running());
 }
 
+/// Init mode in the lab's router namespace, pinned in the lab's bpffs directory, with one rule
+/// (port 80 to the destination's 8000); it must exit 0.
+fn init_dataplane(lab: &Lab) {
+    let mut init = router_command("init");
+    init.env("EGRESS_BPFFS_DIR", &lab.bpffs);
+    init.env("EGRESS_DESTINATION", "80 tcp 203.0.113.25 8000");
+    let out = lab
+        .topo
+        .router
+        .spawn(init)
+        .unwrap()
+        .output(Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Init mode exits; `egress-router exporter`, with no capability but CAP_BPF, serves its
 /// dataplane's counters. Not ready before the dataplane exists, ready once init mode made it.
 #[test]
@@ -490,21 +510,7 @@ fn the_exporter_serves_an_init_mode_dataplane() {
     );
     assert_healthy(&lab.topo.client);
 
-    let mut init = router_command("init");
-    init.env("EGRESS_BPFFS_DIR", &lab.bpffs);
-    init.env("EGRESS_DESTINATION", "80 tcp 203.0.113.25 8000");
-    let out = lab
-        .topo
-        .router
-        .spawn(init)
-        .unwrap()
-        .output(Duration::from_secs(30))
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_dataplane(&lab);
     wait_probe(&lab.topo.client, "/readyz", |s, _| s == 200);
     let prom = Prometheus::start(&lab.topo.client, &lab.dir);
     for _ in 0..2 {
@@ -553,21 +559,7 @@ fn the_exporter_serves_an_init_mode_dataplane() {
 #[test]
 fn the_exporter_is_not_ready_once_its_dataplane_is_detached() {
     let lab = Lab::new();
-    let mut init = router_command("init");
-    init.env("EGRESS_BPFFS_DIR", &lab.bpffs);
-    init.env("EGRESS_DESTINATION", "80 tcp 203.0.113.25 8000");
-    let out = lab
-        .topo
-        .router
-        .spawn(init)
-        .unwrap()
-        .output(Duration::from_secs(30))
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_dataplane(&lab);
     let mut exporter = Command::new("setpriv");
     exporter
         .args([
