@@ -425,15 +425,26 @@ pub fn remove_stale() -> io::Result<usize> {
         {
             kill_processes_in(st.ino());
         }
-        let _ = umount2(&path, MntFlags::MNT_DETACH);
-        match fs::remove_file(&path) {
-            Ok(()) => removed += 1,
-            // Another test thread got there first.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        // One namespace that cannot go (its file is also a mount point beneath a later bind
+        // of /run/netns, where no unmount of ours reaches it) must not keep the others.
+        match unmount_and_remove(&path) {
+            Ok(true) => removed += 1,
+            Ok(false) => {}
+            Err(e) => eprintln!("egress-tests: cannot remove stale namespace {name}: {e}"),
         }
     }
     Ok(removed)
+}
+
+/// Unmounts a namespace file (every mount stacked on it) and removes it; false if another test
+/// thread removed it first.
+fn unmount_and_remove(path: &Path) -> io::Result<bool> {
+    while umount2(path, MntFlags::MNT_DETACH).is_ok() {}
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn remove_stale_once() {
