@@ -100,8 +100,7 @@ impl Netns {
                 procs: Mutex::new(Vec::new()),
             }),
             Err(e) => {
-                let _ = umount2(&path, MntFlags::MNT_DETACH);
-                let _ = fs::remove_file(&path);
+                let _ = unmount_and_remove(&path);
                 Err(e)
             }
         }
@@ -364,10 +363,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         self.kill_all();
         let path = self.path();
-        if let Err(e) = umount2(&path, MntFlags::MNT_DETACH) {
-            eprintln!("egress-tests: unmounting {}: {e}", path.display());
-        }
-        if let Err(e) = fs::remove_file(&path) {
+        if let Err(e) = unmount_and_remove(&path) {
             eprintln!("egress-tests: removing {}: {e}", path.display());
         }
     }
@@ -403,7 +399,7 @@ pub fn list_harness_namespaces() -> Vec<String> {
 
 /// Removes `er-<pid>-*` namespaces left behind by test processes that no longer run (a crash or
 /// a SIGKILL skips Drop). Namespaces of live processes, including parallel test binaries, stay.
-pub fn remove_stale() -> io::Result<usize> {
+pub fn remove_stale() -> usize {
     let mut removed = 0;
     for name in list_harness_namespaces() {
         let Some(pid) = name[NAME_PREFIX.len()..]
@@ -433,7 +429,7 @@ pub fn remove_stale() -> io::Result<usize> {
             Err(e) => eprintln!("egress-tests: cannot remove stale namespace {name}: {e}"),
         }
     }
-    Ok(removed)
+    removed
 }
 
 /// Unmounts a namespace file (every mount stacked on it) and removes it; false if another test
@@ -450,8 +446,7 @@ fn unmount_and_remove(path: &Path) -> io::Result<bool> {
 fn remove_stale_once() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| match remove_stale() {
-        Ok(0) => {}
-        Ok(n) => eprintln!("egress-tests: removed {n} stale namespaces of earlier runs"),
-        Err(e) => eprintln!("egress-tests: removing stale namespaces: {e}"),
+        0 => {}
+        n => eprintln!("egress-tests: removed {n} stale namespaces of earlier runs"),
     });
 }
