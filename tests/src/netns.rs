@@ -77,7 +77,7 @@ impl Netns {
 
     /// Bind-mounts the namespace `source` on `/run/netns/<name>` (as `ip netns` names one).
     fn named(name: &str, source: &Path) -> Result<Netns> {
-        fs::create_dir_all(NETNS_DIR).with_context(|| format!("creating {NETNS_DIR}"))?;
+        share_netns_dir()?;
         let path = Path::new(NETNS_DIR).join(name);
         File::options()
             .write(true)
@@ -382,6 +382,40 @@ pub fn require_root() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Makes `/run/netns` a shared mount point of its own, as `ip netns add` and podman do before
+/// they name a namespace. Without it, the first of them to run later binds `/run/netns` over
+/// itself, and the namespace files bound before then stay mounted beneath that bind, where no
+/// unmount through the path reaches them and unlinking them fails with EBUSY.
+fn share_netns_dir() -> Result<()> {
+    // Two test threads both finding it no mount point would bind twice, the second over the
+    // first one's namespace.
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(NETNS_DIR).with_context(|| format!("creating {NETNS_DIR}"))?;
+    let share = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match share() {
+        // EINVAL: not a mount point yet.
+        Err(nix::errno::Errno::EINVAL) => mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| share()),
+        other => other,
+    }
+    .with_context(|| format!("making {NETNS_DIR} a shared mount point"))
 }
 
 /// Names of existing harness namespaces (`/run/netns/er-*`).

@@ -236,6 +236,33 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     assert!(!ns_exists(&name));
 }
 
+/// `ip netns add` (podman does the same) binds /run/netns over itself unless it is already a
+/// shared mount point: a namespace the harness named before then must still go when dropped,
+/// not stay mounted beneath that bind (CI: the CNI tests' namespaces did).
+#[test]
+fn a_later_ip_netns_add_does_not_hide_the_harness_namespaces() {
+    let pid = std::process::id();
+    let ours = format!("er-{pid}-before-ip-netns");
+    let theirs = format!("er-{pid}-by-ip-netns");
+    let ns = egress_tests::Netns::create(&ours).unwrap();
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &theirs]);
+    drop(ns);
+    let left = ns_exists(&ours);
+    ip(&["netns", "del", &theirs]);
+    assert!(
+        !left,
+        "{ours} is still in {NETNS_DIR} after its Netns was dropped"
+    );
+}
+
 /// Without root the harness refuses to build anything, with a message that says why. Runs this
 /// test binary again as `nobody`.
 #[test]
