@@ -24,6 +24,7 @@ use bytes::Bytes;
 use egress_router::{
     config::{Config, EgressSource, HttpMatch, HttpRule, Mode, Role},
     http_proxy::{self, HttpProxyOptions},
+    listener,
     metrics::http::HttpMetrics,
     protected::Protected,
     resolver::ResolverOptions,
@@ -281,7 +282,8 @@ impl Proxy {
     }
 
     async fn start_cfg(cfg: Config, resolv: &Path, opts: HttpProxyOptions) -> Proxy {
-        let listener = TcpListener::bind(opts.listen).await.unwrap();
+        // The proxy's own listener (TCP_NODELAY for the connections it accepts).
+        let listener = listener::listen(opts.listen, 1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let ropts = ResolverOptions {
             resolv_conf: resolv.to_path_buf(),

@@ -497,7 +497,6 @@ async fn handle(
     line: &LineMetrics,
 ) {
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
     let log_end = |upstream: Option<SocketAddr>, t: (u64, u64, u64), end: &str| {
         if shared.debug {
             let upstream = upstream.map_or_else(|| "-".to_string(), |a| a.to_string());

@@ -200,7 +200,6 @@ pub async fn serve(
             () = &mut shutdown => break,
             c = crate::listener::accept(&listener, &accept_log, "HTTP proxy") => c,
         };
-        let _ = stream.set_nodelay(true);
         shared.tasks.spawn(proxy::serve_connection(
             shared.clone(),
             stream,
