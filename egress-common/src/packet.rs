@@ -1,6 +1,6 @@
 //! Pure packet and flow logic shared by the eBPF programs and tested on the host.
 
-use crate::{DataplaneConfig, FLOW_CLOSING, PROTO_ICMP, PROTO_TCP};
+use crate::{DataplaneConfig, FLOW_CLOSING, FlowKey, PROTO_ICMP, PROTO_TCP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -197,6 +197,22 @@ pub fn is_expired(now_ns: u64, last_seen_ns: u64, timeout_ns: u64) -> bool {
     now_ns.saturating_sub(last_seen_ns) > timeout_ns
 }
 
+/// Slots of a CPU's table of one-way flow hints (`NEW_HINTS`): a power of two.
+pub const HINT_SLOTS: usize = 256;
+
+/// The hint tag of an outbound UDP flow key: its slot is `tag as usize % HINT_SLOTS`, and the
+/// slot holds the tag while the flow is one no reply has answered yet. Never 0 (an empty slot).
+/// Two flows may share a tag; a wrong hint only changes which table is looked up first.
+#[inline(always)]
+pub fn hint_tag(key: &FlowKey) -> u32 {
+    let a = u32::from_ne_bytes(key.saddr);
+    let b = u32::from_ne_bytes(key.daddr);
+    let ports = key.sport as u32 | (key.dport as u32) << 16;
+    let h =
+        a.wrapping_mul(0x9e37_79b1) ^ b.wrapping_mul(0x85eb_ca77) ^ ports.wrapping_mul(0xc2b2_ae3d);
+    (h ^ h >> 16) | 0x8000_0000
+}
+
 /// The source port to try on attempt `attempt` (0-based) of a new flow: first the client's own
 /// port, then ports drawn from the configured range with `random`.
 #[inline(always)]
@@ -212,6 +228,29 @@ pub fn candidate_port(attempt: u32, client_port: u16, random: u32, cfg: &Datapla
 mod tests {
     extern crate std;
     use super::*;
+
+    /// One client's flows to one destination, differing only in the source port (the UDP
+    /// flood's 64, a pod's sockets), spread over the slots: a hint is rarely overwritten by
+    /// another flow's.
+    #[test]
+    fn hint_tags_spread_one_clients_flows_over_the_slots() {
+        let mut used = [false; HINT_SLOTS];
+        for sport in 40000..40064u16 {
+            let tag = hint_tag(&FlowKey {
+                saddr: [10, 128, 0, 5],
+                daddr: [10, 128, 0, 2],
+                sport,
+                dport: 9,
+                proto: crate::PROTO_UDP,
+                _pad0: 0,
+                _pad1: 0,
+            });
+            assert_ne!(tag, 0);
+            used[tag as usize % HINT_SLOTS] = true;
+        }
+        let slots = used.iter().filter(|u| **u).count();
+        assert!(slots >= 48, "64 flows in {slots} slots");
+    }
 
     fn header(ihl: u8, total: u16, frag: u16) -> [u8; 20] {
         let mut h = [0u8; 20];

@@ -8,13 +8,16 @@ use aya_ebpf::{
 use egress_common::{
     DIR_IN, DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, PROTO_ICMP, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, RuleKey, Stats,
-    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, candidate_port, idle_timeout_ns, is_expired},
+    packet::{
+        HINT_SLOTS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, candidate_port, hint_tag, idle_timeout_ns,
+        is_expired,
+    },
 };
 
 use crate::{
     entry::FlowEntry,
     error::Error,
-    maps::{NewEntries, RULES, Table, scratch},
+    maps::{NewEntries, RULES, Table, hints, scratch},
     mem::clear,
     parse::Parsed,
 };
@@ -34,6 +37,44 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
     live_in(Table::Answered, key, cfg, now).or_else(|| live_in(Table::New, key, cfg, now))
+}
+
+/// [`lookup_live`] for a packet from the cluster. A UDP flow no reply has answered yet is looked
+/// up among the new flows first when this CPU's hint says so (`NEW_HINTS`); the hint follows
+/// where the entry was found. Either way both tables are consulted before a miss, so the hint
+/// decides only which costs a lookup that misses.
+#[inline(always)]
+pub fn lookup_outbound(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
+    if key.proto != PROTO_UDP {
+        return lookup_live(key, cfg, now);
+    }
+    let Some(hints) = hints() else {
+        return lookup_live(key, cfg, now); // cannot fail
+    };
+    let tag = hint_tag(key);
+    let slot = &mut hints.tags[tag as usize % HINT_SLOTS];
+    let (first, then) = if *slot == tag {
+        (Table::New, Table::Answered)
+    } else {
+        (Table::Answered, Table::New)
+    };
+    if let Some(v) = live_in(first, key, cfg, now) {
+        return Some(v);
+    }
+    let v = live_in(then, key, cfg, now)?;
+    *slot = if then == Table::New { tag } else { 0 };
+    Some(v)
+}
+
+/// Marks the outbound UDP flow `key`, just created among the new flows, for [`lookup_outbound`].
+#[inline(always)]
+fn hint_new(key: &FlowKey) {
+    if key.proto == PROTO_UDP
+        && let Some(hints) = hints()
+    {
+        let tag = hint_tag(key);
+        hints.tags[tag as usize % HINT_SLOTS] = tag;
+    }
 }
 
 /// The entry for `key` in `table` if its flow is still live: idle time is measured from the
@@ -171,6 +212,9 @@ pub fn create(
     if !table.contains(&rkey) && table.insert(&rkey, reply, BPF_ANY as u64).is_err() {
         table.remove(&p.key);
         return Err(Error::TableFull);
+    }
+    if table == Table::New {
+        hint_new(&p.key);
     }
     stats.new_flows += 1;
     Ok(rkey.reversed())

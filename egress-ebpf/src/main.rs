@@ -28,7 +28,7 @@ use egress_common::{
 use crate::{
     entry::FlowEntry,
     error::Error,
-    flows::{answer, create, lookup_live, now_ns, restore_peer, touch},
+    flows::{answer, create, lookup_live, lookup_outbound, now_ns, restore_peer, touch},
     forward::Route,
     maps::Table,
     parse::{Kind, Parsed, parse, remember_fragment},
@@ -113,7 +113,11 @@ fn flow(
     let len = skb.len() as u64;
     // The translated tuple, copied out of the entry: the entry itself is only ever accessed
     // through FlowEntry (other CPUs write it meanwhile, and so does the route cache below).
-    let (tuple, entry) = match (lookup_live(&p.key, cfg, now), side) {
+    let found = match side {
+        Side::Cluster => lookup_outbound(&p.key, cfg, now),
+        Side::Outside => lookup_live(&p.key, cfg, now),
+    };
+    let (tuple, entry) = match (found, side) {
         // The other side's half of a flow (a packet from the cluster shaped like an outside
         // reply, or the reverse): translating it would inject it into that flow, and making a
         // new flow would overwrite the entry. Found by the program fuzzer.

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     DEFAULT_FLOWS_MAX, DataplaneConfig, FRAGS_MAX, FlowKey, FlowValue, FragKey, FragValue,
-    RULES_MAP_ENTRIES, RuleKey, RuleTarget, Stats,
+    RULES_MAP_ENTRIES, RuleKey, RuleTarget, Stats, packet::HINT_SLOTS,
 };
 
 #[btf_map]
@@ -45,6 +45,18 @@ pub static FRAGS: LruHashMap<FragKey, FragValue, { FRAGS_MAX as usize }> = LruHa
 /// nothing lives in it between packets.
 #[btf_map]
 pub static SCRATCH: PerCpuArray<NewEntries, 1> = PerCpuArray::new();
+
+/// Per CPU, the outbound UDP flows last found among the new flows (`packet::hint_tag`): their
+/// packets look there first. A one-way flow (syslog, metrics, a flood) would otherwise miss in
+/// FLOWS on every packet before its hit in NEW_FLOWS. Only orders the two lookups, so a stale
+/// or shared slot costs one miss; not pinned.
+#[btf_map]
+pub static NEW_HINTS: PerCpuArray<Hints, 1> = PerCpuArray::new();
+
+#[repr(C)]
+pub struct Hints {
+    pub tags: [u32; HINT_SLOTS],
+}
 
 #[repr(C)]
 pub struct NewEntries {
@@ -107,6 +119,13 @@ pub fn stats() -> Option<&'static mut Stats> {
 pub fn scratch() -> Option<&'static mut NewEntries> {
     // SAFETY: as in `stats`.
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// This CPU's one-way flow hints (same reasoning as `stats`).
+#[inline(always)]
+pub fn hints() -> Option<&'static mut Hints> {
+    // SAFETY: as in `stats`.
+    NEW_HINTS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// The configuration, looked up once per packet and passed down: every decision of the

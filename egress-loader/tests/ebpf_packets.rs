@@ -18,7 +18,8 @@ mod frames;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use egress_common::{
     DIR_IN, DIR_OUT, FLOW_CLOSING, FlowKey, FlowValue, FragKey, FragValue, MAP_FRAGS, MAP_RULES,
-    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, RULES_MAX, RuleKey, RuleTarget, Stats,
+    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS, PROTO_UDP, RULES_MAX, RuleKey, RuleTarget, Stats,
+    packet::{HINT_SLOTS, hint_tag},
 };
 use egress_router::{
     config::{Mode, Protocol, RedirectConfig, RedirectRule},
@@ -314,6 +315,74 @@ fn a_reply_moves_a_new_flow_to_the_connection_table_and_a_reset_does_not() {
     dp.back(&udp(DEST, SOURCE, 5353, 5000, b"answer"));
     let (answered, new) = dp.flow_tables();
     assert_eq!((answered.len(), new.len()), (4, 2));
+}
+
+/// NEW_HINTS as the programs lay it out (one per CPU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Hints([u32; HINT_SLOTS]);
+// SAFETY: plain integers, no padding.
+unsafe impl aya::Pod for Hints {}
+
+/// A one-way UDP flow (syslog, metrics) is looked up among the new flows first: its first packet
+/// puts its tag in this CPU's NEW_HINTS slot. Its first reply moves it to the connection table;
+/// its next packet, found there after one miss among the new flows, clears the slot. Every
+/// packet is translated the same throughout, and counted in the entry it was found in.
+#[test]
+fn a_one_way_udp_flow_is_looked_up_among_the_new_flows_first_until_answered() {
+    // BPF_PROG_TEST_RUN runs on the calling CPU: stay on one, to read its slot.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    let dp = Dp::standard();
+    let key = FlowKey {
+        saddr: CLIENT,
+        daddr: POD,
+        sport: 5000,
+        dport: 53,
+        proto: PROTO_UDP,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let tag = hint_tag(&key);
+    let slot = |dp: &Dp| -> u32 {
+        let map = dp.dp.ebpf.map("NEW_HINTS").expect("the NEW_HINTS map");
+        let hints: aya::maps::PerCpuArray<_, Hints> = map.try_into().unwrap();
+        hints.get(&0, 0).unwrap()[cpu as usize].0[tag as usize % HINT_SLOTS]
+    };
+    assert_eq!(slot(&dp), 0);
+    let mut port = None;
+    for n in 1..=3u64 {
+        let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"log line"));
+        assert_eq!(sent_as(&out), (SOURCE, DEST, 5353), "datagram {n}");
+        assert_eq!(*port.get_or_insert(sport(&out)), sport(&out));
+        assert_eq!(slot(&dp), tag, "after datagram {n}");
+        let (answered, new) = dp.flow_tables();
+        assert!(answered.is_empty(), "{answered:?}");
+        let out_entry = new.iter().find(|(k, _)| *k == key).expect("among the new");
+        assert_eq!(out_entry.1.packets, n);
+    }
+    let port = port.unwrap();
+    let (v, back) = dp.back(&udp(DEST, SOURCE, 5353, port, b"ack"));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!((daddr(&back), dport(&back)), (CLIENT, 5000));
+    let (answered, new) = dp.flow_tables();
+    assert!(new.is_empty(), "{new:?}");
+    assert_eq!(answered.len(), 2);
+    assert_eq!(slot(&dp), tag, "the reply leaves the outbound hint alone");
+
+    let (_, out) = dp.out(&udp(CLIENT, POD, 5000, 53, b"log line"));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 5353));
+    assert_eq!(sport(&out), port);
+    assert_eq!(
+        slot(&dp),
+        0,
+        "found among the answered flows: the hint is cleared"
+    );
+    let (answered, _) = dp.flow_tables();
+    let out_entry = answered.iter().find(|(k, _)| *k == key).unwrap();
+    assert_eq!(out_entry.1.packets, 4);
 }
 
 /// A flow whose outbound entry the LRU evicted alone, in the connection table, gets it back

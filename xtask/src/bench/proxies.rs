@@ -179,7 +179,9 @@ pub fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
             )
         };
         let run = sys::cpu_during(pid, || {
-            load::wrk(
+            let what = if keepalive { "http-ka" } else { "http-close" };
+            let perf = redirect::profile(ctx, what, redirect::Profiled::Process(pid))?;
+            let r = load::wrk(
                 &lab.topo.client,
                 &ctx.dir,
                 proxy,
@@ -188,7 +190,9 @@ pub fn http(ctx: &mut Ctx, who: Who) -> Result<()> {
                 keepalive,
                 p.http_conns,
                 p.measure,
-            )
+            );
+            redirect::profile_finish(perf)?;
+            r
         });
         match run {
             Ok((r, cpu)) => {
