@@ -40,9 +40,11 @@ pub fn lookup_live(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<Flo
 }
 
 /// [`lookup_live`] for a packet from the cluster. A UDP flow no reply has answered yet is looked
-/// up among the new flows first when this CPU's hint says so (`NEW_HINTS`); the hint follows
-/// where the entry was found. Either way both tables are consulted before a miss, so the hint
-/// decides only which costs a lookup that misses.
+/// up among the new flows first when this CPU's hint says so (`NEW_HINTS`). The hint follows the
+/// lookup: set when the flow is found among the new flows or in neither table (a new flow's
+/// first packet: `create` puts it among the new ones), cleared when it is found among the
+/// answered ones. Either way both tables are consulted before a miss, so the hint decides only
+/// which costs a lookup that misses.
 #[inline(always)]
 pub fn lookup_outbound(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option<FlowEntry> {
     if key.proto != PROTO_UDP {
@@ -61,20 +63,13 @@ pub fn lookup_outbound(key: &FlowKey, cfg: &DataplaneConfig, now: u64) -> Option
     if let Some(v) = live_in(first, key, cfg, now) {
         return Some(v);
     }
-    let v = live_in(then, key, cfg, now)?;
-    *slot = if then == Table::New { tag } else { 0 };
-    Some(v)
-}
-
-/// Marks the outbound UDP flow `key`, just created among the new flows, for [`lookup_outbound`].
-#[inline(always)]
-fn hint_new(key: &FlowKey) {
-    if key.proto == PROTO_UDP
-        && let Some(hints) = hints()
-    {
-        let tag = hint_tag(key);
-        hints.tags[tag as usize % HINT_SLOTS] = tag;
-    }
+    let found = live_in(then, key, cfg, now);
+    *slot = if found.is_some_and(|v| v.table() == Table::Answered) {
+        0
+    } else {
+        tag
+    };
+    found
 }
 
 /// The entry for `key` in `table` if its flow is still live: idle time is measured from the
@@ -212,9 +207,6 @@ pub fn create(
     if !table.contains(&rkey) && table.insert(&rkey, reply, BPF_ANY as u64).is_err() {
         table.remove(&p.key);
         return Err(Error::TableFull);
-    }
-    if table == Table::New {
-        hint_new(&p.key);
     }
     stats.new_flows += 1;
     Ok(rkey.reversed())
