@@ -4,6 +4,7 @@
 /// Pinned map names (files under the bpffs directory).
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_GENERATION: &str = "GENERATION";
 pub const MAP_RULES: &str = "RULES";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_NEW_FLOWS: &str = "NEW_FLOWS";
@@ -91,15 +92,17 @@ impl Stats {
     }
 }
 
-/// Dataplane settings, the one value (key 0) of the CONFIG hash map, written by the loader.
+/// Dataplane settings, written by the loader: CONFIG holds one per generation (index 0 and 1),
+/// and GENERATION's one value names the one in force.
 ///
 /// A replacement of the configuration becomes visible to the programs in one step: the new
-/// rules are written under the generation not in force, then one update of this value names
-/// it. CONFIG is a hash map (no preallocation) because an update there links a new element in
-/// place of the old one instead of copying over it, so a program that looked the old one up
-/// keeps reading it whole until it returns; the old element is recycled only by a later
-/// update of the map, the next replacement's. (An array's value is overwritten in place: a
-/// program could read half of each.)
+/// settings and rules are written under the generation not in force, then one write of
+/// GENERATION names it. (An array value is overwritten in place, so a program reading the
+/// slot being written could read half of each; no program reads a slot while it is written,
+/// because the loader waits, before writing one, until every program run that could still be
+/// reading it from before the last switch has returned: see the loader's `fill::stage`.)
+/// Both are arrays, whose lookups the verifier inlines into a bounds check and an address:
+/// cheaper, on every packet, than the hash lookup an atomic update of one value would need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataplaneConfig {
@@ -123,9 +126,9 @@ pub struct DataplaneConfig {
     /// fallback, so that probes and scrapes of the pod IP reach the router. 0: none. (This
     /// was padding: a CONFIG map pinned by an older build reads as 0.)
     pub local_tcp_port: u16,
-    /// The generation (0 or 1) of the rules in force: the programs look rules up under it.
-    /// (This was padding: the rules and configuration of an older build both read as
-    /// generation 0.)
+    /// The generation (0 or 1) of this configuration, its index in CONFIG: the programs look
+    /// its rules up under it. (This was padding: the rules and configuration of an older
+    /// build both read as generation 0.)
     pub generation: u8,
     pub _pad1: u8,
 }

@@ -1,7 +1,6 @@
 //! The BTF maps (named fields in bpftool) and their accessors.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use egress_common::{
@@ -12,13 +11,17 @@ use egress_common::{
 #[btf_map]
 pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
-/// The configuration, under key 0: a hash map, so that the loader's one update replaces the
-/// value whole for the programs (see `DataplaneConfig`).
+/// The configuration of each generation; GENERATION names the one in force (see
+/// `DataplaneConfig`).
 #[btf_map]
-pub static CONFIG: HashMap<u32, DataplaneConfig, 1, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+pub static CONFIG: Array<DataplaneConfig, 2> = Array::new();
 
-/// The redirect rules of two generations: the one CONFIG names, and a replacement's.
+/// The generation in force, under index 0: the loader's one write of it switches the
+/// configuration and rules whole.
+#[btf_map]
+pub static GENERATION: Array<u32, 1> = Array::new();
+
+/// The redirect rules of two generations: the one GENERATION names, and a replacement's.
 #[btf_map]
 pub static RULES: HashMap<RuleKey, RuleTarget, { RULES_MAP_ENTRIES as usize }> = HashMap::new();
 
@@ -132,8 +135,9 @@ pub fn hints() -> Option<&'static mut Hints> {
 /// packet, its rule's generation included, comes from this one value.
 #[inline(always)]
 pub fn config() -> Option<&'static DataplaneConfig> {
-    // SAFETY: the loader never writes into a value in the map (an update links a new element
-    // in), and the reference does not outlive the program run, during which the element it
-    // points to is not recycled (RCU).
-    unsafe { CONFIG.get(0u32) }
+    // The loader writes only a slot GENERATION does not name, and only once every program
+    // run that read GENERATION before it last changed has returned; the reference does not
+    // outlive the program run.
+    let generation = *GENERATION.get(0)?;
+    CONFIG.get(generation & 1)
 }

@@ -1416,6 +1416,21 @@ fn a_full_set_of_rules_replaces_another_full_set_and_one_more_is_refused_whole()
     assert_eq!(dp.out(&syn), (TC_ACT_OK, syn.clone()), "no fallback");
 }
 
+/// Runs bpftool, returning its standard output; fails the test with its error output.
+fn bpftool<'a>(args: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let args: Vec<&str> = args.into_iter().collect();
+    let out = Command::new("bpftool")
+        .args(&args)
+        .output()
+        .expect("bpftool must be installed (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// bpftool reads the pinned maps with BTF: named fields, readable values.
 #[test]
 fn bpftool_shows_named_fields_of_pinned_maps() {
@@ -1423,17 +1438,8 @@ fn bpftool_shows_named_fields_of_pinned_maps() {
     dp.out(&tcp(CLIENT, POD, 40000, 80, "S", b""));
     let dump = |map: &str| -> serde_json::Value {
         let path = dp.dir.join(map);
-        let out = std::process::Command::new("bpftool")
-            .args(["--json", "map", "dump", "pinned"])
-            .arg(&path)
-            .output()
-            .expect("bpftool must be installed (cargo xtask setup installs it)");
-        assert!(
-            out.status.success(),
-            "bpftool failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let out = bpftool(["--json", "map", "dump", "pinned", path.to_str().unwrap()]);
+        serde_json::from_slice(&out).unwrap()
     };
     let stats = dump("STATS");
     let text = stats.to_string();
@@ -1475,27 +1481,31 @@ fn incompatible_pinned_maps_are_replaced() {
     let dp = Dp::standard();
     let dir = dp.dir.clone();
     std::mem::forget(dp); // keep the directory; the maps stay pinned
-    // Swap FLOWS for a map with another value size, CONFIG for an array of the same sizes and
-    // RULES for one of the same sizes with room for one generation, as older versions left.
+    // Swap FLOWS for a map with another value size, CONFIG for the hash map of one value of
+    // the same sizes and RULES for one of the same sizes with room for one generation, as
+    // older versions left.
     for (map, kind, key, value, entries) in [
         ("FLOWS", "lru_hash", "16", "8", "16"),
-        ("CONFIG", "array", "4", "44", "1"),
+        ("CONFIG", "hash", "4", "44", "1"),
         ("RULES", "hash", "4", "8", "4096"),
     ] {
         std::fs::remove_file(dir.join(map)).unwrap();
-        let out = std::process::Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(dir.join(map))
-            .args([
-                "type", kind, "key", key, "value", value, "entries", entries, "name", map,
-            ])
-            .output()
-            .expect("bpftool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let pin = dir.join(map);
+        bpftool([
+            "map",
+            "create",
+            pin.to_str().unwrap(),
+            "type",
+            kind,
+            "key",
+            key,
+            "value",
+            value,
+            "entries",
+            entries,
+            "name",
+            map,
+        ]);
     }
     let mut opts = DataplaneOptions {
         bpffs_dir: Some(dir.clone()),
@@ -1528,9 +1538,55 @@ fn incompatible_pinned_maps_are_replaced() {
             .info()
             .unwrap()
     };
-    assert_eq!(info("CONFIG").map_type().unwrap(), aya::maps::MapType::Hash);
+    assert_eq!(
+        info("CONFIG").map_type().unwrap(),
+        aya::maps::MapType::Array
+    );
+    assert_eq!(info("CONFIG").max_entries(), 2);
     assert_eq!(info("RULES").max_entries(), 2 * RULES_MAX);
     assert_eq!(dp.rules_in_force(), [((6, 80), (DEST, 80))]);
+}
+
+/// `status` of a dataplane pinned by an earlier build, without GENERATION and with CONFIG as
+/// its one value in a hash map, or as the one slot of an array: it reads that configuration,
+/// and the rules of the generation that configuration names.
+#[test]
+fn status_reads_the_configuration_earlier_layouts_pinned() {
+    let dp = Dp::standard();
+    let cfg = status::StatusMaps::pinned(&dp.dir)
+        .unwrap()
+        .config()
+        .unwrap();
+    assert_eq!(cfg.egress_source, SOURCE);
+    assert_eq!(
+        cfg.generation, 1,
+        "a first configuration is written to the slot GENERATION does not name"
+    );
+    // SAFETY: DataplaneConfig is plain #[repr(C)] data without padding holes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&cfg as *const egress_common::DataplaneConfig).cast::<u8>(),
+            std::mem::size_of_val(&cfg),
+        )
+    };
+    let config = dp.dir.join("CONFIG");
+    let config = config.to_str().unwrap();
+    let value: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    std::fs::remove_file(dp.dir.join("GENERATION")).unwrap();
+    for kind in ["hash", "array"] {
+        std::fs::remove_file(config).unwrap();
+        bpftool([
+            "map", "create", config, "type", kind, "key", "4", "value", "44", "entries", "1",
+            "name", "CONFIG",
+        ]);
+        let mut update = vec!["map", "update", "pinned", config, "key", "0", "0", "0", "0"];
+        update.push("value");
+        update.extend(value.iter().map(String::as_str));
+        bpftool(update);
+        let st = status::StatusMaps::pinned(&dp.dir).unwrap();
+        assert_eq!(st.config().unwrap(), cfg, "CONFIG as a {kind} of one");
+        assert_eq!(st.rule_count().unwrap(), 3, "CONFIG as a {kind} of one");
+    }
 }
 
 // The forwarding path, with a FIB that resolves.

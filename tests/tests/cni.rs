@@ -87,7 +87,11 @@ fn add_then_traffic_leaves_from_the_configured_address_check_then_del_leaves_not
     let count = |k: &str| objects.iter().filter(|o| o.0 == k).count();
     assert_eq!(
         (count("link"), count("prog"), count("map")),
-        (if tcx { 2 } else { 0 }, 2, 6),
+        (
+            if tcx { 2 } else { 0 },
+            2,
+            egress_router::dataplane::PINNED_MAPS.len()
+        ),
         "links, programs, maps: {objects:?}"
     );
 

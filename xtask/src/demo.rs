@@ -104,7 +104,7 @@ fn demo(topo: &Topology, bin: &Path, bpffs: &Path) -> Result<()> {
     names.sort();
     println!("   {}", names.join("  "));
     // The maps as bpftool shows them: flows have one entry per direction, with a cached route.
-    for map in ["CONFIG", "FLOWS", "STATS"] {
+    for map in ["GENERATION", "CONFIG", "FLOWS", "STATS"] {
         println!("\n== bpftool map dump pinned {}/{map}", bpffs.display());
         let mut bpftool = Command::new("bpftool");
         bpftool.args(["map", "dump", "pinned"]).arg(bpffs.join(map));

@@ -2,7 +2,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use egress_common::{
     DataplaneConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RULES_MAX, RuleKey, RuleTarget,
 };
@@ -96,30 +96,55 @@ impl Staged {
     }
 }
 
-/// The configuration in force (CONFIG's value), None before any was written.
-pub fn current(config: &Map) -> Result<Option<DataplaneConfig>> {
-    let map: HashMap<&MapData, u32, DataplaneConfig> = HashMap::try_from(config)?;
-    match map.get(&0, 0) {
-        Ok(c) => Ok(Some(c)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e).context("reading CONFIG"),
-    }
+/// What the programs have in force: the generation GENERATION names, and its configuration
+/// (None before any was written: its slot in CONFIG is still zero).
+#[derive(Clone, Copy, Debug)]
+pub struct InForce {
+    pub generation: u8,
+    pub config: Option<DataplaneConfig>,
 }
 
-/// Writes the rules of `s` under the generation not in force (`active` is the one in force,
-/// None when nothing is): first every rule of any other generation goes (what a replacement
-/// left, or one that failed half-way), so that the two generations never hold more than twice
-/// [`RULES_MAX`] rules. The rules in force are not touched, and neither is CONFIG: until
-/// [`switch`], the programs see exactly what they saw before. Fails, writing nothing, when `s`
-/// has more than [`RULES_MAX`] rules.
-pub fn stage(rules: &mut Map, active: Option<u8>, s: &DataplaneSettings) -> Result<Staged> {
+/// Reads what is in force from the CONFIG and GENERATION maps.
+pub fn in_force(config: &Map, generation: &Map) -> Result<InForce> {
+    let g: Array<&MapData, u32> = Array::try_from(generation)?;
+    // The programs read it masked too.
+    let generation = (g.get(&0, 0).context("reading GENERATION")? & 1) as u8;
+    let slots: Array<&MapData, DataplaneConfig> = Array::try_from(config)?;
+    let config = slots
+        .get(&u32::from(generation), 0)
+        .context("reading CONFIG")?;
+    Ok(InForce {
+        generation,
+        // The programs take an interface index of 0 for "not configured" too.
+        config: (config.eth0_ifindex != 0).then_some(config),
+    })
+}
+
+/// Writes `s` under the generation not in force (`now` is what is): first every rule of that
+/// generation goes (what the replacement before the last one left, or one that failed
+/// half-way), so that the two generations never hold more than twice [`RULES_MAX`] rules, then
+/// its rules and its slot in CONFIG are written. Nothing in force is touched: until [`switch`],
+/// the programs see exactly what they saw before. Fails, writing nothing, when `s` has more
+/// than [`RULES_MAX`] rules.
+///
+/// A program run that read GENERATION just before the last switch may still be using the
+/// generation written here, so the writes wait until every run begun before them has returned.
+pub fn stage(
+    config: &mut Map,
+    rules: &mut Map,
+    now: InForce,
+    s: &DataplaneSettings,
+) -> Result<Staged> {
     check_capacity(s.rules.len())?;
-    let target = active.map_or(0, |g| g ^ 1);
+    let target = now.generation ^ 1;
+    if now.config.is_some() {
+        wait_for_program_runs();
+    }
     let mut map: HashMap<&mut MapData, RuleKey, RuleTarget> = HashMap::try_from(rules)?;
     let leftovers: Vec<RuleKey> = map
         .keys()
         .filter_map(|k| k.ok())
-        .filter(|k| Some(k.generation) != active)
+        .filter(|k| k.generation == target)
         .collect();
     for k in leftovers {
         match map.remove(&k) {
@@ -136,22 +161,42 @@ pub fn stage(rules: &mut Map, active: Option<u8>, s: &DataplaneSettings) -> Resu
             format!("writing rule {k:?} (not applied: the rules in force are unchanged)")
         })?;
     }
-    Ok(Staged {
-        config: DataplaneConfig {
-            generation: target,
-            ..s.config
-        },
-    })
+    let staged = DataplaneConfig {
+        generation: target,
+        ..s.config
+    };
+    let mut slots: Array<&mut MapData, DataplaneConfig> = Array::try_from(config)?;
+    slots
+        .set(u32::from(target), staged, 0)
+        .context("writing CONFIG (not applied: the configuration in force is unchanged)")?;
+    Ok(Staged { config: staged })
 }
 
-/// Puts a staged replacement in force: one update of CONFIG, which the programs see whole
-/// (see [`DataplaneConfig`]), names the staged generation. The rules it replaced stay until
-/// the next replacement removes them: a packet that read the old configuration just before
-/// this update still finds the old rules.
-pub fn switch(config: &mut Map, staged: &Staged) -> Result<()> {
-    let mut map: HashMap<&mut MapData, u32, DataplaneConfig> = HashMap::try_from(config)?;
-    map.insert(0, staged.config, 0)
-        .context("writing CONFIG (the new rules are not in force)")
+/// Puts a staged replacement in force: one write of GENERATION names the staged generation,
+/// whose configuration and rules the programs then read whole. Those it replaced stay until
+/// the next replacement: a packet that read GENERATION just before this write still finds
+/// them.
+pub fn switch(generation: &mut Map, staged: &Staged) -> Result<()> {
+    let mut map: Array<&mut MapData, u32> = Array::try_from(generation)?;
+    map.set(0, u32::from(staged.config.generation), 0)
+        .context("writing GENERATION (the new configuration is not in force)")
+}
+
+/// Returns once every program run begun before the call has returned. tc programs run inside
+/// an RCU read-side section, so one RCU grace period is enough, and membarrier(2)'s
+/// MEMBARRIER_CMD_GLOBAL waits for one (synchronize_rcu). Kernels booted with nohz_full refuse
+/// that command; there, a pause thousands of times longer than a program run stands in for it.
+fn wait_for_program_runs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: no pointers; the command only waits.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "membarrier(MEMBARRIER_CMD_GLOBAL) refused; pausing 100 ms for running programs instead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Refuses more rules than the map holds in one generation.

@@ -5,7 +5,7 @@ use std::collections::HashMap as StdHashMap;
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use egress_common::{
-    DataplaneConfig, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS, MAP_NEW_FLOWS,
+    DataplaneConfig, FlowKey, FlowValue, MAP_FLOWS, MAP_NEW_FLOWS,
     packet::{idle_timeout_ns, is_expired},
 };
 
@@ -33,7 +33,9 @@ pub fn expired(entries: &[(FlowKey, FlowValue)], cfg: &DataplaneConfig, now: u64
 impl Dataplane {
     /// Removes expired flows from both connection tables; returns how many entries went.
     pub fn collect_garbage(&mut self) -> Result<usize> {
-        let cfg = super::fill::current(self.ebpf.map(MAP_CONFIG).context("CONFIG")?)?
+        let cfg = self
+            .in_force()?
+            .config
             .context("the dataplane is not configured")?;
         let mut removed = 0;
         for table in [MAP_FLOWS, MAP_NEW_FLOWS] {

@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 use egress_common::{
-    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS,
-    PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
+    DEFAULT_FLOWS_MAX, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS, MAP_GENERATION, MAP_NEW_FLOWS, MAP_RULES,
+    MAP_STATS, PROG_ETH0_INGRESS, PROG_MACVLAN_INGRESS,
 };
 
 pub use attach::{AttachMode, Attached};
@@ -44,9 +44,10 @@ static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 static EBPF_OBJECT: Option<&[u8]> = None;
 
 /// Every map of the object, pinned by these names under the bpffs directory.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_STATS,
     MAP_CONFIG,
+    MAP_GENERATION,
     MAP_RULES,
     MAP_FLOWS,
     MAP_NEW_FLOWS,
@@ -238,25 +239,37 @@ impl Dataplane {
         fill::write(self, cfg).map(drop)
     }
 
-    /// The first half of [`Dataplane::configure`]: the rules written under the generation not
-    /// in force, which the programs do not see until [`Dataplane::switch`].
+    /// The first half of [`Dataplane::configure`]: the configuration and rules written under
+    /// the generation not in force, which the programs do not see until [`Dataplane::switch`].
     pub fn stage(&mut self, cfg: &fill::DataplaneSettings) -> Result<Staged> {
-        let active = fill::current(self.ebpf.map(MAP_CONFIG).context("CONFIG map missing")?)?;
-        fill::stage(
-            self.ebpf.map_mut(MAP_RULES).context("RULES map missing")?,
-            active.map(|c| c.generation),
-            cfg,
-        )
+        let now = self.in_force()?;
+        let [Some(config), Some(rules)] = self.ebpf.maps_disjoint_mut([MAP_CONFIG, MAP_RULES])
+        else {
+            anyhow::bail!("the eBPF object lacks its {MAP_CONFIG} or {MAP_RULES} map");
+        };
+        fill::stage(config, rules, now, cfg)
     }
 
     /// Puts what [`Dataplane::stage`] wrote in force.
     pub fn switch(&mut self, staged: &Staged) -> Result<()> {
-        fill::switch(
-            self.ebpf
-                .map_mut(MAP_CONFIG)
-                .context("CONFIG map missing")?,
-            staged,
-        )
+        fill::switch(self.map_mut(MAP_GENERATION)?, staged)
+    }
+
+    /// The generation and configuration in force.
+    pub fn in_force(&self) -> Result<fill::InForce> {
+        fill::in_force(self.map(MAP_CONFIG)?, self.map(MAP_GENERATION)?)
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .with_context(|| format!("the eBPF object lacks its {name} map"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("the eBPF object lacks its {name} map"))
     }
 }
 

@@ -7,7 +7,8 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, MapInfo, MapType};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
-    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RULES_MAP_ENTRIES, RuleKey, RuleTarget, Stats,
+    MAP_GENERATION, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RULES_MAP_ENTRIES, RuleKey, RuleTarget,
+    Stats,
 };
 use tracing::warn;
 
@@ -39,9 +40,10 @@ const fn layout(
     }
 }
 
-/// Earlier builds had CONFIG as an array (the same key and value sizes) and RULES with room
-/// for one generation: the type and the capacity are compared as well as the sizes.
-const LAYOUTS: [Layout; 6] = [
+/// Earlier builds had CONFIG as an array of one slot (the same key and value sizes), then as a
+/// hash map of one value, and RULES with room for one generation: the type and the capacity
+/// are compared as well as the sizes.
+const LAYOUTS: [Layout; 7] = [
     layout(
         MAP_STATS,
         MapType::PerCpuArray,
@@ -51,9 +53,16 @@ const LAYOUTS: [Layout; 6] = [
     ),
     layout(
         MAP_CONFIG,
-        MapType::Hash,
+        MapType::Array,
         size_of::<u32>(),
         size_of::<DataplaneConfig>(),
+        Some(2),
+    ),
+    layout(
+        MAP_GENERATION,
+        MapType::Array,
+        size_of::<u32>(),
+        size_of::<u32>(),
         Some(1),
     ),
     layout(

@@ -11,8 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapType, PerCpuArray};
 use egress_common::{
     DIR_OUT, DataplaneConfig, FLOW_CLOSING, FlowKey, FlowValue, MAP_CONFIG, MAP_FLOWS,
-    MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, RuleKey,
-    RuleTarget, Stats,
+    MAP_GENERATION, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, RuleKey, RuleTarget, Stats,
 };
 use serde::Serialize;
 
@@ -31,6 +31,8 @@ pub struct StatusMaps {
     /// The flows not answered yet (None: a dataplane of a version without that table).
     new_flows: Option<Map>,
     config: Map,
+    /// The generation in force (None: a dataplane of a version with one configuration).
+    generation: Option<Map>,
     rules: Map,
     flows_max: u32,
     /// The pin directory this network namespace's router uses (or the one given).
@@ -47,7 +49,7 @@ fn open_pin(dir: &Path, name: &str) -> Result<MapData> {
 impl StatusMaps {
     fn new(
         [stats, flows, config, rules]: [MapData; 4],
-        new_flows: Option<MapData>,
+        [new_flows, generation]: [Option<MapData>; 2],
         dir: PathBuf,
         from: String,
     ) -> Result<StatusMaps> {
@@ -55,21 +57,22 @@ impl StatusMaps {
             .info()
             .with_context(|| format!("reading the {MAP_FLOWS} map's size"))?
             .max_entries();
-        // An array: the CONFIG of an earlier build, pinned (its rules read as generation 0,
-        // as its configuration does).
+        // A hash map: the CONFIG of an earlier build, pinned, with its one configuration under
+        // key 0 (as is an older build's array of one, whose rules read as generation 0).
         let config = match config
             .info()
             .with_context(|| format!("reading the {MAP_CONFIG} map's type"))?
             .map_type()
         {
-            Ok(MapType::Array) => Map::Array(config),
-            _ => Map::HashMap(config),
+            Ok(MapType::Hash) => Map::HashMap(config),
+            _ => Map::Array(config),
         };
         Ok(StatusMaps {
             stats: Map::PerCpuArray(stats),
             flows: Map::LruHashMap(flows),
             new_flows: new_flows.map(Map::LruHashMap),
             config,
+            generation: generation.map(Map::Array),
             rules: Map::HashMap(rules),
             flows_max,
             dir,
@@ -83,7 +86,7 @@ impl StatusMaps {
         let [stats, flows, config, rules] = maps;
         StatusMaps::new(
             [stats?, flows?, config?, rules?],
-            open_pin(dir, MAP_NEW_FLOWS).ok(),
+            [MAP_NEW_FLOWS, MAP_GENERATION].map(|m| open_pin(dir, m).ok()),
             dir.to_path_buf(),
             format!("pinned in {}", dir.display()),
         )
@@ -116,13 +119,13 @@ impl StatusMaps {
             take(MAP_CONFIG)?,
             take(MAP_RULES)?,
         ];
-        let new_flows = found.take(MAP_NEW_FLOWS);
+        let optional = [MAP_NEW_FLOWS, MAP_GENERATION].map(|m| found.take(m));
         let from = format!(
             "{} (no pins in {} in this mount namespace)",
             found.from,
             dir.display()
         );
-        StatusMaps::new(maps, new_flows, dir, from)
+        StatusMaps::new(maps, optional, dir, from)
     }
 
     /// Sums the per-CPU counters.
@@ -180,11 +183,22 @@ impl StatusMaps {
 
     /// The configuration the loader wrote (all zero before it did).
     pub fn config(&self) -> Result<DataplaneConfig> {
-        if let Map::Array(_) = &self.config {
-            let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
-            return Ok(map.get(&0, 0)?);
+        match (&self.config, &self.generation) {
+            (Map::Array(_), Some(generation)) => Ok(fill::in_force(&self.config, generation)?
+                .config
+                .unwrap_or_default()),
+            (Map::Array(_), None) => {
+                let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
+                Ok(map.get(&0, 0)?)
+            }
+            _ => {
+                let map = HashMap::<&MapData, u32, DataplaneConfig>::try_from(&self.config)?;
+                match map.get(&0, 0) {
+                    Err(aya::maps::MapError::KeyNotFound) => Ok(DataplaneConfig::default()),
+                    r => Ok(r?),
+                }
+            }
         }
-        Ok(fill::current(&self.config)?.unwrap_or_default())
     }
 
     /// How many redirect rules are in force (the fallback is in the configuration).
