@@ -1562,31 +1562,87 @@ fn status_reads_the_configuration_earlier_layouts_pinned() {
         cfg.generation, 1,
         "a first configuration is written to the slot GENERATION does not name"
     );
-    // SAFETY: DataplaneConfig is plain #[repr(C)] data without padding holes.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&cfg as *const egress_common::DataplaneConfig).cast::<u8>(),
-            std::mem::size_of_val(&cfg),
-        )
-    };
-    let config = dp.dir.join("CONFIG");
-    let config = config.to_str().unwrap();
-    let value: Vec<String> = bytes.iter().map(u8::to_string).collect();
-    std::fs::remove_file(dp.dir.join("GENERATION")).unwrap();
     for kind in ["hash", "array"] {
-        std::fs::remove_file(config).unwrap();
-        bpftool([
-            "map", "create", config, "type", kind, "key", "4", "value", "44", "entries", "1",
-            "name", "CONFIG",
-        ]);
-        let mut update = vec!["map", "update", "pinned", config, "key", "0", "0", "0", "0"];
-        update.push("value");
-        update.extend(value.iter().map(String::as_str));
-        bpftool(update);
+        pin_earlier_config(&dp.dir, kind, &cfg);
         let st = status::StatusMaps::pinned(&dp.dir).unwrap();
         assert_eq!(st.config().unwrap(), cfg, "CONFIG as a {kind} of one");
         assert_eq!(st.rule_count().unwrap(), 3, "CONFIG as a {kind} of one");
     }
+}
+
+/// Pins of the build before this one, CONFIG a hash map naming generation 1: this build
+/// replaces CONFIG and writes its first configuration under generation 0, leaving the rules
+/// the earlier build's programs (attached until this build's replace them) look up under 1.
+#[test]
+fn an_upgrade_from_the_hash_config_writes_the_generation_the_earlier_programs_do_not_use() {
+    let dp = Dp::standard();
+    let dir = dp.dir.clone();
+    let cfg = status::StatusMaps::pinned(&dir).unwrap().config().unwrap();
+    assert_eq!(cfg.generation, 1);
+    let mut earlier = dp.rules_in_force();
+    earlier.sort();
+    std::mem::forget(dp);
+    pin_earlier_config(&dir, "hash", &cfg);
+    let mut opts = DataplaneOptions {
+        bpffs_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    opts.conntrack_size = 1024;
+    let mut dp = Dp {
+        dp: load(&opts).expect("load over the earlier build's pins"),
+        dir,
+    };
+    let b = settings(
+        &dp.dir,
+        vec![rule(90, Protocol::Tcp, DEST, 91)],
+        None,
+        SOURCE,
+    );
+    let staged = dp.dp.stage(&b).unwrap();
+    assert_eq!(staged.generation(), 0);
+    let rules = dp.dp.ebpf.map(MAP_RULES).expect("the RULES map");
+    let rules: aya::maps::HashMap<_, RuleKey, RuleTarget> = rules.try_into().unwrap();
+    let mut under_1: Vec<Listed> = rules
+        .iter()
+        .map(Result::unwrap)
+        .filter(|(k, _)| k.generation == 1)
+        .map(|(k, t)| ((k.proto, k.port), (t.daddr, t.dport)))
+        .collect();
+    under_1.sort();
+    assert_eq!(
+        under_1, earlier,
+        "the earlier programs' rules are untouched"
+    );
+    dp.dp.switch(&staged).unwrap();
+    assert_eq!(dp.rules_in_force(), [((6, 90), (DEST, 91))]);
+    let (_, out) = dp.out(&tcp(CLIENT, POD, 40000, 90, "S", b""));
+    assert_eq!(sent_as(&out), (SOURCE, DEST, 91));
+}
+
+/// Replaces the pins of CONFIG and GENERATION with the one CONFIG an earlier build pinned: a
+/// `kind` ("hash" or "array") of one value, `cfg`.
+fn pin_earlier_config(dir: &std::path::Path, kind: &str, cfg: &egress_common::DataplaneConfig) {
+    // SAFETY: DataplaneConfig is plain #[repr(C)] data without padding holes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (cfg as *const egress_common::DataplaneConfig).cast::<u8>(),
+            std::mem::size_of_val(cfg),
+        )
+    };
+    let value: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    let config = dir.join("CONFIG");
+    let config = config.to_str().unwrap();
+    let _ = std::fs::remove_file(dir.join("GENERATION"));
+    std::fs::remove_file(config).unwrap();
+    let size = bytes.len().to_string();
+    bpftool([
+        "map", "create", config, "type", kind, "key", "4", "value", &size, "entries", "1", "name",
+        "CONFIG",
+    ]);
+    let mut update = vec!["map", "update", "pinned", config, "key", "0", "0", "0", "0"];
+    update.push("value");
+    update.extend(value.iter().map(String::as_str));
+    bpftool(update);
 }
 
 // The forwarding path, with a FIB that resolves.

@@ -177,9 +177,14 @@ pub fn stage(
 /// the next replacement: a packet that read GENERATION just before this write still finds
 /// them.
 pub fn switch(generation: &mut Map, staged: &Staged) -> Result<()> {
+    name_generation(generation, staged.config.generation)
+        .context("the new configuration is not in force")
+}
+
+/// Writes `g` into GENERATION.
+pub fn name_generation(generation: &mut Map, g: u8) -> Result<()> {
     let mut map: Array<&mut MapData, u32> = Array::try_from(generation)?;
-    map.set(0, u32::from(staged.config.generation), 0)
-        .context("writing GENERATION (the new configuration is not in force)")
+    map.set(0, u32::from(g), 0).context("writing GENERATION")
 }
 
 /// Returns once every program run begun before the call has returned. tc programs run inside

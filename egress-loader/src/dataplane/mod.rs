@@ -195,6 +195,7 @@ impl Dataplane {
         let dir = plan.dir.as_path();
         bpffs::ensure_dir(dir, &plan.place)?;
         stale::clear(dir, &leftovers)?;
+        let earlier_generation = pins::generation_of_hash_config(dir);
         pins::drop_incompatible(dir)?;
         let state = if PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
             "reused the pins".to_string()
@@ -219,7 +220,22 @@ impl Dataplane {
                 .try_into()?;
             prog.load().map_err(|e| explain_program_error(name, e))?;
         }
-        Ok(Dataplane { ebpf, plan, state })
+        let mut dp = Dataplane { ebpf, plan, state };
+        if let Some(g) = earlier_generation {
+            dp.continue_from(g)?;
+        }
+        Ok(dp)
+    }
+
+    /// Makes GENERATION name `g`, the generation an earlier build's programs (attached until
+    /// ours replace them) have in force, so that the first configuration goes under the other
+    /// one and leaves their rules alone. Only while nothing is configured: both slots are
+    /// empty, so no program sees the difference.
+    fn continue_from(&mut self, g: u8) -> Result<()> {
+        if self.in_force()?.config.is_some() {
+            return Ok(());
+        }
+        fill::name_generation(self.map_mut(MAP_GENERATION)?, g)
     }
 
     /// Attaches `prog` to `iface` ingress as planned, replacing an earlier egress-router

@@ -4,7 +4,7 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, MapInfo, MapType};
+use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
     MAP_GENERATION, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RULES_MAP_ENTRIES, RuleKey, RuleTarget,
@@ -121,6 +121,20 @@ pub fn layout_mismatch(name: &str, info: &MapInfo) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The generation in force in a CONFIG pinned by the build before this one (a hash map of one
+/// value), which [`drop_incompatible`] replaces. Until this build's programs replace its
+/// programs, they look their rules up under it, so the first configuration this build writes
+/// must go under the other generation.
+pub fn generation_of_hash_config(dir: &Path) -> Option<u8> {
+    let map = MapData::from_pin(dir.join(MAP_CONFIG)).ok()?;
+    if map.info().ok()?.map_type().ok()? != MapType::Hash {
+        return None;
+    }
+    let map = Map::HashMap(map);
+    let config: HashMap<&MapData, u32, DataplaneConfig> = HashMap::try_from(&map).ok()?;
+    config.get(&0, 0).ok().map(|c| c.generation & 1)
 }
 
 /// Removes pinned maps under `dir` whose layout differs from this build's.
