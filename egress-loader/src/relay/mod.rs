@@ -307,8 +307,7 @@ impl Pump<'_> {
     /// is kept.
     async fn copy_chunk(&self) -> Result<Option<usize>, PumpError> {
         let mut buf = Vec::with_capacity(CHUNK);
-        // Into the spare capacity: no zeroing.
-        let n = match self.src.try_read_buf(&mut buf) {
+        let n = match read_draining(self.src, &mut buf) {
             Ok(n) => n,
             Err(e) if retry(&e) => return Ok(None),
             Err(e) => return Err(PumpError::Read(e)),
@@ -334,6 +333,36 @@ impl Pump<'_> {
             }
         }
         Ok(Some(n))
+    }
+}
+
+/// Reads what `src` has into the spare capacity of `buf` (no zeroing), up to that capacity.
+/// A read that does not fill it has emptied the socket's receive queue (TCP copies all it has
+/// up to the length asked), so `src`'s readiness is cleared with it, as tokio's own
+/// `poll_read` does on epoll: the next read waits for the next edge instead of trying and
+/// failing with EAGAIN, one system call per message saved. (The edge-triggered epoll reports
+/// data arriving after this read; tokio keeps a readiness set since the read began, and an EOF
+/// already seen stays set.) Not for splice, which can stop short of what the socket has when
+/// the pipe runs out of slots.
+fn read_draining(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let want = buf.capacity() - buf.len();
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = socket2::SockRef::from(src).recv(buf.spare_capacity_mut())?;
+        got = Some(n);
+        if 0 < n && n < want {
+            Err(io::ErrorKind::WouldBlock.into()) // clears the readiness; n is in `got`
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => {
+            // SAFETY: recv initialised the first n bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            Ok(n)
+        }
+        None => r,
     }
 }
 
@@ -406,6 +435,49 @@ mod tests {
         assert_eq!(t.sent, payload.len() as u64);
         assert_eq!(t.received, 15);
         t.spliced
+    }
+
+    /// Small messages, each read short (which clears the source's readiness): the next one
+    /// still arrives, and so does an EOF queued right behind the last message, each way.
+    #[tokio::test]
+    async fn short_reads_wait_for_the_next_message_and_see_an_eof_queued_behind_one() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut server) = pair().await;
+        let pipes = PipePool::new(0);
+        let fwd = forward(
+            &proxy_c,
+            &proxy_u,
+            Engine::Copy,
+            &pipes,
+            Duration::from_secs(5),
+            std::future::pending(),
+        );
+        let talk = async {
+            for i in 0..20u8 {
+                client.write_all(&[i; 3]).await.unwrap();
+                let mut got = [0; 3];
+                server.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, [i; 3]);
+                server.write_all(&[i; 2]).await.unwrap();
+                let mut back = [0; 2];
+                client.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, [i; 2]);
+            }
+            // The last message with its EOF behind it, written before the relay reads either.
+            server.write_all(b"bye").await.unwrap();
+            server.shutdown().await.unwrap();
+            client.write_all(b"end").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, b"bye");
+            rest.clear();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, b"end");
+        };
+        let (t, ()) = tokio::join!(fwd, talk);
+        assert!(matches!(t.end, End::Closed), "{:?}", t.end);
+        assert_eq!((t.sent, t.received), (20 * 3 + 3, 20 * 2 + 3));
     }
 
     #[tokio::test]
