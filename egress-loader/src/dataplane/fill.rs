@@ -120,6 +120,17 @@ pub fn in_force(config: &Map, generation: &Map) -> Result<InForce> {
     })
 }
 
+/// The one configuration of a CONFIG pinned by an earlier build as a hash map (key 0), None
+/// when it holds none.
+pub fn hash_config(config: &Map) -> Result<Option<DataplaneConfig>> {
+    let map: HashMap<&MapData, u32, DataplaneConfig> = HashMap::try_from(config)?;
+    match map.get(&0, 0) {
+        Ok(c) => Ok(Some(c)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading CONFIG"),
+    }
+}
+
 /// Writes `s` under the generation not in force (`now` is what is): first every rule of that
 /// generation goes (what the replacement before the last one left, or one that failed
 /// half-way), so that the two generations never hold more than twice [`RULES_MAX`] rules, then

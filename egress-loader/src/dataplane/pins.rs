@@ -4,7 +4,7 @@
 use std::{mem::size_of, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
+use aya::maps::{Map, MapData, MapInfo, MapType};
 use egress_common::{
     DataplaneConfig, FlowKey, FlowValue, FragKey, FragValue, MAP_CONFIG, MAP_FLOWS, MAP_FRAGS,
     MAP_GENERATION, MAP_NEW_FLOWS, MAP_RULES, MAP_STATS, RULES_MAP_ENTRIES, RuleKey, RuleTarget,
@@ -132,9 +132,8 @@ pub fn generation_of_hash_config(dir: &Path) -> Option<u8> {
     if map.info().ok()?.map_type().ok()? != MapType::Hash {
         return None;
     }
-    let map = Map::HashMap(map);
-    let config: HashMap<&MapData, u32, DataplaneConfig> = HashMap::try_from(&map).ok()?;
-    config.get(&0, 0).ok().map(|c| c.generation & 1)
+    let config = super::fill::hash_config(&Map::HashMap(map)).ok()??;
+    Some(config.generation & 1)
 }
 
 /// Removes pinned maps under `dir` whose layout differs from this build's.

@@ -191,13 +191,7 @@ impl StatusMaps {
                 let map = Array::<&MapData, DataplaneConfig>::try_from(&self.config)?;
                 Ok(map.get(&0, 0)?)
             }
-            _ => {
-                let map = HashMap::<&MapData, u32, DataplaneConfig>::try_from(&self.config)?;
-                match map.get(&0, 0) {
-                    Err(aya::maps::MapError::KeyNotFound) => Ok(DataplaneConfig::default()),
-                    r => Ok(r?),
-                }
-            }
+            _ => Ok(fill::hash_config(&self.config)?.unwrap_or_default()),
         }
     }
 

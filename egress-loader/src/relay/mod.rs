@@ -437,6 +437,35 @@ mod tests {
         t.spliced
     }
 
+    /// A read that does not fill the buffer clears the readiness: the next wait is for new
+    /// data, not an immediate wake-up to a read failing with EAGAIN. A full read keeps it.
+    /// Whether `s` is readable within 50 ms.
+    async fn ready_now(s: &TcpStream) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), s.readable())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_and_a_full_one_keeps_it() {
+        let (mut a, b) = pair().await;
+        a.write_all(b"abc").await.unwrap();
+        b.readable().await.unwrap();
+        let mut buf = Vec::with_capacity(CHUNK);
+        assert_eq!(read_draining(&b, &mut buf).unwrap(), 3);
+        assert_eq!(buf, b"abc");
+        assert!(!ready_now(&b).await, "readiness kept after a short read");
+        // New data wakes it again.
+        a.write_all(b"d").await.unwrap();
+        assert!(ready_now(&b).await, "new data is seen");
+        // A read that fills the buffer leaves the readiness: more may be queued.
+        a.write_all(&[7; 64]).await.unwrap();
+        let mut small = Vec::with_capacity(2);
+        let n = read_draining(&b, &mut small).unwrap();
+        assert_eq!(n, small.capacity(), "a full read");
+        assert!(ready_now(&b).await, "still readable");
+    }
+
     /// Small messages, each read short (which clears the source's readiness): the next one
     /// still arrives, and so does an EOF queued right behind the last message, each way.
     #[tokio::test]
