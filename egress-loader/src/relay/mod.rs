@@ -128,6 +128,11 @@ impl Activity {
 
 /// Forwards between `client` and `upstream` until both directions are done, one fails, nothing
 /// moves for `idle`, or `stop` completes. Splices through pipes of `pipes` as `engine` says.
+///
+/// EOF from one side shuts down the other's write side while the other direction still runs
+/// (half-close). The direction that finishes last leaves its destination open: the caller closes
+/// both sockets when this returns, and that close sends the FIN (both receive queues are empty
+/// by then, so it is a FIN, not a reset), a system call per connection fewer, as HAProxy does.
 pub async fn forward(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -167,11 +172,11 @@ pub async fn forward(
     let (mut up_done, mut down_done) = (false, false);
     let end = loop {
         tokio::select! {
-            r = &mut up, if !up_done => match r {
+            r = &mut up, if !up_done => match r.and_then(|()| half_close(upstream, down_done)) {
                 Ok(()) => up_done = true,
                 Err(e) => break End::Error(e.side(Side::Client, Side::Upstream), e.into_inner()),
             },
-            r = &mut down, if !down_done => match r {
+            r = &mut down, if !down_done => match r.and_then(|()| half_close(client, up_done)) {
                 Ok(()) => down_done = true,
                 Err(e) => break End::Error(e.side(Side::Upstream, Side::Client), e.into_inner()),
             },
@@ -187,6 +192,20 @@ pub async fn forward(
         received: received.load(Ordering::Relaxed),
         end,
         spliced: spliced.load(Ordering::Relaxed),
+    }
+}
+
+/// After EOF from the other side: shuts down `dst`'s write side, unless `other_done` (the caller's
+/// close will send the FIN, see [`forward`]).
+fn half_close(dst: &TcpStream, other_done: bool) -> Result<(), PumpError> {
+    if other_done {
+        return Ok(());
+    }
+    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+        // The peer may already be gone; that is the other direction's business.
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(PumpError::Write(e)),
     }
 }
 
@@ -223,7 +242,7 @@ struct Pump<'a> {
 }
 
 impl Pump<'_> {
-    /// `src` to `dst` until EOF on `src`, then shuts down `dst`'s write side.
+    /// `src` to `dst` until EOF on `src`.
     async fn run(self) -> Result<(), PumpError> {
         let mut bulk = self.engine == Engine::Splice;
         loop {
@@ -246,14 +265,8 @@ impl Pump<'_> {
                 }
             };
             if moved == Some(0) {
-                break;
+                return Ok(());
             }
-        }
-        match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
-            // The peer may already be gone; that is the other direction's business.
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-            Err(e) => Err(PumpError::Write(e)),
         }
     }
 
@@ -497,16 +510,21 @@ mod tests {
             server.shutdown().await.unwrap();
             client.write_all(b"end").await.unwrap();
             client.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            client.read_to_end(&mut rest).await.unwrap();
-            assert_eq!(rest, b"bye");
-            rest.clear();
-            server.read_to_end(&mut rest).await.unwrap();
-            assert_eq!(rest, b"end");
+            let mut rest = [0; 3];
+            client.read_exact(&mut rest).await.unwrap();
+            assert_eq!(&rest, b"bye");
+            server.read_exact(&mut rest).await.unwrap();
+            assert_eq!(&rest, b"end");
         };
         let (t, ()) = tokio::join!(fwd, talk);
         assert!(matches!(t.end, End::Closed), "{:?}", t.end);
         assert_eq!((t.sent, t.received), (20 * 3 + 3, 20 * 2 + 3));
+        // Whichever EOF came last is passed on by the close.
+        drop((proxy_c, proxy_u));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 
     #[tokio::test]
@@ -524,6 +542,59 @@ mod tests {
         let pool = Arc::new(PipePool::new(4));
         assert_eq!(run(Engine::Copy, pool.clone()).await, 0);
         assert_eq!(pool.counts(), (0, 0));
+    }
+
+    /// The side that closes first gets its EOF passed on at once (half-close); the other side's
+    /// EOF is passed on by the caller's close after `forward` returns, as a FIN, not a reset.
+    #[tokio::test]
+    async fn the_last_eof_is_passed_on_by_the_close() {
+        for client_first in [true, false] {
+            let (mut client, proxy_c) = pair().await;
+            let (proxy_u, mut server) = pair().await;
+            let pipes = PipePool::new(1);
+            let fwd = forward(
+                &proxy_c,
+                &proxy_u,
+                Engine::Auto,
+                &pipes,
+                Duration::from_secs(5),
+                std::future::pending(),
+            );
+            let (first, last) = if client_first {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            let peers = async {
+                first.write_all(b"q").await.unwrap();
+                first.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                last.read_to_end(&mut got).await.unwrap();
+                assert_eq!(
+                    got, b"q",
+                    "half-close passed on (client first: {client_first})"
+                );
+                last.write_all(b"a").await.unwrap();
+                last.shutdown().await.unwrap();
+                let mut got = [0u8; 1];
+                first.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"a");
+            };
+            let (t, ()) = tokio::join!(fwd, peers);
+            assert!(matches!(t.end, End::Closed), "{:?}", t.end);
+            let mut rest = [0u8; 1];
+            let early = tokio::time::timeout(Duration::from_millis(100), first.read(&mut rest));
+            assert!(
+                early.await.is_err(),
+                "no EOF before the close (client first: {client_first})"
+            );
+            drop((proxy_c, proxy_u));
+            assert_eq!(
+                first.read(&mut rest).await.unwrap(),
+                0,
+                "a clean EOF (client first: {client_first})"
+            );
+        }
     }
 
     #[tokio::test]
