@@ -668,9 +668,10 @@ pub fn profile(
         Profiled::All => cmd.arg("-a"),
         Profiled::Process(pid) => cmd.args(["-p", &pid.to_string()]),
     };
+    let log = std::fs::File::create(data.with_extension("log"))?;
     cmd.args(["--", "sleep", &format!("{}", ctx.p.measure.as_secs_f64())])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stdout(log.try_clone()?)
+        .stderr(log);
     Ok(Some((cmd.spawn().context("starting perf record")?, data)))
 }
 
