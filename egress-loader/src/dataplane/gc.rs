@@ -9,7 +9,7 @@ use egress_common::{
     packet::{idle_timeout_ns, is_expired},
 };
 
-use super::{Dataplane, status::monotonic_ns};
+use super::{Dataplane, entries::entries, status::monotonic_ns};
 
 /// Which entries of a table snapshot are expired: idle past their timeout in both directions
 /// (the same rule the programs apply on lookup).
@@ -39,9 +39,9 @@ impl Dataplane {
             .context("the dataplane is not configured")?;
         let mut removed = 0;
         for table in [MAP_FLOWS, MAP_NEW_FLOWS] {
+            let snapshot = entries::<FlowKey, FlowValue>(self.ebpf.map(table).context(table)?)?;
             let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
                 HashMap::try_from(self.ebpf.map_mut(table).context(table)?)?;
-            let snapshot: Vec<_> = flows.iter().filter_map(|e| e.ok()).collect();
             let dead = expired(&snapshot, &cfg, monotonic_ns());
             for k in &dead {
                 // Gone already (LRU, or the other CPU) is fine.

@@ -6,6 +6,7 @@
 mod attach;
 mod bpffs;
 mod clsact;
+mod entries;
 mod fill;
 mod gc;
 pub mod pindir;

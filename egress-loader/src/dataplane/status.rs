@@ -16,7 +16,7 @@ use egress_common::{
 };
 use serde::Serialize;
 
-use super::{DataplaneOptions, fill, pindir, recover};
+use super::{DataplaneOptions, entries::entries, fill, pindir, recover};
 
 /// Entries of the answered flows' table and of the new flows' table.
 pub type FlowTables = (Vec<(FlowKey, FlowValue)>, Vec<(FlowKey, FlowValue)>);
@@ -148,28 +148,21 @@ impl StatusMaps {
 
     /// The entries of the answered flows, and of those not answered yet.
     pub fn flow_tables(&self) -> Result<FlowTables> {
-        let entries = |m: &Map| -> Result<Vec<(FlowKey, FlowValue)>> {
-            let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(m)?;
-            let mut v: Vec<_> = map.iter().filter_map(|e| e.ok()).collect();
+        let sorted = |m: &Map| -> Result<Vec<(FlowKey, FlowValue)>> {
+            let mut v = entries::<FlowKey, FlowValue>(m)?;
             v.sort_by_key(|(k, _)| (k.proto, k.saddr, k.sport, k.daddr, k.dport));
             Ok(v)
         };
-        let new = self.new_flows.as_ref().map(entries).transpose()?;
-        Ok((entries(&self.flows)?, new.unwrap_or_default()))
+        let new = self.new_flows.as_ref().map(sorted).transpose()?;
+        Ok((sorted(&self.flows)?, new.unwrap_or_default()))
     }
 
-    /// The keys of the answered flows' table, and of the new flows' table, each once, read
-    /// without the values (one system call per entry). The tables change meanwhile: at most
-    /// their capacity is read.
+    /// The keys of the answered flows' table, and of the new flows' table, each once.
     pub fn flow_keys(&self) -> Result<(Vec<FlowKey>, Vec<FlowKey>)> {
         let keys = |m: &Map| -> Result<Vec<FlowKey>> {
-            let map = HashMap::<&MapData, FlowKey, FlowValue>::try_from(m)?;
-            let mut seen = std::collections::HashSet::new();
-            Ok(map
-                .keys()
-                .take(self.flows_max as usize)
-                .filter_map(|k| k.ok())
-                .filter(|k| seen.insert(*k))
+            Ok(entries::<FlowKey, FlowValue>(m)?
+                .into_iter()
+                .map(|(k, _)| k)
                 .collect())
         };
         let new = self.new_flows.as_ref().map(keys).transpose()?;

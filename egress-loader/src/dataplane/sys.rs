@@ -1,7 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose, for finding and removing attachments that
 //! an earlier run left behind: a tcx query that also returns the link ids, a link's fd from its
 //! id, BPF_LINK_DETACH, a pinned object as a plain fd, and what a link fd's fdinfo says (the
-//! interface of a tcx link, 0 once its device is gone).
+//! interface of a tcx link, 0 once its device is gone). And BPF_MAP_LOOKUP_BATCH, which reads
+//! a hash map's entries many at a time: aya reads them one system call (or two) per entry.
 //!
 //! Each command gets its own small `#[repr(C)]` attribute struct, the prefix of `union bpf_attr`
 //! that command reads (include/uapi/linux/bpf.h); the kernel zero-fills the rest of its copy.
@@ -20,6 +21,9 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// What a kernel's BPF code returns for an operation a map type does not implement.
+const ENOTSUPP: i32 = 524;
 const BPF_TCX_INGRESS: u32 = 46;
 
 /// Runs one bpf(2) command on `attr`.
@@ -135,6 +139,91 @@ pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
         link_fd: fd.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapBatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries read per call: a few hundred KiB of buffers for the connection table's entries, and
+/// 16 calls for a full table of the default 65,536.
+const BATCH: usize = 4096;
+
+/// Every entry of the hash map `fd` (an LRU one too), read with BPF_MAP_LOOKUP_BATCH: a whole
+/// bucket at a time, so each entry once. `K` and `V` must be exactly the map's key and value
+/// sizes (aya's map types check that). None when the kernel has no batch lookup for this map
+/// (before Linux 5.6), for the caller to read the entries one by one instead.
+pub fn hash_entries<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+) -> io::Result<Option<Vec<(K, V)>>> {
+    let mut all = Vec::new();
+    let mut room = BATCH;
+    // The position to go on from: for hash maps, a bucket index (u32); None for the start.
+    let mut token: Option<u64> = None;
+    loop {
+        let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(room);
+        let mut values: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(room);
+        let mut next = 0u64;
+        let mut attr = MapBatchAttr {
+            in_batch: token.as_ref().map_or(0, |t| t as *const u64 as u64),
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: room as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let done = match r {
+            Ok(_) => false,
+            // The end: `count` still says how many this last call copied.
+            Err(ref e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than `room`.
+            Err(ref e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                room *= 2;
+                continue;
+            }
+            Err(ref e)
+                if token.is_none()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+                    ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let n = (attr.count as usize).min(room);
+        // SAFETY: the kernel wrote `n` keys and values of the map's sizes, which are those of
+        // `K` and `V`; any bytes are valid for Pod types.
+        unsafe {
+            keys.set_len(n);
+            values.set_len(n);
+        }
+        all.extend(
+            keys.into_iter()
+                .zip(values)
+                // SAFETY: as above, each of the first `n` was written.
+                .map(|(k, v)| unsafe { (k.assume_init(), v.assume_init()) }),
+        );
+        if done {
+            return Ok(Some(all));
+        }
+        if n == 0 && token == Some(next) {
+            return Err(io::Error::other("BPF_MAP_LOOKUP_BATCH made no progress"));
+        }
+        token = Some(next);
+    }
 }
 
 #[repr(C)]
