@@ -31,6 +31,8 @@ pub const UDP_BUSY: &str = "forwarding CPU busy during the UDP flood, %";
 pub const UDP_PPS_SCRAPED: &str = "UDP 64-byte packets/s forwarded, /metrics scraped every 100 ms";
 pub const UDP_CPU_SCRAPED: &str =
     "kernel CPU time per forwarded UDP packet, /metrics scraped every 100 ms, ns";
+pub const SCRAPE_CPU: &str =
+    "exporter CPU (user + system) per /metrics scrape during the UDP flood, ms";
 pub const TCP_GBPS: &str = "TCP throughput (iperf3, 1 stream), Gbit/s";
 pub const CRR: &str = "new TCP connections/s";
 pub const RR_P50: &str = "TCP request/response latency p50, µs";
@@ -104,13 +106,16 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         // scrape time, so the packet path should not notice.
         match scraped(ctx, &lab, &bpffs.0, || udp(ctx, &lab)) {
             Ok((u, scrapes)) => {
-                println!("    {scrapes} scrapes of /metrics during the flood");
+                println!("    {} scrapes of /metrics during the flood", scrapes.count);
                 ctx.measure(s, UDP_PPS_SCRAPED, Better::Higher, who, || {
                     Ok(u.forwarded_pps)
                 });
                 if let Some((ns, _)) = u.forwarding_cpu {
                     ctx.measure(s, UDP_CPU_SCRAPED, Better::Lower, who, || Ok(ns));
                 }
+                ctx.measure(s, SCRAPE_CPU, Better::Lower, who, || {
+                    Ok(scrapes.cpu.as_secs_f64() * 1e3 / scrapes.count as f64)
+                });
             }
             Err(e) => ctx.fail(s, who, &format!("{UDP_PPS_SCRAPED}: {e:#}")),
         }
@@ -331,15 +336,25 @@ fn http_get(path: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// What the scrapes of [`scraped`] did.
+struct Scrapes {
+    /// Scrapes that succeeded (at least one).
+    count: u64,
+    /// The exporter's CPU time (user + system) during the measurement.
+    cpu: Duration,
+}
+
 /// Runs `measure` while `egress-router exporter` serves the dataplane under `bpffs` in the
-/// router namespace and a thread there scrapes its /metrics every 100 ms; the figures and how
-/// many scrapes succeeded (at least one, or it fails).
+/// router namespace and a thread there scrapes its /metrics every 100 ms; the figures and the
+/// scrapes. The exporter and the scraper run on the generator's CPUs, as every process but the
+/// router's forwarding does, so that the forwarding CPU's time is the packets' alone; what the
+/// scrapes cost is the exporter's own CPU time.
 fn scraped<T: Send>(
     ctx: &Ctx,
     lab: &Lab,
     bpffs: &Path,
     measure: impl FnOnce() -> Result<T>,
-) -> Result<(T, u64)> {
+) -> Result<(T, Scrapes)> {
     let log = format!("exporter-{}.log", ctx.round);
     let mut cmd = ctx.router_cmd("init", &log)?;
     cmd.arg("exporter")
@@ -356,6 +371,9 @@ fn scraped<T: Send>(
         ensure!(r.starts_with("HTTP/1.1 200"), "not ready: {r}");
         Ok(())
     })?;
+    // The scraper thread, spawned below, inherits this thread's affinity.
+    let _pinned = sys::Pinned::to(&generator_cpus(sys::online_cpus()), &[exporter.pid()])?;
+    let cpu_before = sys::tree_cpu(exporter.pid())?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let scrapes = std::sync::atomic::AtomicU64::new(0);
     let result = std::thread::scope(|s| {
@@ -373,13 +391,14 @@ fn scraped<T: Send>(
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         r
     });
+    let cpu = sys::tree_cpu(exporter.pid())?.saturating_sub(cpu_before);
     let _ = exporter.kill();
-    let scrapes = scrapes.into_inner();
+    let count = scrapes.into_inner();
     ensure!(
-        scrapes > 0,
+        count > 0,
         "no scrape of /metrics succeeded during the measurement"
     );
-    Ok((result?, scrapes))
+    Ok((result?, Scrapes { count, cpu }))
 }
 
 fn setup(ctx: &Ctx, who: Who) -> Result<Lab> {

@@ -262,16 +262,24 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Pins every thread of this process, and the processes `pids`, to `cpus` while it lives
-/// (each gets its own affinity back after). Children spawned meanwhile inherit it.
+/// Pins every thread of this process, and every thread of the processes `pids`, to `cpus`
+/// while it lives (each gets its own affinity back after). Threads and children spawned
+/// meanwhile inherit it.
 pub struct Pinned(Vec<(i32, libc::cpu_set_t)>);
+
+/// The threads of process `pid` ("self" for this one).
+fn threads(pid: &str) -> Result<Vec<i32>> {
+    Ok(fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
 
 impl Pinned {
     pub fn to(cpus: &[usize], pids: &[u32]) -> Result<Pinned> {
-        let mut tids: Vec<i32> = fs::read_dir("/proc/self/task")?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        tids.extend(pids.iter().map(|&p| p as i32));
+        let mut tids = threads("self")?;
+        for p in pids {
+            tids.extend(threads(&p.to_string())?);
+        }
         // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         for &c in cpus {
