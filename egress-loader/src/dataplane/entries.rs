@@ -1,7 +1,7 @@
 //! Reading every entry of a hash map (the connection tables): for `status`, the metrics and
 //! legacy mode's garbage collection. In batches (`sys::hash_entries`), since the tables hold up
 //! to 65,536 entries by default and aya reads them one or two system calls per entry (a scrape
-//! of a full table took about 60 ms of CPU that way); one by one on kernels without batches.
+//! of both full tables took about 60 ms of CPU that way); one by one on kernels without batches.
 use std::{collections::HashSet, hash::Hash, os::fd::AsFd as _};
 
 use anyhow::Result;
