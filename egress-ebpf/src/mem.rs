@@ -10,7 +10,7 @@ use core::mem::{MaybeUninit, size_of};
 /// All-zero bytes must be a valid `T` (plain data, as the kernel's structs and our map types).
 #[inline(always)]
 pub unsafe fn zero<T>(v: &mut MaybeUninit<T>) -> &mut T {
-    const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
+    const { assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4) };
     let words = v.as_mut_ptr() as *mut u32;
     for i in 0..size_of::<T>() / 4 {
         // SAFETY: inside the value, and aligned for u32 (asserted above).

@@ -491,7 +491,10 @@ fn remove_stale_bpffs() {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the header's facts, each gathered by the caller at a different moment of the run"
+)]
 fn generated_md(
     ctx: &Ctx,
     kernel: &str,

@@ -121,7 +121,10 @@ pub fn echo_l4(icmp_type: u8, id: u16, len: usize) -> Vec<u8> {
 }
 
 /// A frame with a hand-made IPv4 header (options, fragments) around raw L4 bytes.
-#[allow(clippy::too_many_arguments)] // each is one header field a test varies
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is one header field a test varies"
+)]
 pub fn raw_ipv4(
     proto: u8,
     src: [u8; 4],

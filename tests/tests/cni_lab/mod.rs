@@ -15,7 +15,11 @@
 //! node ns     ens0 192.168.12.2/24, default via 192.168.12.1 (the master the plugin finds)
 //!      ── veth ── lan ns lan0 192.168.12.1/24, d0 203.0.113.1/24 ── veth ── dest ns d1 203.0.113.25/24
 //! ```
-#![allow(dead_code, unused_imports)]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test target that includes this module uses a part of it"
+)]
 
 // Re-exported: the tests use the same names.
 pub use std::{

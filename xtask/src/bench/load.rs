@@ -331,7 +331,7 @@ pub struct HttpLoad {
 
 /// wrk through the forward proxy at `proxy`: absolute-form GETs of `url`, `conns` connections,
 /// with or without keep-alive.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "each is one of wrk's settings")]
 pub fn wrk(
     client: &Netns,
     dir: &Path,

@@ -63,7 +63,13 @@ impl CpuTimes {
 /// polling state) for as long as it lives: a PM QoS request through /dev/cpu_dma_latency, as
 /// tuned's latency-performance profile makes. A polling CPU takes remote wake-ups (RPS's
 /// inter-processor interrupts) as a memory write instead of a halt exit.
-pub struct PollIdle(#[allow(dead_code)] fs::File);
+pub struct PollIdle(
+    #[expect(
+        dead_code,
+        reason = "held open for its lifetime: closing it ends the request"
+    )]
+    fs::File,
+);
 
 impl PollIdle {
     /// Holds the request, or says (once per call) why it cannot and goes on without it: the
