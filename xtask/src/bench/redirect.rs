@@ -89,7 +89,7 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
             Err(e) => ctx.fail(s, who, &format!("BPF_PROG_TEST_RUN: {e:#}")),
         }
     }
-    match udp(ctx, &lab) {
+    match udp(ctx, &lab, "udp") {
         Ok(u) => {
             ctx.measure(s, UDP_PPS, Better::Higher, who, || Ok(u.forwarded_pps));
             ctx.measure(s, UDP_OFFERED, Better::Neither, who, || Ok(u.offered_pps));
@@ -104,7 +104,7 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
         // The same flood while the exporter serves the dataplane's metrics and is scraped ten
         // times as often as Prometheus usually does: the metrics are read from the maps at
         // scrape time, so the packet path should not notice.
-        match scraped(ctx, &lab, &bpffs.0, || udp(ctx, &lab)) {
+        match scraped(ctx, &lab, &bpffs.0, || udp(ctx, &lab, "udp-scraped")) {
             Ok((u, scrapes)) => {
                 println!("    {} scrapes of /metrics during the flood", scrapes.count);
                 ctx.measure(s, UDP_PPS_SCRAPED, Better::Higher, who, || {
@@ -174,8 +174,9 @@ pub fn contender(ctx: &mut Ctx, who: Who) -> Result<()> {
 /// stream, for every contender alike: the router namespace's receive paths (eth0 from the
 /// client, ens0 under macvlan0 from the LAN) are steered to CPU 1 by RPS, the client's and the
 /// LAN's to CPU 0, and every generator and server (this process's threads, the iperf3s) pinned
-/// to CPU 0, so CPU 1's kernel time is the forwarding (NAT, routing, the programs) and nothing
-/// else. Needs two CPUs.
+/// to CPU 0 with the kernel's movable background threads, so CPU 1's kernel time is the
+/// forwarding (NAT, routing, the programs, and the interrupts that deliver its packets) and
+/// nothing else. Needs two CPUs.
 fn router_cpu(ctx: &mut Ctx, lab: &Lab, who: Who) -> Result<()> {
     if sys::online_cpus() < 2 {
         println!("    router CPU not measured: one CPU cannot keep the router apart");
@@ -189,9 +190,11 @@ fn router_cpu(ctx: &mut Ctx, lab: &Lab, who: Who) -> Result<()> {
         (&topo.client, CLIENT_IF, "1"),
     ])?;
     let _pinned = sys::Pinned::to(&[0], &[lab.servers.iperf_pid()])?;
+    let _kthreads = sys::Pinned::kernel_threads_to(&[0])?;
     let _poll = sys::PollIdle::hold("the router CPU runs");
     let p = ctx.p.clone();
     let kernel1 = || sys::CpuTimes::read(1).map(|c| c.kernel);
+    let perf = profile_start(ctx, "crr-router-cpu", Some(1))?;
     let t0 = kernel1()?;
     let (conns, _) = load::tcp_crr_count(
         &topo.client,
@@ -200,6 +203,7 @@ fn router_cpu(ctx: &mut Ctx, lab: &Lab, who: Who) -> Result<()> {
         p.measure,
     )?;
     let t1 = kernel1()?;
+    profile_finish(perf)?;
     ensure!(conns > 0, "no connection was made");
     let bytes = load::iperf3_bytes(
         &topo.client,
@@ -277,11 +281,11 @@ fn program_time(ctx: &mut Ctx, lab: &Lab, bpffs: &Path) -> Result<()> {
     let target = lab.target;
     let secs = p.measure.as_secs().max(1) as u32;
     let runs: [(&str, &dyn Fn() -> Result<()>); 4] = [
-        (PROG_NS_UDP, &|| udp(ctx, lab).map(drop)),
+        (PROG_NS_UDP, &|| udp(ctx, lab, "udp-bpf-stats").map(drop)),
         // The scrape reads the maps from user space: the programs' own time, unlike the
         // packet rate, does not depend on how the generator shares the CPUs with it.
         (PROG_NS_UDP_SCRAPED, &|| {
-            scraped(ctx, lab, bpffs, || udp(ctx, lab)).map(drop)
+            scraped(ctx, lab, bpffs, || udp(ctx, lab, "udp-scraped-bpf-stats")).map(drop)
         }),
         (PROG_NS_TCP, &|| {
             load::iperf3(
@@ -573,8 +577,8 @@ struct UdpFigures {
 
 /// UDP packets/s forwarded by the router namespace under a flood from the client. With two or
 /// more CPUs RPS on the router's eth0 moves the router's work to CPU 1 and the generator runs
-/// on the others.
-fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
+/// on the others. `profile_as` names the flood's profile (each flood of a run keeps its own).
+fn udp(ctx: &Ctx, lab: &Lab, profile_as: &str) -> Result<UdpFigures> {
     // The rule works and translates before the flood: a few datagrams reach the destination's
     // socket from the expected address.
     let expect = if lab.target == DEST_IP {
@@ -609,6 +613,13 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
     // made the figure bimodal: with CPU 1 partly idle, ~0.85 Mpps were offered instead of
     // ~1.2). Polling idle turns the wake-up into a memory write, for every contender alike.
     let _poll = sys::PollIdle::hold("the flood");
+    let _kthreads = if rps {
+        Some(sys::Pinned::kernel_threads_to(&generator_cpus(
+            sys::online_cpus(),
+        ))?)
+    } else {
+        None
+    };
     let flood = load::Flood::start(
         &lab.topo.client,
         CLIENT_IF,
@@ -624,7 +635,7 @@ fn udp(ctx: &Ctx, lab: &Lab) -> Result<UdpFigures> {
             cpu(1)?,
             Instant::now(),
         );
-        let perf = profile_start(ctx, "udp", rps.then_some(1))?;
+        let perf = profile_start(ctx, profile_as, rps.then_some(1))?;
         std::thread::sleep(ctx.p.measure);
         profile_finish(perf)?;
         let (f1, o1, c1, t1) = (

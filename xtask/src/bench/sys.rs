@@ -153,9 +153,13 @@ pub fn cpu_during<T>(pid: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Dura
 }
 
 fn ppid(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state ppid ...: comm may contain spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
+    parent_in_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The parent pid in a `/proc/<pid>/stat` line: `pid (comm) state ppid ...`, where comm may
+/// hold spaces and parentheses, so the fields are counted from its last ')'.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -286,12 +290,7 @@ impl Pinned {
         for p in pids {
             tids.extend(threads(&p.to_string())?);
         }
-        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for &c in cpus {
-            // SAFETY: c < online CPUs < CPU_SETSIZE.
-            unsafe { libc::CPU_SET(c, &mut set) };
-        }
+        let set = cpu_set(cpus);
         let mut pinned = Pinned(Vec::new());
         for tid in tids {
             // A thread that ended since the listing is fine.
@@ -302,6 +301,63 @@ impl Pinned {
         }
         Ok(pinned)
     }
+}
+
+impl Pinned {
+    /// The kernel's background threads that may run on any CPU (DAMON's kdamond, kswapd,
+    /// khugepaged, ...), moved to `cpus`: their time on a measured CPU would count as its
+    /// kernel time (kdamond alone took 7.6 % of the router CPU's samples during the connection
+    /// run). The per-CPU ones (ksoftirqd, bound kworkers) and those the kernel keeps where they
+    /// are (PF_NO_SETAFFINITY: unbound kworkers) stay.
+    pub fn kernel_threads_to(cpus: &[usize]) -> Result<Pinned> {
+        let set = cpu_set(cpus);
+        let all = cpu_set(&(0..online_cpus()).collect::<Vec<_>>());
+        let mut pinned = Pinned(Vec::new());
+        for tid in kernel_threads()? {
+            let Some(old) = affinity(tid)? else { continue };
+            // SAFETY: two initialised sets compared by value.
+            if !unsafe { libc::CPU_EQUAL(&old, &all) } {
+                continue; // bound to some CPUs on purpose
+            }
+            // SAFETY: set is initialised and its size passed.
+            let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+            if r == 0 {
+                pinned.0.push((tid, old));
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            // EINVAL: a thread the kernel keeps where it is; ESRCH: ended.
+            if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESRCH)) {
+                bail!("moving kernel thread {tid}: {e}");
+            }
+        }
+        Ok(pinned)
+    }
+}
+
+/// The children of kthreadd (pid 2): every kernel thread but kthreadd itself.
+fn kernel_threads() -> Result<Vec<i32>> {
+    let mut tids = Vec::new();
+    for e in fs::read_dir("/proc")? {
+        let Some(pid) = e?.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A process that ended since the listing has no parent to read.
+        if ppid(pid) == Some(2) {
+            tids.push(pid as i32);
+        }
+    }
+    Ok(tids)
+}
+
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c < online CPUs < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
 }
 
 impl Drop for Pinned {
@@ -362,5 +418,21 @@ impl Drop for Rps {
         for (ns, file) in &self.0 {
             let _ = sysfs_write_in(ns, file, "0");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parent_in_stat;
+
+    #[test]
+    fn the_parent_pid_is_read_after_the_whole_command_name() {
+        assert_eq!(
+            parent_in_stat("79 (kdamond.0) S 2 0 0 0 -1 2129984"),
+            Some(2)
+        );
+        // A name with spaces and a ')' of its own.
+        assert_eq!(parent_in_stat("4242 (a b) c) R 917 4242 917"), Some(917));
+        assert_eq!(parent_in_stat("truncated"), None);
     }
 }
