@@ -295,15 +295,14 @@ impl Pinned {
         for tid in tids {
             // A thread that ended since the listing is fine.
             if let Some(old) = affinity(tid)? {
-                set_affinity(tid, &set)?;
+                set_affinity(tid, &set)
+                    .with_context(|| format!("setting thread {tid}'s CPU affinity"))?;
                 pinned.0.push((tid, old));
             }
         }
         Ok(pinned)
     }
-}
 
-impl Pinned {
     /// The kernel's background threads that may run on any CPU (DAMON's kdamond, kswapd,
     /// khugepaged, ...), moved to `cpus`: their time on a measured CPU would count as its
     /// kernel time (kdamond alone took 7.6 % of the router CPU's samples during the connection
@@ -319,16 +318,11 @@ impl Pinned {
             if !unsafe { libc::CPU_EQUAL(&old, &all) } {
                 continue; // bound to some CPUs on purpose
             }
-            // SAFETY: set is initialised and its size passed.
-            let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
-            if r == 0 {
-                pinned.0.push((tid, old));
-                continue;
-            }
-            let e = std::io::Error::last_os_error();
-            // EINVAL: a thread the kernel keeps where it is; ESRCH: ended.
-            if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ESRCH)) {
-                bail!("moving kernel thread {tid}: {e}");
+            match set_affinity(tid, &set) {
+                Ok(()) => pinned.0.push((tid, old)),
+                // A thread the kernel keeps where it is.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => bail!("moving kernel thread {tid}: {e}"),
             }
         }
         Ok(pinned)
@@ -383,14 +377,13 @@ fn affinity(tid: i32) -> Result<Option<libc::cpu_set_t>> {
     }
 }
 
-fn set_affinity(tid: i32, set: &libc::cpu_set_t) -> Result<()> {
+/// Sets a thread's CPU affinity; a thread that has ended is fine.
+fn set_affinity(tid: i32, set: &libc::cpu_set_t) -> std::io::Result<()> {
     // SAFETY: set is initialised and its size passed.
     let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(set), set) };
-    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
-        bail!(
-            "setting thread {tid}'s CPU affinity: {}",
-            std::io::Error::last_os_error()
-        );
+    let e = std::io::Error::last_os_error();
+    if r != 0 && e.raw_os_error() != Some(libc::ESRCH) {
+        return Err(e);
     }
     Ok(())
 }
