@@ -20,7 +20,6 @@ use crate::{
     maps::{NewEntries, RULES, Table, hints, scratch},
     mem::clear,
     parse::Parsed,
-    pkt::Pkt,
 };
 
 /// Source ports tried for a new flow before giving up (the client's own, then random ones).
@@ -122,8 +121,13 @@ fn target(p: &Parsed, cfg: &DataplaneConfig) -> Result<([u8; 4], u16), Error> {
 /// Creates both entries of a new outbound flow, its first packet (`len` bytes) counted, and
 /// returns the outbound entry's translated tuple.
 #[inline(always)]
-pub fn create(pkt: &mut Pkt, len: u64) -> Result<FlowKey, Error> {
-    let (p, cfg, now) = (&pkt.p, pkt.cfg, pkt.now);
+pub fn create(
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    now: u64,
+    len: u64,
+    stats: &mut Stats,
+) -> Result<FlowKey, Error> {
     if !p.ip.has_l4_header() {
         return Err(Error::Fragment);
     }
@@ -204,7 +208,7 @@ pub fn create(pkt: &mut Pkt, len: u64) -> Result<FlowKey, Error> {
         table.remove(&p.key);
         return Err(Error::TableFull);
     }
-    pkt.stats.new_flows += 1;
+    stats.new_flows += 1;
     Ok(rkey.reversed())
 }
 

@@ -13,9 +13,9 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
 };
-use egress_common::FlowKey;
+use egress_common::{FlowKey, Stats};
 
-use crate::{entry::FlowEntry, error::Error, mem::zero, pkt::Pkt, skb::Skb};
+use crate::{entry::FlowEntry, error::Error, mem::zero, skb::Skb};
 
 const AF_INET: u8 = 2;
 
@@ -52,28 +52,35 @@ pub fn cached(entry: FlowEntry, frame_len: u32, now: u64) -> Option<Route> {
     })
 }
 
-/// Looks up the route of packet `pkt` translated to the tuple `t`, from the interface it arrived
-/// on; a direct answer is cached in `entry`, the flow's entry (none for a new flow's first
-/// packet).
+/// Looks up the route of a packet translated to the tuple `t` that arrived on `in_ifindex`; a
+/// direct answer is cached in `entry`, the flow's entry (none for a new flow's first packet).
 #[inline(always)]
-pub fn lookup(pkt: &mut Pkt, t: &FlowKey, entry: Option<FlowEntry>) -> Route {
-    pkt.stats.fib_lookups += 1;
+pub fn lookup(
+    skb: &Skb,
+    t: &FlowKey,
+    entry: Option<FlowEntry>,
+    proto: u8,
+    in_ifindex: u32,
+    now: u64,
+    stats: &mut Stats,
+) -> Route {
+    stats.fib_lookups += 1;
     let mut slot = MaybeUninit::uninit();
     // SAFETY: bpf_fib_lookup is plain data; zero is valid for every field.
     let params: &mut bpf_fib_lookup = unsafe { zero(&mut slot) };
     params.family = AF_INET;
-    params.l4_protocol = pkt.p.ip.proto;
+    params.l4_protocol = proto;
     // tot_len stays 0: the kernel then checks the skb itself against the egress device's MTU
     // (is_skb_forwardable), which knows GSO. Given the IP total length, a GSO packet (up to
     // 64 KB) would fail the MTU check and every TCP segment in bulk would take the slow path
     // through the stack.
-    params.ifindex = pkt.in_ifindex();
+    params.ifindex = in_ifindex;
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(t.saddr);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(t.daddr);
     // SAFETY: params lives on the stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(
-            pkt.skb.ctx.as_ptr(),
+            skb.ctx.as_ptr(),
             params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -86,7 +93,7 @@ pub fn lookup(pkt: &mut Pkt, t: &FlowKey, entry: Option<FlowEntry>) -> Route {
                 // and later; 0 before, which disables the cache).
                 // SAFETY: the lookup succeeded, so the union holds the MTU.
                 let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
-                e.cache_route(params.ifindex, mtu, &params.smac, &params.dmac, pkt.now);
+                e.cache_route(params.ifindex, mtu, &params.smac, &params.dmac, now);
             }
             Route::Direct {
                 ifindex: params.ifindex,
@@ -100,7 +107,7 @@ pub fn lookup(pkt: &mut Pkt, t: &FlowKey, entry: Option<FlowEntry>) -> Route {
             nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
         },
         _ => {
-            pkt.stats.fib_pass += 1;
+            stats.fib_pass += 1;
             Route::Stack
         }
     }

@@ -5,10 +5,8 @@
 //!   reply to a flow a client opened is ever translated into the cluster.
 #![no_std]
 #![no_main]
-#![expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "map calls take keys and values by reference on purpose: copies cost BPF stack"
-)]
+// Map calls take keys and values by reference on purpose: copies cost BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod entry;
 mod error;
@@ -17,25 +15,44 @@ mod forward;
 mod maps;
 mod mem;
 mod parse;
-mod pkt;
 mod rewrite;
 mod sctp;
 mod skb;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
+    DIR_IN, DIR_OUT, DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
     packet::{ICMP_ECHO_REQUEST, TCP_RST},
 };
 
 use crate::{
+    entry::FlowEntry,
     error::Error,
     flows::{answer, create, lookup_live, lookup_outbound, now_ns, restore_peer, touch},
+    forward::Route,
     maps::Table,
     parse::{Kind, Parsed, parse, remember_fragment},
-    pkt::{Pkt, Side},
     skb::Skb,
 };
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Arrived on eth0 (cluster side).
+    Cluster,
+    /// Arrived on macvlan0 (outside).
+    Outside,
+}
+
+impl Side {
+    /// The direction of the flow entries packets arriving on this side use: a client's
+    /// packets go out, the outside's replies come in.
+    fn direction(self) -> u8 {
+        match self {
+            Side::Cluster => DIR_OUT,
+            Side::Outside => DIR_IN,
+        }
+    }
+}
 
 #[classifier]
 pub fn eth0_ingress(ctx: TcContext) -> i32 {
@@ -76,31 +93,29 @@ fn handle(ctx: &TcContext, side: Side, stats: &mut Stats) -> Result<i32, Error> 
             Error::Unsolicited
         });
     }
-    let mut pkt = Pkt {
-        skb,
-        p,
-        cfg,
-        side,
-        now,
-        stats,
-    };
-    match pkt.p.kind {
+    match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),
-        Kind::OrphanFragment => Err(orphan_fragment(&pkt)),
-        Kind::IcmpError => icmp_error(&mut pkt),
-        Kind::Flow => flow(&mut pkt),
+        Kind::OrphanFragment => Err(orphan_fragment(&p, cfg, side)),
+        Kind::IcmpError => icmp_error(&skb, &p, cfg, side, now, stats),
+        Kind::Flow => flow(&skb, &p, cfg, side, now, stats),
     }
 }
 
 #[inline(always)]
-fn flow(pkt: &mut Pkt) -> Result<i32, Error> {
-    let (p, side, now) = (&pkt.p, pkt.side, pkt.now);
-    let len = pkt.skb.len() as u64;
+fn flow(
+    skb: &Skb,
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    side: Side,
+    now: u64,
+    stats: &mut Stats,
+) -> Result<i32, Error> {
+    let len = skb.len() as u64;
     // The translated tuple, copied out of the entry: the entry itself is only ever accessed
     // through FlowEntry (other CPUs write it meanwhile, and so does the route cache below).
     let found = match side {
-        Side::Cluster => lookup_outbound(&p.key, pkt.cfg, now),
-        Side::Outside => lookup_live(&p.key, pkt.cfg, now),
+        Side::Cluster => lookup_outbound(&p.key, cfg, now),
+        Side::Outside => lookup_live(&p.key, cfg, now),
     };
     let (tuple, entry) = match (found, side) {
         // The other side's half of a flow (a packet from the cluster shaped like an outside
@@ -120,7 +135,7 @@ fn flow(pkt: &mut Pkt) -> Result<i32, Error> {
         // A new flow's first packet is looked up, not cached: its entry is written already.
         (None, Side::Cluster) => {
             check_ttl(p)?;
-            (create(pkt, len)?, None)
+            (create(p, cfg, now, len, stats)?, None)
         }
         // Pings to EGRESS_SOURCE are answered by the router itself.
         (None, Side::Outside) if p.key.proto == PROTO_ICMP && p.icmp_type == ICMP_ECHO_REQUEST => {
@@ -136,40 +151,46 @@ fn flow(pkt: &mut Pkt) -> Result<i32, Error> {
     // A GSO packet leaves as segments of its GSO size, and the FIB lookup does not check its
     // length either (is_skb_forwardable lets any GSO packet through): the cached answer
     // stands for it as a lookup would. Only a frame that would be sent whole must fit.
-    let fit_len = if pkt.skb.is_gso() { 0 } else { len as u32 };
+    let fit_len = if skb.is_gso() { 0 } else { len as u32 };
     let route = match entry.and_then(|e| forward::cached(e, fit_len, now)) {
         Some(r) => r,
         None => {
             // With each lookup (see restore_peer), check the flow's other entry too.
             if let Some(e) = entry {
-                restore_peer(&pkt.p.key, e, now, pkt.stats);
+                restore_peer(&p.key, e, now, stats);
             }
-            forward::lookup(pkt, &tuple, entry)
+            lookup_route(skb, &tuple, entry, p, cfg, side, now, stats)
         }
     };
-    rewrite::flow(&pkt.skb, &pkt.p, &tuple, route.forwards())?;
-    remember_fragment(&pkt.p, now);
-    pkt.count_out(len);
-    forward::send(&pkt.skb, route)
+    rewrite::flow(skb, p, &tuple, route.forwards())?;
+    remember_fragment(p, now);
+    count_out(side, len, stats);
+    forward::send(skb, route)
 }
 
 #[inline(always)]
-fn icmp_error(pkt: &mut Pkt) -> Result<i32, Error> {
-    let q = rewrite::quoted(&pkt.skb, &pkt.p)?;
+fn icmp_error(
+    skb: &Skb,
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    side: Side,
+    now: u64,
+    stats: &mut Stats,
+) -> Result<i32, Error> {
+    let q = rewrite::quoted(skb, p)?;
     // Errors about anything but a translated flow are the stack's (the router's own traffic).
-    let v = lookup_live(&q.reply_key, pkt.cfg, pkt.now)
-        .filter(|v| v.direction() == pkt.side.direction())
+    let v = lookup_live(&q.reply_key, cfg, now)
+        .filter(|v| v.direction() == side.direction())
         .ok_or(Error::NotOurs)?;
-    check_ttl(&pkt.p)?;
+    check_ttl(p)?;
     let tuple = v.translated_key(q.reply_key.proto);
-    let len = pkt.skb.len() as u64;
-    let route = match forward::cached(v, len as u32, pkt.now) {
+    let route = match forward::cached(v, skb.len() as u32, now) {
         Some(r) => r,
-        None => forward::lookup(pkt, &tuple, Some(v)),
+        None => lookup_route(skb, &tuple, Some(v), p, cfg, side, now, stats),
     };
-    rewrite::icmp_error(&pkt.skb, &pkt.p, &q, &tuple, route.forwards())?;
-    pkt.count_out(len);
-    forward::send(&pkt.skb, route)
+    rewrite::icmp_error(skb, p, &q, &tuple, route.forwards())?;
+    count_out(side, skb.len() as u64, stats);
+    forward::send(skb, route)
 }
 
 /// Where a later fragment goes whose first fragment was not translated (it has not come yet, or
@@ -190,10 +211,10 @@ fn icmp_error(pkt: &mut Pkt) -> Result<i32, Error> {
 ///   (A reordered datagram of a rule is then lost in the stack's reassembly, as it would be
 ///   dropped here.)
 #[inline(always)]
-fn orphan_fragment(pkt: &Pkt) -> Error {
-    let (proto, cfg) = (pkt.p.key.proto, pkt.cfg);
+fn orphan_fragment(p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Error {
+    let proto = p.key.proto;
     let maybe_local = proto == PROTO_ICMP || (proto == PROTO_TCP && cfg.local_tcp_port != 0);
-    if pkt.side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
+    if side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
         Error::Fragment
     } else {
         Error::NotOurs
@@ -214,6 +235,40 @@ fn check_ttl(p: &Parsed) -> Result<(), Error> {
         Err(Error::TtlExpired)
     } else {
         Ok(())
+    }
+}
+
+/// A FIB lookup from the interface the packet arrived on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lookup_route(
+    skb: &Skb,
+    t: &FlowKey,
+    entry: Option<FlowEntry>,
+    p: &Parsed,
+    cfg: &DataplaneConfig,
+    side: Side,
+    now: u64,
+    stats: &mut Stats,
+) -> Route {
+    let in_ifindex = match side {
+        Side::Cluster => cfg.eth0_ifindex,
+        Side::Outside => cfg.macvlan_ifindex,
+    };
+    forward::lookup(skb, t, entry, p.ip.proto, in_ifindex, now, stats)
+}
+
+#[inline(always)]
+fn count_out(side: Side, len: u64, s: &mut Stats) {
+    match side {
+        Side::Cluster => {
+            s.out_packets += 1;
+            s.out_bytes += len;
+        }
+        Side::Outside => {
+            s.in_packets += 1;
+            s.in_bytes += len;
+        }
     }
 }
 
