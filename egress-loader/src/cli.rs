@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config, dataplane::DataplaneOptions, dns_proxy::DnsProxyOptions, http_proxy::HttpProxyOptions,
-    metrics::MetricsOptions, modes, redirect, resolver::ResolverOptions,
+    metrics::MetricsOptions, modes, redirect, resolver::ResolverOptions, workers::WorkerOptions,
 };
 
 const ABOUT: &str = "The OpenShift egress router, with redirect mode in eBPF.
@@ -85,6 +85,8 @@ pub struct Cli {
     pub resolver: ResolverOptions,
     #[command(flatten)]
     pub metrics: MetricsOptions,
+    #[command(flatten)]
+    pub workers: WorkerOptions,
     /// Log lines as text, or as JSON objects (one a line).
     #[arg(
         long,

@@ -19,3 +19,4 @@ pub mod relay;
 pub mod resolver;
 pub mod shutdown;
 pub mod upstream;
+pub mod workers;

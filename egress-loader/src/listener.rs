@@ -1,8 +1,9 @@
 //! Listening sockets of the proxies, and the open-files limit they need.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::warn;
@@ -12,31 +13,77 @@ use crate::ratelimit::RateLimit;
 /// A listening TCP socket on `addr` (SO_REUSEADDR, so a restarted proxy binds at once). TCP_NODELAY
 /// is set on it, and every accepted connection inherits it: the proxies pass small writes on at
 /// once, without a system call per connection to say so.
-pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bound(addr, backlog, false)?)
+}
+
+/// `n` listening sockets on `addr` as [`listen`] makes them, one for each proxy thread
+/// (`workers`), not yet registered with a runtime: each is turned into a tokio listener on its
+/// own thread. More than one make an SO_REUSEPORT group, over which the kernel spreads new
+/// connections by their addresses and ports. A port some socket listens on already is refused,
+/// as for one listener: SO_REUSEPORT alone would let a second proxy of the same user (in the
+/// same pod) share the port, each getting part of the connections, without a word.
+pub fn listen_each(
+    addr: SocketAddr,
+    backlog: u32,
+    n: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    if n <= 1 {
+        return Ok(vec![bound(addr, backlog, false)?]);
+    }
+    if addr.port() != 0 {
+        // Without SO_REUSEPORT, binding conflicts with any socket listening on the port.
+        let probe = socket(addr, false)?;
+        probe.bind(&addr.into()).map_err(|e| bind_error(e, addr))?;
+        drop(probe);
+    }
+    let first = bound(addr, backlog, true)?;
+    // The group's port: the one the kernel picked when `addr` names port 0.
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bound(addr, backlog, true)?);
+    }
+    Ok(all)
+}
+
+/// A nonblocking listening socket on `addr`, in an SO_REUSEPORT group if `reuseport`.
+fn bound(addr: SocketAddr, backlog: u32, reuseport: bool) -> io::Result<std::net::TcpListener> {
+    let s = socket(addr, reuseport)?;
+    s.bind(&addr.into()).map_err(|e| bind_error(e, addr))?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s.into())
+}
+
+fn socket(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+fn bind_error(e: io::Error, addr: SocketAddr) -> io::Error {
+    if e.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: port {} is below 1024, which needs CAP_NET_BIND_SERVICE or \
+                 net.ipv4.ip_unprivileged_port_start at most {} in this network namespace \
+                 (the pod's init container, EGRESS_ROUTER_MODE=dns-proxy, sets it to 0)",
+                addr.port(),
+                addr.port()
+            ),
+        )
     } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "{e}: port {} is below 1024, which needs CAP_NET_BIND_SERVICE or \
-                     net.ipv4.ip_unprivileged_port_start at most {} in this network namespace \
-                     (the pod's init container, EGRESS_ROUTER_MODE=dns-proxy, sets it to 0)",
-                    addr.port(),
-                    addr.port()
-                ),
-            )
-        } else {
-            e
-        }
-    })?;
-    socket.listen(backlog)
+        e
+    }
 }
 
 /// Raises the soft open-files limit to the hard one: every proxied connection holds two
@@ -174,5 +221,57 @@ mod tests {
         let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = l.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// The sockets of a group share one port (the kernel's pick for port 0), and connections to
+    /// it reach each of them.
+    #[tokio::test]
+    async fn a_group_shares_one_port_and_every_socket_accepts() {
+        let group = listen_each("127.0.0.1:0".parse().unwrap(), 64, 3).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        let listeners: Vec<TcpListener> = group
+            .into_iter()
+            .map(|l| TcpListener::from_std(l).unwrap())
+            .collect();
+        for l in &listeners {
+            assert_eq!(l.local_addr().unwrap(), addr);
+        }
+        // 60 connections from as many source ports: a socket the kernel never chose would be
+        // a 1 in 10^10 draw.
+        let clients: Vec<TcpStream> =
+            futures::future::try_join_all((0..60).map(|_| TcpStream::connect(addr)))
+                .await
+                .unwrap();
+        let mut accepted = Vec::new();
+        for l in &listeners {
+            let mut n = 0;
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), l.accept()).await
+            {
+                n += 1;
+            }
+            accepted.push(n);
+        }
+        assert_eq!(
+            accepted.iter().sum::<usize>(),
+            clients.len(),
+            "{accepted:?}"
+        );
+        assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
+    }
+
+    /// A port something listens on already is refused, by one listener or a group, even when
+    /// that something is a group of the same user (which SO_REUSEPORT alone would let share it).
+    #[tokio::test]
+    async fn a_port_in_use_is_refused_even_by_a_group_of_the_same_user() {
+        let first = listen_each("127.0.0.1:0".parse().unwrap(), 16, 2).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        for n in [1, 2, 4] {
+            let e = listen_each(addr, 16, n).expect_err("bound a port in use");
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{n} sockets: {e}");
+        }
+        let plain = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let e = listen_each(plain.local_addr().unwrap(), 16, 2).expect_err("bound a port in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
     }
 }

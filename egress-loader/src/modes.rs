@@ -8,6 +8,7 @@ use crate::{
     config::{self, Config, EgressSource, Mode, Role},
     dns_proxy, http_proxy, netsetup, redirect,
     resolver::ResolverOptions,
+    workers::Workers,
 };
 
 pub fn run(cfg: &Config, cli: &Cli) -> Result<()> {
@@ -127,21 +128,25 @@ fn with_upstream_source(cfg: &Config, macvlan: &str) -> Result<Config> {
     Ok(cfg)
 }
 
+/// Serves the proxy on one thread per CPU (`workers`), this one included.
 fn serve(cfg: &Config, cli: &Cli) -> Result<()> {
+    let workers = Workers::start(cli.workers.count())?;
+    let threads = workers.handles();
     match cfg.mode {
-        Mode::HttpProxy => {
-            runtime()?.block_on(http_proxy::run(cfg, &cli.http, &cli.resolver, &cli.metrics))
-        }
-        Mode::DnsProxy => {
-            runtime()?.block_on(dns_proxy::run(cfg, &cli.dns, &cli.resolver, &cli.metrics))
-        }
+        Mode::HttpProxy => workers.block_on(http_proxy::run(
+            cfg,
+            &cli.http,
+            &cli.resolver,
+            &cli.metrics,
+            threads,
+        )),
+        Mode::DnsProxy => workers.block_on(dns_proxy::run(
+            cfg,
+            &cli.dns,
+            &cli.resolver,
+            &cli.metrics,
+            threads,
+        )),
         m => bail!("{m} mode has no proxy to serve"),
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }

@@ -31,6 +31,7 @@ use hickory_resolver::TokioResolver;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
+    runtime::Handle,
     sync::oneshot,
     task::JoinHandle,
 };
@@ -414,9 +415,15 @@ struct Proxy {
 
 impl Proxy {
     async fn start(cfg: Config, opts: DnsProxyOptions, resolver: ResolverOptions) -> Proxy {
-        let proxy = DnsProxy::bind(&cfg, &opts, &resolver, DnsMetrics::default())
-            .await
-            .unwrap();
+        let proxy = DnsProxy::bind(
+            &cfg,
+            &opts,
+            &resolver,
+            DnsMetrics::default(),
+            &[Handle::current()],
+        )
+        .await
+        .unwrap();
         let addrs = proxy.local_addrs();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy.serve(async {

@@ -1,6 +1,7 @@
 //! The proxy pods (SPEC section 9, as processes: the init container, then the unprivileged proxy
 //! container) under faults and load: the open-files limit reached, slow clients (slowhttptest's
-//! slowloris, slow POST and slow read), thousands of idle connections. Each test has a bound on
+//! slowloris, slow POST and slow read), thousands of idle connections, the proxy threads
+//! (`EGRESS_PROXY_THREADS`) sharing a connection limit and a port. Each test has a bound on
 //! time, and a normal client must keep getting answers within a bound while the fault lasts.
 //! Clients are in the client namespace, origins on the destination server.
 //!
@@ -79,12 +80,15 @@ fn serve_http(c: TcpStream, body: &[u8]) {
 /// hold the 10,001st in the backlog); the proxy container's open-files limit at `nofile` if
 /// given.
 fn http_pod(nofile: Option<u64>) -> (PodLab, Container) {
+    http_pod_with(nofile, &[("EGRESS_HTTP_MAX_CONNECTIONS", "10100")])
+}
+
+/// The HTTP proxy pod with `*` and `more` in the proxy container's environment.
+fn http_pod_with(nofile: Option<u64>, more: &[(&str, &str)]) -> (PodLab, Container) {
     let lab = PodLab::new(Runtime::Processes);
     lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "http-proxy")]));
-    let env = [
-        ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
-        ("EGRESS_HTTP_MAX_CONNECTIONS", "10100"),
-    ];
+    let mut env = vec![("EGRESS_HTTP_PROXY_DESTINATION", "*")];
+    env.extend_from_slice(more);
     let proxy = match nofile {
         Some(n) => lab.proxy_container_with_nofile(&env, 8080, n),
         None => lab.proxy_container(&env, 8080),
@@ -473,5 +477,191 @@ fn request_and_header_floods_do_not_keep_others_waiting() {
     );
     assert!(rejected > 0, "the header flood was never answered 431");
     assert!(!requests.is_empty(), "wrk ran: {report}");
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
+
+/// The proxy's threads (SPEC: one per CPU, `EGRESS_PROXY_THREADS`): the main thread (worker 0)
+/// and the `proxy-N` ones, as (name, tid).
+fn proxy_threads(c: &Container) -> Vec<(String, u32)> {
+    let pid = c.pid().unwrap();
+    let mut threads: Vec<(String, u32)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let tid: u32 = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let name = name.trim().to_string();
+            (tid == pid || name.starts_with("proxy-")).then_some((name, tid))
+        })
+        .collect();
+    threads.sort();
+    threads
+}
+
+/// How many times each of the proxy's threads has run on a CPU (the third field of
+/// /proc/<pid>/task/<tid>/schedstat): a thread that serves connections wakes for each.
+fn runs(c: &Container) -> Vec<(String, u64)> {
+    let pid = c.pid().unwrap();
+    proxy_threads(c)
+        .into_iter()
+        .map(|(name, tid)| {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
+            let n = stat.split_whitespace().nth(2).unwrap().parse().unwrap();
+            (name, n)
+        })
+        .collect()
+}
+
+/// Asserts that each of `before`'s threads ran at least `min` more times in `after`.
+fn every_thread_served(before: &[(String, u64)], after: &[(String, u64)], min: u64, log: &str) {
+    assert_eq!(before.len(), after.len(), "threads came or went: {log}");
+    for ((name, b), (_, a)) in before.iter().zip(after) {
+        assert!(
+            a - b >= min,
+            "thread {name} ran {} times while serving (before {b}, after {a}): the kernel \
+             spreads connections over every thread's listener",
+            a - b
+        );
+    }
+}
+
+/// With `EGRESS_PROXY_THREADS=4` the HTTP proxy has four threads, each with its own listener on
+/// port 8080, and all four serve: 200 connections of one request each, spread by the kernel.
+#[test]
+fn http_proxy_serves_on_every_thread() {
+    let (lab, proxy) = http_pod_with(None, &[("EGRESS_PROXY_THREADS", "4")]);
+    let origin = origin(&lab, 8000, 128);
+    let names: Vec<String> = proxy_threads(&proxy).into_iter().map(|t| t.0).collect();
+    assert_eq!(
+        names,
+        ["egress-router", "proxy-1", "proxy-2", "proxy-3"],
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        proxy.log().contains("threads=4"),
+        "the start says how many threads: {}",
+        proxy.log()
+    );
+    let before = runs(&proxy);
+    for i in 0..200 {
+        let (status, _) = get_through(&lab, origin, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "request {i}");
+    }
+    every_thread_served(&before, &runs(&proxy), 10, &proxy.log());
+}
+
+/// The same for the DNS proxy, with two lines: every thread accepts on every line's port.
+#[test]
+fn dns_proxy_serves_on_every_thread() {
+    let lab = PodLab::new(Runtime::Processes);
+    let _echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
+        .unwrap();
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    let rules = format!("9000 {DEST_IP} 7\n9001 {DEST_IP} 7");
+    let proxy = lab.proxy_container(
+        &[
+            ("EGRESS_DNS_PROXY_DESTINATION", &rules),
+            ("EGRESS_PROXY_THREADS", "3"),
+        ],
+        9001,
+    );
+    assert_eq!(proxy_threads(&proxy).len(), 3, "{}", proxy.log());
+    let before = runs(&proxy);
+    for port in [9000, 9001] {
+        for i in 0..150 {
+            let mut c = lab.connect(port).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b)
+                .unwrap_or_else(|e| panic!("port {port}, connection {i}: {e}"));
+            assert_eq!(&b, b"ping");
+        }
+    }
+    every_thread_served(&before, &runs(&proxy), 10, &proxy.log());
+}
+
+/// A connection limit is the proxy's, not a thread's: at `EGRESS_HTTP_MAX_CONNECTIONS=1` with
+/// two threads, clients waiting on either thread's listener are served in turn as the place
+/// frees. (A thread that took the free place before a connection came would keep it from a
+/// connection waiting on the other thread's listener: accepted first, admitted then.)
+#[test]
+fn a_connection_limit_shared_by_the_threads_serves_every_waiting_client() {
+    let (lab, proxy) = http_pod_with(
+        None,
+        &[
+            ("EGRESS_PROXY_THREADS", "2"),
+            ("EGRESS_HTTP_MAX_CONNECTIONS", "1"),
+        ],
+    );
+    let origin = origin(&lab, 8000, 128);
+    // The one place, held by a kept-alive connection that has made a request.
+    let mut first = lab.connect(8080).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        first,
+        "GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n"
+    )
+    .unwrap();
+    let mut status = String::new();
+    BufReader::new(&mut first).read_line(&mut status).unwrap();
+    assert_eq!(status.trim_end(), "HTTP/1.1 200 OK");
+    let lab = Arc::new(lab);
+    let waiting: Vec<_> = (0..8)
+        .map(|_| {
+            let lab = lab.clone();
+            thread::spawn(move || get_through(&lab, origin, Duration::from_secs(20)))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "a client was served beyond the limit"
+    );
+    drop(first);
+    for (i, w) in waiting.into_iter().enumerate() {
+        let (status, _) = w
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("waiting client {i} was not served: {e}"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "waiting client {i}");
+    }
+    assert!(proxy.is_running(), "{}", proxy.log());
+}
+
+/// SO_REUSEPORT lets sockets of the same user share a port, so a second proxy in the same pod
+/// (same network namespace, same user) could silently take part of the first one's
+/// connections. It is refused as a second proxy on one listener would be, and the first keeps
+/// every connection.
+#[test]
+fn a_second_proxy_on_the_same_port_is_refused() {
+    let (lab, proxy) = http_pod_with(None, &[("EGRESS_PROXY_THREADS", "2")]);
+    let origin = origin(&lab, 8000, 128);
+    let second = lab.start_proxy_container(&[
+        ("EGRESS_HTTP_PROXY_DESTINATION", "*"),
+        ("EGRESS_PROXY_THREADS", "2"),
+        ("EGRESS_METRICS_ADDRESS", "0.0.0.0:9191"),
+    ]);
+    let code = second.wait(Duration::from_secs(20)).unwrap();
+    let log = second.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("listening on 0.0.0.0:8080 for the HTTP proxy")
+            && log.contains("Address already in use"),
+        "{log}"
+    );
+    for i in 0..50 {
+        let (status, _) = get_through(&lab, origin, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "request {i}");
+    }
     assert!(proxy.is_running(), "{}", proxy.log());
 }

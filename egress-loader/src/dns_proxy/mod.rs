@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use tokio::{
     net::{TcpListener, TcpStream},
+    runtime::Handle,
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -180,14 +181,15 @@ impl Default for DnsProxyOptions {
     }
 }
 
-/// Runs the DNS proxy until SIGTERM (or SIGINT), then drains; metrics and health probes on
-/// `metrics_opts`' listener meanwhile (ready once every listener is bound and every name has
-/// resolved once).
+/// Runs the DNS proxy on the proxy threads `workers` until SIGTERM (or SIGINT), then drains;
+/// metrics and health probes on `metrics_opts`' listener meanwhile (ready once every listener is
+/// bound and every name has resolved once).
 pub async fn run(
     cfg: &Config,
     opts: &DnsProxyOptions,
     resolver: &ResolverOptions,
     metrics_opts: &MetricsOptions,
+    workers: &[Handle],
 ) -> Result<()> {
     crate::listener::raise_fd_limit();
     let shutdown = crate::shutdown::on_signal()?;
@@ -200,7 +202,7 @@ pub async fn run(
         health.clone(),
         &shutdown,
     )?;
-    let proxy = DnsProxy::bind(cfg, opts, resolver, counters).await?;
+    let proxy = DnsProxy::bind(cfg, opts, resolver, counters, workers).await?;
     let names = proxy.names.clone();
     health.ready_when(move || unresolved(&names));
     proxy.serve(shutdown.cancelled_owned()).await
@@ -230,7 +232,10 @@ fn join(lines: &[usize]) -> String {
 
 /// The proxy with its listeners bound and its name watchers started, not yet accepting.
 pub struct DnsProxy {
-    listeners: Vec<(TcpListener, Arc<Destination>, LineMetrics)>,
+    /// Per rule: one listening socket for each of `workers`, its destination, its counters.
+    listeners: Vec<(Vec<std::net::TcpListener>, Arc<Destination>, LineMetrics)>,
+    /// The proxy threads (`crate::workers`) that accept and serve the connections.
+    workers: Vec<Handle>,
     /// Each name, the lines that use it, its lookups.
     names: Vec<(String, Vec<usize>, NameMetrics)>,
     watchers: Vec<JoinHandle<()>>,
@@ -255,13 +260,14 @@ struct Shared {
 }
 
 impl DnsProxy {
-    /// Binds one listener per rule on `opts.listen_address` and starts resolving names, counting
-    /// in `metrics`.
+    /// Binds one listener per rule and proxy thread of `workers` on `opts.listen_address` and
+    /// starts resolving names, counting in `metrics`.
     pub async fn bind(
         cfg: &Config,
         opts: &DnsProxyOptions,
         resolver_opts: &ResolverOptions,
         metrics: DnsMetrics,
+        workers: &[Handle],
     ) -> Result<DnsProxy> {
         let rules = match &cfg.dns {
             Some(rules) if !rules.is_empty() => rules,
@@ -334,12 +340,13 @@ impl DnsProxy {
                 })
                 .clone();
             let addr = SocketAddr::new(opts.listen_address, rule.local_port);
-            let listener = crate::listener::listen(addr, 1024).with_context(|| {
-                format!(
-                    "listening on {addr} (EGRESS_DNS_PROXY_DESTINATION line {})",
-                    rule.line
-                )
-            })?;
+            let listener =
+                crate::listener::listen_each(addr, 1024, workers.len()).with_context(|| {
+                    format!(
+                        "listening on {addr} (EGRESS_DNS_PROXY_DESTINATION line {})",
+                        rule.line
+                    )
+                })?;
             info!(listen = %addr, to = %dest.label, line = rule.line, "DNS proxy rule");
             if let DnsTarget::Name(name) = &rule.target {
                 metrics.watch(rule.line, name, names[name].clone());
@@ -353,6 +360,7 @@ impl DnsProxy {
         let (stop_tx, stop) = watch::channel(false);
         Ok(DnsProxy {
             listeners,
+            workers: workers.to_vec(),
             names: name_lines,
             watchers,
             shared: Arc::new(Shared {
@@ -361,8 +369,12 @@ impl DnsProxy {
                 idle_timeout: opts.idle_timeout,
                 engine: opts.engine,
                 pipes: relay::PipePool::new(opts.max_pipes),
-                // A pipe is two descriptors.
-                budget: listener::Budget::of_fd_limit(2, 2 * opts.max_pipes as u64),
+                // A pipe is two descriptors; each proxy thread may hold one accepted
+                // connection while it waits for a share.
+                budget: listener::Budget::of_fd_limit(
+                    2,
+                    2 * opts.max_pipes as u64 + workers.len() as u64,
+                ),
                 debug: cfg.dns_debug,
                 stop,
                 active: AtomicUsize::new(0),
@@ -376,7 +388,7 @@ impl DnsProxy {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _, _)| l.local_addr().ok())
+            .filter_map(|(l, _, _)| l.first()?.local_addr().ok())
             .collect()
     }
 
@@ -390,20 +402,22 @@ impl DnsProxy {
         let (accept_stop_tx, accept_stop) = watch::channel(false);
         // Every connection task holds a clone; recv() returns None once they are all gone.
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-        let accepters: Vec<JoinHandle<()>> = self
-            .listeners
-            .into_iter()
-            .map(|(listener, dest, line)| {
-                tokio::spawn(accept_loop(
-                    listener,
-                    dest,
-                    line,
-                    self.shared.clone(),
-                    accept_stop.clone(),
-                    drain_tx.clone(),
-                ))
-            })
-            .collect();
+        let mut accepters: Vec<JoinHandle<()>> = Vec::new();
+        for (listeners, dest, line) in self.listeners {
+            for (listener, worker) in listeners.into_iter().zip(&self.workers) {
+                let (dest, line, shared) = (dest.clone(), line.clone(), self.shared.clone());
+                let (stop, drain) = (accept_stop.clone(), drain_tx.clone());
+                // Registered with the worker's own runtime, where its connections then run.
+                accepters.push(worker.spawn(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => accept_loop(l, dest, line, shared, stop, drain).await,
+                        Err(e) => {
+                            warn!(error = %e, "DNS proxy: a listener could not be registered")
+                        }
+                    }
+                }));
+            }
+        }
         drop(drain_tx);
 
         shutdown.await;
@@ -456,13 +470,15 @@ async fn accept_loop(
         accept: RateLimit::new(Duration::from_secs(10)),
     });
     loop {
-        let share = tokio::select! {
+        // Accepted first, then given its share (see the HTTP proxy's accept loop: each proxy
+        // thread has its own listener); the budget keeps a descriptor for each thread's one.
+        let (client, peer) = tokio::select! {
             _ = stopped(&mut stop) => return,
-            p = shared.budget.take(&limits.accept, "DNS proxy", port) => p,
+            c = listener::accept(&listener, &limits.accept, "DNS proxy") => c,
         };
         tokio::select! {
             _ = stopped(&mut stop) => return,
-            (client, peer) = listener::accept(&listener, &limits.accept, "DNS proxy") => {
+            share = shared.budget.take(&limits.accept, "DNS proxy", port) => {
                 let (dest, shared, limits, guard, line) =
                     (dest.clone(), shared.clone(), limits.clone(), drain.clone(), line.clone());
                 tokio::spawn(async move {

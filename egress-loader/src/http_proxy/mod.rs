@@ -6,14 +6,17 @@
 //! - [`headers`]: hop-by-hop removal and Via.
 //! - `proxy`: per connection and per request: check, resolve once, connect from EGRESS_SOURCE,
 //!   forward (streaming) or tunnel.
-//! - `pool`: idle upstream connections shared by all client connections.
+//! - `pool`: idle upstream connections shared by the client connections of one proxy thread.
+//!
+//! The proxy serves on one thread per CPU (`crate::workers`), each with its own listening socket,
+//! upstream pool, resolver and tasks; they share the connection limit and the splice pipes.
 //!
 //! Names are resolved once per request with the pod's resolver (hickory, from resolv.conf): names
 //! with a dot as absolute names (no search list, like squid), IPv4 addresses first (the upstream
-//! socket is bound to the IPv4 EGRESS_SOURCE). Upstream connections go back to one shared pool when
-//! a response has been passed on in full, for any client's next request to the same admitted
-//! address and port (at most 256 idle, 32 per address, each for at most 60 s); an idle client
-//! connection holds none.
+//! socket is bound to the IPv4 EGRESS_SOURCE). Upstream connections go back to their thread's pool
+//! when a response has been passed on in full, for the next request of any client of that thread
+//! to the same admitted address and port (at most 256 idle, 32 per address, each for at most
+//! 60 s, per thread); an idle client connection holds none.
 //!
 //! Status codes the proxy produces itself: 400 malformed request or a target that is not
 //! absolute-form (hyper answers unparsable requests with 400 and oversized headers with 431),
@@ -26,7 +29,7 @@ use anyhow::{Context as _, Result};
 use hickory_resolver::config::LookupIpStrategy;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{net::TcpListener, runtime::Handle, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -69,8 +72,8 @@ pub struct HttpProxyOptions {
     #[arg(long = "http-idle-timeout", env = "EGRESS_HTTP_IDLE_TIMEOUT",
           default_value = "5m", value_parser = crate::duration::parse_duration)]
     pub idle_timeout: Duration,
-    /// Most client connections (tunnels included) served at once; more wait in the listen
-    /// backlog until one ends.
+    /// Most client connections (tunnels included) served at once; more wait until one ends,
+    /// in the listen backlog (each proxy thread holds one of them accepted, unread).
     #[arg(long = "http-max-connections", env = "EGRESS_HTTP_MAX_CONNECTIONS",
           default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -104,13 +107,15 @@ impl Default for HttpProxyOptions {
     }
 }
 
-/// http-proxy mode: listens on `opts.listen` until SIGTERM (or SIGINT), then shuts down
-/// gracefully; metrics and health probes on `metrics_opts`' listener meanwhile.
+/// http-proxy mode: listens on `opts.listen` with one socket per proxy thread of `workers`
+/// until SIGTERM (or SIGINT), then shuts down gracefully; metrics and health probes on
+/// `metrics_opts`' listener meanwhile.
 pub async fn run(
     cfg: &Config,
     opts: &HttpProxyOptions,
     resolver: &ResolverOptions,
     metrics_opts: &MetricsOptions,
+    workers: &[Handle],
 ) -> Result<()> {
     crate::listener::raise_fd_limit();
     let shutdown = crate::shutdown::on_signal()?;
@@ -123,19 +128,38 @@ pub async fn run(
         health.clone(),
         &shutdown,
     )?;
-    let listener = crate::listener::listen(opts.listen, 4096)
+    let listeners = crate::listener::listen_each(opts.listen, 4096, workers.len())
         .with_context(|| format!("listening on {} for the HTTP proxy", opts.listen))?;
-    tracing::info!(listen = %opts.listen, "HTTP proxy listening");
+    tracing::info!(listen = %opts.listen, threads = workers.len(), "HTTP proxy listening");
     health.ready();
-    serve(
-        listener,
-        cfg,
-        opts,
-        resolver,
-        counters,
-        shutdown.cancelled_owned(),
-    )
+    let common = Common::new(opts);
+    crate::workers::run_each(workers, listeners, |listener| {
+        let (cfg, opts, resolver) = (cfg.clone(), opts.clone(), resolver.clone());
+        let (counters, common, stop) = (counters.clone(), common.clone(), shutdown.clone());
+        async move {
+            let listener = TcpListener::from_std(listener)?;
+            let stop = stop.cancelled_owned();
+            serve_with(listener, &cfg, &opts, &resolver, counters, common, stop).await
+        }
+    })
     .await
+}
+
+/// What the proxy threads share: the connection limit and the splice pipes. Each thread has
+/// its own upstream pool, resolver and tasks, so that a request never waits on another thread.
+#[derive(Clone)]
+struct Common {
+    limit: Arc<Semaphore>,
+    pipes: Arc<PipePool>,
+}
+
+impl Common {
+    fn new(opts: &HttpProxyOptions) -> Common {
+        Common {
+            limit: Arc::new(Semaphore::new(opts.max_connections as usize)),
+            pipes: Arc::new(PipePool::new(relay::DEFAULT_MAX_PIPES)),
+        }
+    }
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves, counting in `metrics`; then stops
@@ -147,6 +171,20 @@ pub async fn serve(
     opts: &HttpProxyOptions,
     resolver: &ResolverOptions,
     metrics: HttpMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let common = Common::new(opts);
+    serve_with(listener, cfg, opts, resolver, metrics, common, shutdown).await
+}
+
+/// [`serve`] as one of the proxy threads, sharing `common` with the others.
+async fn serve_with(
+    listener: TcpListener,
+    cfg: &Config,
+    opts: &HttpProxyOptions,
+    resolver: &ResolverOptions,
+    metrics: HttpMetrics,
+    common: Common,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let resolver = resolver::build_with(resolver, |o| {
@@ -177,7 +215,7 @@ pub async fn serve(
         server,
         client: hyper::client::conn::http1::Builder::new(),
         pool: pool.clone(),
-        pipes: PipePool::new(relay::DEFAULT_MAX_PIPES),
+        pipes: common.pipes,
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -188,17 +226,21 @@ pub async fn serve(
         shared.abort.clone(),
     ));
     drop(pool);
-    let limit = Arc::new(Semaphore::new(opts.max_connections as usize));
+    let limit = common.limit;
     let accept_log = RateLimit::new(Duration::from_secs(10));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
+        // Accepted first, then admitted: every proxy thread has its own listener, so a thread
+        // that took a free place before a connection came would keep it from a connection
+        // waiting on another thread's listener. At the limit, each thread holds at most one
+        // accepted connection, unread, until a place frees.
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             c = crate::listener::accept(&listener, &accept_log, "HTTP proxy") => c,
+        };
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         shared.tasks.spawn(proxy::serve_connection(
             shared.clone(),

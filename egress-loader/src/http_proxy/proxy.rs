@@ -55,7 +55,7 @@ pub(super) struct Shared {
     /// Idle upstream connections, for any client's next request to the same address.
     pub pool: Arc<Upstreams>,
     /// Splice pipes lent to CONNECT tunnels.
-    pub pipes: PipePool,
+    pub pipes: Arc<PipePool>,
     /// Fired when shutdown starts: connections finish their request and close.
     pub draining: CancellationToken,
     /// Fired when the grace period is over: everything still running is dropped.
