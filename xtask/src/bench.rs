@@ -12,7 +12,9 @@
 //! an order that rotates from round to round; each figure is reported as the median over the
 //! rounds with min and max, with ratios of medians and the targets of issue 7. A benchmark is
 //! not a test: missed targets are reported, never failed. `--smoke` runs one short round to
-//! prove the harness works end to end (CI) and does not touch BENCHMARKS.md.
+//! prove the harness works end to end (CI) and does not touch BENCHMARKS.md. `ab`: two builds
+//! of the proxies side by side (`cargo xtask bench-ab`).
+pub(crate) mod ab;
 pub(crate) mod load;
 pub(crate) mod proxies;
 pub(crate) mod redirect;

@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench | soak | vm-test | image | fuzz`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | bench-ab | soak | vm-test | image |
+//! fuzz`.
 mod bench;
 mod demo;
 mod elf;
@@ -46,6 +47,15 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Two builds of the proxies side by side, in alternating bursts of the same loads (CPU per
+    /// request and per connection, B / A); for a change too small for the drift between two
+    /// `bench` runs. Leaves BENCHMARKS.md alone.
+    BenchAb {
+        /// The egress-router binary A (e.g. a copy of target/release/egress-router).
+        a: std::path::PathBuf,
+        /// The binary B.
+        b: std::path::PathBuf,
+    },
     /// The OCI image (every container of the pod specs; and a debug variant with bpftool),
     /// built with podman from scratch, written as OCI archives under target/image/.
     Image,
@@ -69,6 +79,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Demo => demo::run(),
         Task::Bench { smoke } => bench::run(smoke),
+        Task::BenchAb { a, b } => bench::ab::run(&a, &b),
         Task::VmTest { kernels } => vm::run(&kernels),
         Task::Image => image::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),

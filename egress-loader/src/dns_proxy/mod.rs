@@ -404,13 +404,15 @@ impl DnsProxy {
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
         let mut accepters: Vec<JoinHandle<()>> = Vec::new();
         for (listeners, dest, line) in self.listeners {
+            // A line's log limits are the line's, whichever thread logs.
+            let limits = Arc::new(Limits::new());
             for (listener, worker) in listeners.into_iter().zip(&self.workers) {
                 let (dest, line, shared) = (dest.clone(), line.clone(), self.shared.clone());
-                let (stop, drain) = (accept_stop.clone(), drain_tx.clone());
+                let (limits, stop, drain) = (limits.clone(), accept_stop.clone(), drain_tx.clone());
                 // Registered with the worker's own runtime, where its connections then run.
                 accepters.push(worker.spawn(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(l) => accept_loop(l, dest, line, shared, stop, drain).await,
+                        Ok(l) => accept_loop(l, dest, line, limits, shared, stop, drain).await,
                         Err(e) => {
                             warn!(error = %e, "DNS proxy: a listener could not be registered")
                         }
@@ -459,16 +461,12 @@ async fn accept_loop(
     listener: TcpListener,
     dest: Arc<Destination>,
     line: LineMetrics,
+    limits: Arc<Limits>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
 ) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let limits = Arc::new(Limits {
-        rejected: RateLimit::new(Duration::from_secs(10)),
-        failed: RateLimit::new(Duration::from_secs(10)),
-        accept: RateLimit::new(Duration::from_secs(10)),
-    });
     loop {
         // Accepted first, then given its share (see the HTTP proxy's accept loop: each proxy
         // thread has its own listener); the budget keeps a descriptor for each thread's one.
@@ -494,10 +492,22 @@ async fn accept_loop(
     }
 }
 
+/// The log limits of a line: refused and failed connections, failed accepts.
 struct Limits {
     rejected: RateLimit,
     failed: RateLimit,
     accept: RateLimit,
+}
+
+impl Limits {
+    fn new() -> Limits {
+        let every = Duration::from_secs(10);
+        Limits {
+            rejected: RateLimit::new(every),
+            failed: RateLimit::new(every),
+            accept: RateLimit::new(every),
+        }
+    }
 }
 
 /// At most this many addresses are tried for one connection.

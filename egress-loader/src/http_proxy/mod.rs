@@ -145,12 +145,14 @@ pub async fn run(
     .await
 }
 
-/// What the proxy threads share: the connection limit and the splice pipes. Each thread has
-/// its own upstream pool, resolver and tasks, so that a request never waits on another thread.
+/// What the proxy threads share: the connection limit, the splice pipes and the log limit of
+/// failed accepts. Each thread has its own upstream pool, resolver and tasks, so that a
+/// request never waits on another thread.
 #[derive(Clone)]
 struct Common {
     limit: Arc<Semaphore>,
     pipes: Arc<PipePool>,
+    accept_log: Arc<RateLimit>,
 }
 
 impl Common {
@@ -158,6 +160,7 @@ impl Common {
         Common {
             limit: Arc::new(Semaphore::new(opts.max_connections as usize)),
             pipes: Arc::new(PipePool::new(relay::DEFAULT_MAX_PIPES)),
+            accept_log: Arc::new(RateLimit::new(Duration::from_secs(10))),
         }
     }
 }
@@ -227,7 +230,7 @@ async fn serve_with(
     ));
     drop(pool);
     let limit = common.limit;
-    let accept_log = RateLimit::new(Duration::from_secs(10));
+    let accept_log = common.accept_log;
     tokio::pin!(shutdown);
     loop {
         // Accepted first, then admitted: every proxy thread has its own listener, so a thread
