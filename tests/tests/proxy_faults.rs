@@ -16,7 +16,7 @@ use std::{
 };
 
 use egress_tests::{
-    DEST_IP, POD_IP,
+    DEST_IP, EchoServer, POD_IP,
     pod::{Container, PodLab, Runtime},
 };
 
@@ -94,6 +94,19 @@ fn http_pod_with(nofile: Option<u64>, more: &[(&str, &str)]) -> (PodLab, Contain
         None => lab.proxy_container(&env, 8080),
     };
     (lab, proxy)
+}
+
+/// The DNS proxy pod with its init container done, and an echo server on the destination's
+/// port 7.
+fn dns_pod() -> (PodLab, EchoServer) {
+    let lab = PodLab::new(Runtime::Processes);
+    let echo = lab
+        .topo
+        .dest
+        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
+        .unwrap();
+    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    (lab, echo)
 }
 
 /// One GET through the proxy on a new connection from the client: its status line and how
@@ -354,13 +367,7 @@ fn dns_proxy_holds_nine_thousand_idle_connections() {
 /// or all waited out their connect timeouts.)
 #[test]
 fn dns_proxy_at_its_open_files_limit_says_why_and_serves_again() {
-    let lab = PodLab::new(Runtime::Processes);
-    let _echo = lab
-        .topo
-        .dest
-        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
-        .unwrap();
-    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    let (lab, _echo) = dns_pod();
     let rules = format!("9000 {DEST_IP} 7");
     let proxy =
         lab.proxy_container_with_nofile(&[("EGRESS_DNS_PROXY_DESTINATION", &rules)], 9000, 64);
@@ -556,13 +563,7 @@ fn http_proxy_serves_on_every_thread() {
 /// The same for the DNS proxy, with two lines: every thread accepts on every line's port.
 #[test]
 fn dns_proxy_serves_on_every_thread() {
-    let lab = PodLab::new(Runtime::Processes);
-    let _echo = lab
-        .topo
-        .dest
-        .tcp_echo(SocketAddr::from((DEST_IP, 7)))
-        .unwrap();
-    lab.init_container(&lab.router_env(&[("EGRESS_ROUTER_MODE", "dns-proxy")]));
+    let (lab, _echo) = dns_pod();
     let rules = format!("9000 {DEST_IP} 7\n9001 {DEST_IP} 7");
     let proxy = lab.proxy_container(
         &[
