@@ -6,9 +6,9 @@
 //! I/O, an idle thread woken to steal), and each hop is a futex wake and often an IPI. An HTTP
 //! request crosses three tasks (the client's connection, the upstream connection, the response
 //! body): with a runtime per thread the HTTP proxy spent 0.80x the CPU per keep-alive request
-//! and 0.84x per request on a new connection, and served 1.2-1.3x the requests a second
-//! (BENCHMARKS.md, 2026-12-04); the DNS proxy, one task per connection, the same. HAProxy and
-//! nginx are built the same way.
+//! and 0.84-0.89x per request on a new connection, and served 1.1-1.3x the requests a second
+//! (`cargo xtask bench-ab`, BENCHMARKS.md, 2026-12-04); the DNS proxy, one task per
+//! connection, 0.99x. HAProxy and nginx are built the same way.
 //!
 //! The calling thread's runtime is worker 0; it also runs what there is one of (the metrics
 //! server, the signal handler, the DNS proxy's name watchers).
