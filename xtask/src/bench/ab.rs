@@ -6,7 +6,7 @@
 //! container does, beside the other, on macvlan0 as OpenShift's init container sets it up.
 //! Prints CPU (user + system of the proxy process) per unit of work and the rates, for each
 //! build and B ÷ A; BENCHMARKS.md is left alone.
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use egress_tests::{DEST_IP, POD_IP, Proc, Topology};
@@ -14,7 +14,8 @@ use egress_tests::{DEST_IP, POD_IP, Proc, Topology};
 use super::{
     load,
     proxies::HTTP_RULES,
-    report::num,
+    report::{num, range},
+    router_command,
     servers::{ECHO_PORT, HTTP_PORT, Servers},
     sys, tune, wait_listening,
 };
@@ -117,15 +118,13 @@ pub fn run(a: &Path, b: &Path) -> Result<()> {
         let secs = burst.as_secs_f64() * bursts as f64;
         let cost = |i: usize| totals[i].0 / totals[i].1;
         let line = format!(
-            "| {} | {} ({}–{}), {}/s | {} ({}–{}), {}/s | {:.2}× |",
+            "| {} | {} ({}), {}/s | {} ({}), {}/s | {:.2}× |",
             load.name(),
             num(cost(0)),
-            num(min(&each[0])),
-            num(max(&each[0])),
+            range(&each[0]),
             num(totals[0].1 / secs),
             num(cost(1)),
-            num(min(&each[1])),
-            num(max(&each[1])),
+            range(&each[1]),
             num(totals[1].1 / secs),
             cost(1) / cost(0),
         );
@@ -149,15 +148,12 @@ pub fn run(a: &Path, b: &Path) -> Result<()> {
 /// Build `bin` as the proxy container of `mode`, the `i`th of the run: its own proxy and
 /// metrics ports, so that both builds run at once.
 fn start(topo: &Topology, dir: &Path, bin: &Path, mode: &str, i: usize) -> Result<Proxy> {
-    let log = dir.join(format!("{mode}-{i}.log"));
-    let out = std::fs::File::create(&log)?;
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("EGRESS_METRICS_ADDRESS", format!("0.0.0.0:{}", 9190 + i))
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
+    let log = format!("{mode}-{i}.log");
+    // Without EGRESS_ROUTER_MODE, the proxy container (EGRESS_SOURCE is then checked against
+    // macvlan0, which the topology set up as the init container would).
+    let mut cmd = router_command(bin, dir, mode, &log)?;
+    cmd.env_remove("EGRESS_ROUTER_MODE")
+        .env("EGRESS_METRICS_ADDRESS", format!("0.0.0.0:{}", 9190 + i));
     let port = if mode == "http" {
         let port = 8080 + i as u16;
         cmd.env("EGRESS_HTTP_PROXY_DESTINATION", HTTP_RULES)
@@ -176,7 +172,7 @@ fn start(topo: &Topology, dir: &Path, bin: &Path, mode: &str, i: usize) -> Resul
         format!(
             "{} did not start: {}",
             bin.display(),
-            std::fs::read_to_string(&log).unwrap_or_default()
+            std::fs::read_to_string(dir.join(&log)).unwrap_or_default()
         )
     })?;
     Ok(Proxy { proc, port })
@@ -197,12 +193,4 @@ fn work(topo: &Topology, dir: &Path, load: Load, port: u16, burst: Duration) -> 
         }
         Load::DnsConnections => load::tcp_crr(&topo.client, proxy, 4, burst)? * burst.as_secs_f64(),
     })
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }

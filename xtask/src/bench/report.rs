@@ -89,6 +89,13 @@ pub fn median(v: &[f64]) -> Option<f64> {
     })
 }
 
+/// `min–max` of `v`, as [`num`] writes each.
+pub fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{}–{}", num(lo), num(hi))
+}
+
 /// Three significant digits with k/M suffixes.
 pub fn num(v: f64) -> String {
     let a = v.abs();
@@ -189,11 +196,7 @@ impl Report {
         match median(v) {
             None => "–".into(),
             Some(m) if v.len() == 1 => num(m),
-            Some(m) => {
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                format!("{} ({}–{})", num(m), num(lo), num(hi))
-            }
+            Some(m) => format!("{} ({})", num(m), range(v)),
         }
     }
 
