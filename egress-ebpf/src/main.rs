@@ -5,8 +5,10 @@
 //!   reply to a flow a client opened is ever translated into the cluster.
 #![no_std]
 #![no_main]
-// Map calls take keys and values by reference on purpose: copies cost BPF stack.
-#![allow(clippy::needless_borrows_for_generic_args)]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map calls take keys and values by reference on purpose: copies cost BPF stack"
+)]
 
 mod entry;
 mod error;
@@ -15,13 +17,14 @@ mod forward;
 mod maps;
 mod mem;
 mod parse;
+mod pkt;
 mod rewrite;
 mod sctp;
 mod skb;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use egress_common::{
-    DIR_IN, DIR_OUT, DataplaneConfig, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
+    FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stats,
     packet::{ICMP_ECHO_REQUEST, TCP_RST},
 };
 
@@ -32,27 +35,9 @@ use crate::{
     forward::Route,
     maps::Table,
     parse::{Kind, Parsed, parse, remember_fragment},
+    pkt::{Pkt, Side},
     skb::Skb,
 };
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    /// Arrived on eth0 (cluster side).
-    Cluster,
-    /// Arrived on macvlan0 (outside).
-    Outside,
-}
-
-impl Side {
-    /// The direction of the flow entries packets arriving on this side use: a client's
-    /// packets go out, the outside's replies come in.
-    fn direction(self) -> u8 {
-        match self {
-            Side::Cluster => DIR_OUT,
-            Side::Outside => DIR_IN,
-        }
-    }
-}
 
 #[classifier]
 pub fn eth0_ingress(ctx: TcContext) -> i32 {
@@ -93,23 +78,25 @@ fn handle(ctx: &TcContext, side: Side, stats: &mut Stats) -> Result<i32, Error> 
             Error::Unsolicited
         });
     }
+    let mut pkt = Pkt {
+        skb: &skb,
+        p: &p,
+        cfg,
+        side,
+        now,
+        stats,
+    };
     match p.kind {
         Kind::OtherIcmp => Err(Error::NotOurs),
-        Kind::OrphanFragment => Err(orphan_fragment(&p, cfg, side)),
-        Kind::IcmpError => icmp_error(&skb, &p, cfg, side, now, stats),
-        Kind::Flow => flow(&skb, &p, cfg, side, now, stats),
+        Kind::OrphanFragment => Err(orphan_fragment(&pkt)),
+        Kind::IcmpError => icmp_error(&mut pkt),
+        Kind::Flow => flow(&mut pkt),
     }
 }
 
 #[inline(always)]
-fn flow(
-    skb: &Skb,
-    p: &Parsed,
-    cfg: &DataplaneConfig,
-    side: Side,
-    now: u64,
-    stats: &mut Stats,
-) -> Result<i32, Error> {
+fn flow(pkt: &mut Pkt) -> Result<i32, Error> {
+    let (skb, p, cfg, side, now) = (pkt.skb, pkt.p, pkt.cfg, pkt.side, pkt.now);
     let len = skb.len() as u64;
     // The translated tuple, copied out of the entry: the entry itself is only ever accessed
     // through FlowEntry (other CPUs write it meanwhile, and so does the route cache below).
@@ -135,7 +122,7 @@ fn flow(
         // A new flow's first packet is looked up, not cached: its entry is written already.
         (None, Side::Cluster) => {
             check_ttl(p)?;
-            (create(p, cfg, now, len, stats)?, None)
+            (create(p, cfg, now, len, pkt.stats)?, None)
         }
         // Pings to EGRESS_SOURCE are answered by the router itself.
         (None, Side::Outside) if p.key.proto == PROTO_ICMP && p.icmp_type == ICMP_ECHO_REQUEST => {
@@ -157,39 +144,33 @@ fn flow(
         None => {
             // With each lookup (see restore_peer), check the flow's other entry too.
             if let Some(e) = entry {
-                restore_peer(&p.key, e, now, stats);
+                restore_peer(&p.key, e, now, pkt.stats);
             }
-            lookup_route(skb, &tuple, entry, p, cfg, side, now, stats)
+            lookup_route(pkt, &tuple, entry)
         }
     };
     rewrite::flow(skb, p, &tuple, route.forwards())?;
     remember_fragment(p, now);
-    count_out(side, len, stats);
+    pkt.count_out(len);
     forward::send(skb, route)
 }
 
 #[inline(always)]
-fn icmp_error(
-    skb: &Skb,
-    p: &Parsed,
-    cfg: &DataplaneConfig,
-    side: Side,
-    now: u64,
-    stats: &mut Stats,
-) -> Result<i32, Error> {
+fn icmp_error(pkt: &mut Pkt) -> Result<i32, Error> {
+    let (skb, p, side, now) = (pkt.skb, pkt.p, pkt.side, pkt.now);
     let q = rewrite::quoted(skb, p)?;
     // Errors about anything but a translated flow are the stack's (the router's own traffic).
-    let v = lookup_live(&q.reply_key, cfg, now)
+    let v = lookup_live(&q.reply_key, pkt.cfg, now)
         .filter(|v| v.direction() == side.direction())
         .ok_or(Error::NotOurs)?;
     check_ttl(p)?;
     let tuple = v.translated_key(q.reply_key.proto);
     let route = match forward::cached(v, skb.len() as u32, now) {
         Some(r) => r,
-        None => lookup_route(skb, &tuple, Some(v), p, cfg, side, now, stats),
+        None => lookup_route(pkt, &tuple, Some(v)),
     };
     rewrite::icmp_error(skb, p, &q, &tuple, route.forwards())?;
-    count_out(side, skb.len() as u64, stats);
+    pkt.count_out(skb.len() as u64);
     forward::send(skb, route)
 }
 
@@ -211,10 +192,10 @@ fn icmp_error(
 ///   (A reordered datagram of a rule is then lost in the stack's reassembly, as it would be
 ///   dropped here.)
 #[inline(always)]
-fn orphan_fragment(p: &Parsed, cfg: &DataplaneConfig, side: Side) -> Error {
-    let proto = p.key.proto;
+fn orphan_fragment(pkt: &Pkt) -> Error {
+    let (proto, cfg) = (pkt.p.key.proto, pkt.cfg);
     let maybe_local = proto == PROTO_ICMP || (proto == PROTO_TCP && cfg.local_tcp_port != 0);
-    if side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
+    if pkt.side == Side::Cluster && cfg.has_fallback != 0 && !maybe_local {
         Error::Fragment
     } else {
         Error::NotOurs
@@ -240,36 +221,16 @@ fn check_ttl(p: &Parsed) -> Result<(), Error> {
 
 /// A FIB lookup from the interface the packet arrived on.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn lookup_route(
-    skb: &Skb,
-    t: &FlowKey,
-    entry: Option<FlowEntry>,
-    p: &Parsed,
-    cfg: &DataplaneConfig,
-    side: Side,
-    now: u64,
-    stats: &mut Stats,
-) -> Route {
-    let in_ifindex = match side {
-        Side::Cluster => cfg.eth0_ifindex,
-        Side::Outside => cfg.macvlan_ifindex,
-    };
-    forward::lookup(skb, t, entry, p.ip.proto, in_ifindex, now, stats)
-}
-
-#[inline(always)]
-fn count_out(side: Side, len: u64, s: &mut Stats) {
-    match side {
-        Side::Cluster => {
-            s.out_packets += 1;
-            s.out_bytes += len;
-        }
-        Side::Outside => {
-            s.in_packets += 1;
-            s.in_bytes += len;
-        }
-    }
+fn lookup_route(pkt: &mut Pkt, t: &FlowKey, entry: Option<FlowEntry>) -> Route {
+    forward::lookup(
+        pkt.skb,
+        t,
+        entry,
+        pkt.p.ip.proto,
+        pkt.in_ifindex(),
+        pkt.now,
+        pkt.stats,
+    )
 }
 
 #[cfg(not(test))]
